@@ -1,0 +1,113 @@
+"""``fused_kernels``: every RMSNorm and every gated MLP activation runs on flux kernels.
+
+The replacement modules share the original ``Parameter`` objects and child ``Linear`` modules, so the
+``state_dict`` (names, tensors, storage) is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from flux_infer import kernels
+from flux_infer.adapters.base import MLPStyle, NormStyle
+from flux_infer.plugins.base import ApplyContext, PlanContext, Plugin
+from flux_infer.support import Support
+
+
+class FluxRMSNorm(torch.nn.Module):
+    """RMSNorm on ``torch.ops.flux.rms_norm``, holding the original module's weight."""
+
+    def __init__(self, weight: torch.nn.Parameter, eps: float, weight_offset: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.eps = float(eps)
+        self.weight_offset = float(weight_offset)
+
+    @property
+    def variance_epsilon(self) -> float:  # the attribute name Llama-style modules use
+        return self.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rms_norm(x, self.weight, self.eps, self.weight_offset)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.eps}, weight_offset={self.weight_offset}"
+
+
+class FluxGatedMLP(torch.nn.Module):
+    """``down(act(gate(x)) * up(x))`` with the activation and the product in one flux kernel."""
+
+    def __init__(self, projections: dict[str, torch.nn.Module], activation: str, fused_gate_up: bool) -> None:
+        super().__init__()
+        for name, module in projections.items():
+            self.add_module(name, module)
+        self.activation = activation
+        self.fused_gate_up = fused_gate_up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gate_up:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(kernels.act_mul(gate, up, self.activation))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation}"
+
+
+_PROJECTIONS = {
+    MLPStyle.GATED: ("gate_proj", "up_proj", "down_proj"),
+    MLPStyle.GATED_FUSED: ("gate_up_proj", "down_proj"),
+}
+
+
+def _norm_eps(norm: torch.nn.Module) -> float | None:
+    for attr in ("variance_epsilon", "eps"):
+        value = getattr(norm, attr, None)
+        if isinstance(value, float):
+            return value
+    return None
+
+
+class FusedKernelsPlugin(Plugin):
+    name = "fused_kernels"
+    description = "RMSNorm and gated activations (SwiGLU, GeGLU) on fused flux kernels"
+    provides = frozenset({"kernels:rms_norm", "kernels:gated_activation"})
+    after = ("weights:quantized",)
+    config_field = "fused_kernels"
+
+    def supports(self, model: torch.nn.Module, ctx: PlanContext) -> Support:
+        adapter = ctx.adapter
+        assert adapter is not None  # needs_adapter: the planner skips models without one
+        for qualname, _, _, norm in adapter.norms(model):
+            weight = getattr(norm, "weight", None)
+            if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 1 or _norm_eps(norm) is None:
+                return Support.no(f"{qualname} ({type(norm).__name__}) is not an RMSNorm with a weight and eps")
+        return Support.yes()
+
+    def apply(self, model: torch.nn.Module, ctx: ApplyContext) -> None:
+        adapter = ctx.adapter
+        assert adapter is not None
+        offset = 1.0 if adapter.norm_style is NormStyle.ONE_PLUS_WEIGHT else 0.0
+        norms = 0
+        for _, parent, attr, norm in list(adapter.norms(model)):
+            ctx.patch.replace_module(parent, attr, FluxRMSNorm(norm.weight, _norm_eps(norm), offset))
+            norms += 1
+        ctx.use_kernel("rms_norm", kernels.implementation("rms_norm", ctx.device))
+        ctx.detail("norms", norms)
+
+        activation = adapter.activation(model)
+        style = adapter.dense_mlp_style()
+        mlps = 0
+        if activation is not None and style in _PROJECTIONS:
+            for _, parent, attr, mlp in list(adapter.dense_mlps(model)):
+                names = _PROJECTIONS[style]
+                if not all(isinstance(getattr(mlp, n, None), torch.nn.Module) for n in names):
+                    continue  # an MLP of another shape: leave it as it is
+                projections = {n: getattr(mlp, n) for n in names}
+                fused = FluxGatedMLP(projections, activation, style is MLPStyle.GATED_FUSED)
+                ctx.patch.replace_module(parent, attr, fused)
+                mlps += 1
+        if mlps:
+            ctx.use_kernel("act_mul", kernels.implementation("act_mul", ctx.device))
+        ctx.detail("gated_mlps", mlps)
