@@ -233,7 +233,7 @@ def _toposort(registry: Mapping[str, Plugin], names: list[str], order: Mapping[s
     if len(result) < len(names):
         cycle = _find_cycle(edges, [n for n in names if n not in result])
         raise DependencyCycleError(
-            f"plugins form an ordering cycle: {' -> '.join(cycle)}; their requires/after/before declarations "
+            f"plugins form an ordering cycle: {' must come before '.join(cycle)}; their requires/after/before declarations "
             f"contradict each other: exclude one of {', '.join(sorted(set(cycle)))} or fix its metadata"
         )
     return result

@@ -1,0 +1,1 @@
+"""An example third-party flux_infer plugin package."""
