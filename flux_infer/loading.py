@@ -78,6 +78,9 @@ def load(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, *, dtype: torch.d
     source = model_directory(name_or_path, cache_dir=cache_dir)
     model = _load_model(source, torch_dtype, from_pretrained_kwargs).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source)
+    if tokenizer.pad_token is None:  # batched prompts need one; use the model's own pad (or eos) token
+        pad_id = getattr(model.generation_config, "pad_token_id", None) or getattr(model.config, "pad_token_id", None)
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id) if pad_id is not None else tokenizer.eos_token
     return model, tokenizer
 
 
