@@ -83,20 +83,20 @@ FROM_LEVEL: Final = _FromLevel()
 # The level presets: the single source of what each level switches on. Keys are InferenceConfig fields.
 _PRESETS: Final[dict[OptimizationLevel, dict[str, Any]]] = {
     OptimizationLevel.O0: dict(
-        use_flash_attention=False, fused_kernels=False, quantization=None, paged_kv_cache=False,
-        quantize_kv_cache=False, speculative=None, adaptive_moe=False,
+        use_flash_attention=False, fused_kernels=False, fast_generate=False, quantization=None,
+        paged_kv_cache=False, quantize_kv_cache=False, speculative=None, adaptive_moe=False,
     ),
     OptimizationLevel.O1: dict(
-        use_flash_attention=True, fused_kernels=True, quantization=None, paged_kv_cache=False,
-        quantize_kv_cache=False, speculative=None, adaptive_moe=False,
+        use_flash_attention=True, fused_kernels=True, fast_generate=True, quantization=None,
+        paged_kv_cache=False, quantize_kv_cache=False, speculative=None, adaptive_moe=False,
     ),
     OptimizationLevel.O2: dict(
-        use_flash_attention=True, fused_kernels=True, quantization=Quantization.INT8, paged_kv_cache=True,
-        quantize_kv_cache=True, speculative=None, adaptive_moe=False,
+        use_flash_attention=True, fused_kernels=True, fast_generate=True, quantization=Quantization.INT8,
+        paged_kv_cache=True, quantize_kv_cache=True, speculative=None, adaptive_moe=False,
     ),
     OptimizationLevel.O3: dict(
-        use_flash_attention=True, fused_kernels=True, quantization=Quantization.INT4_AWQ, paged_kv_cache=True,
-        quantize_kv_cache=True, speculative=SpeculativeMethod.PROMPT_LOOKUP, adaptive_moe=True,
+        use_flash_attention=True, fused_kernels=True, fast_generate=True, quantization=Quantization.INT4_AWQ,
+        paged_kv_cache=True, quantize_kv_cache=True, speculative=SpeculativeMethod.PROMPT_LOOKUP, adaptive_moe=True,
     ),
 }
 PRESET_FIELDS: Final = tuple(_PRESETS[OptimizationLevel.O0])
@@ -116,6 +116,7 @@ class InferenceConfig:
     # Switches (FROM_LEVEL = the level's preset)
     use_flash_attention: bool | _FromLevel = FROM_LEVEL
     fused_kernels: bool | _FromLevel = FROM_LEVEL
+    fast_generate: bool | _FromLevel = FROM_LEVEL
     quantization: Quantization | str | None | _FromLevel = FROM_LEVEL
     paged_kv_cache: bool | _FromLevel = FROM_LEVEL
     quantize_kv_cache: bool | _FromLevel = FROM_LEVEL
@@ -126,6 +127,7 @@ class InferenceConfig:
     draft_model: Any = None
     speculative_gamma: int = 5
     complexity_score: float | None = None
+    use_cuda_graphs: bool = True  # capture the decode step in CUDA graphs (fast_generate on CUDA)
     # Extra plugins to enable by name, and plugins to leave out (by name)
     plugins: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -139,10 +141,13 @@ class InferenceConfig:
             set_("quantization", _parse_enum(Quantization, self.quantization, "quantization"))
         if self.speculative not in (None, FROM_LEVEL):
             set_("speculative", _parse_enum(SpeculativeMethod, self.speculative, "speculative"))
-        for name in ("use_flash_attention", "fused_kernels", "paged_kv_cache", "quantize_kv_cache", "adaptive_moe"):
+        for name in ("use_flash_attention", "fused_kernels", "fast_generate", "paged_kv_cache", "quantize_kv_cache",
+                     "adaptive_moe"):
             value = getattr(self, name)
             if value is not FROM_LEVEL and not isinstance(value, bool):
                 raise InvalidConfigError(f"InferenceConfig.{name} must be True or False, got {value!r}")
+        if not isinstance(self.use_cuda_graphs, bool):
+            raise InvalidConfigError(f"InferenceConfig.use_cuda_graphs must be True or False, got {self.use_cuda_graphs!r}")
         _check_int("batch_size", self.batch_size, minimum=1)
         _check_int("speculative_gamma", self.speculative_gamma, minimum=1)
         _check_int("quantization_group_size", self.quantization_group_size, minimum=1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import assert_same_snapshot, model_snapshot
 from plugin_helpers import forward_logits
-from tiny_models import ALL_TYPES, tiny_inputs, tiny_model
+from tiny_models import ALL_TYPES, FAST_TYPES, tiny_inputs, tiny_model
 
 import flux_infer
 from flux_infer.adapters import ModelAdapter
@@ -22,10 +22,13 @@ def test_adapter_plans_optimizes_and_reverts(model_type):
     plan = flux_infer.check(model, "O1")
     assert plan.adapter is not None and plan.adapter.startswith(model_type.split("_text")[0])
     skipped = {s.name: s.reason for s in plan.skipped}
+    names = ("flash_attention", "fused_kernels") + (("fast_generate",) if model_type in FAST_TYPES else ())
     if model_type == "gemma2":  # attention logit soft-capping: SDPA cannot, so the plan says why
-        assert plan.names == ("fused_kernels",) and "soft-capping" in skipped["flash_attention"]
-    else:
-        assert plan.names == ("flash_attention", "fused_kernels")
+        names = ("fused_kernels",)
+        assert "soft-capping" in skipped["flash_attention"]
+    assert plan.names == names
+    if model_type not in FAST_TYPES:
+        assert skipped["fast_generate"]  # with the reason the decode loop cannot run it
 
     flux_infer.optimize(model, "O1")
     fused = {r.name: r for r in model.flux_report.applied}["fused_kernels"]
@@ -42,6 +45,19 @@ def test_moe_adapters_are_recognized_as_moe(model_type):
     plan = flux_infer.check(tiny_model(model_type), "O3")
     reasons = {s.name: s.reason for s in plan.skipped}
     assert reasons["adaptive_moe"] != "not a mixture-of-experts model"
+
+
+@pytest.mark.parametrize("model_type", FAST_TYPES)
+def test_fast_generate_matches_transformers_on_a_left_padded_batch(model_type):
+    model = tiny_model(model_type)
+    inputs = tiny_inputs(batch=3, length=9)
+    inputs["attention_mask"][1, :4] = 0  # rows with 2, 4 and 0 padding tokens
+    inputs["input_ids"][1, :4] = 0
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=None)
+    expected = model.generate(**inputs, **kwargs)
+    flux_infer.optimize(model, "O1")
+    assert "fast_generate" in [r.name for r in model.flux_report.applied]
+    assert torch.equal(model.generate(**inputs, **kwargs), expected)
 
 
 def test_greedy_generation_matches_on_a_tiny_vlm_language_model():
@@ -76,7 +92,7 @@ def test_a_registered_adapter_makes_a_new_model_type_work(plugin_manager):
     model.config.model_type = "my_new_arch"
     plugin_manager.register(ThirdPartyAdapters(), name="third-party-adapters")
     plan = flux_infer.check(model, "O1")
-    assert plan.adapter == "my_new_arch" and plan.names == ("flash_attention", "fused_kernels")
+    assert plan.adapter == "my_new_arch" and plan.names == ("flash_attention", "fused_kernels", "fast_generate")
 
 
 def test_adapter_reports_structure_it_cannot_find(plugin_manager):

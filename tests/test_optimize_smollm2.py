@@ -11,6 +11,7 @@ PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about the sea.",
     "List three prime numbers larger than 100 and explain why each one is prime.",
+    "Hi!",
 ]
 
 
@@ -46,11 +47,12 @@ def test_o1_report_says_what_ran(smollm2):
     model, _ = smollm2
     flux_infer.optimize(model, "O1")
     report = model.flux_report
-    assert [r.name for r in report.applied] == ["flash_attention", "fused_kernels"]
+    assert [r.name for r in report.applied] == ["flash_attention", "fused_kernels", "fast_generate"]
     assert report.lossless and report.adapter == "llama" and report.model_type == "llama"
     fused = report.applied[1]
     assert fused.details == {"norms": 30 * 2 + 1, "gated_mlps": 30}
     assert report.kernels == {"attention": "sdpa", "rms_norm": "reference", "act_mul": "reference"}
+    assert report.applied[2].details == {"cuda_graphs": False}
     assert report.memory_before.model_bytes == report.memory_after.model_bytes > 500 * 2**20
     assert model.config._attn_implementation == "flux"
     text = str(report)
@@ -97,6 +99,6 @@ def test_check_changes_nothing(smollm2):
     model, _ = smollm2
     before = model_snapshot(model)
     plan = flux_infer.check(model, "O3")
-    assert plan.names == ("flash_attention", "fused_kernels")
+    assert plan.names == ("flash_attention", "fused_kernels", "fast_generate")
     assert_same_snapshot(before, model_snapshot(model))
     assert "quantization" in str(plan)

@@ -13,12 +13,15 @@ MOE = dict(num_local_experts=4, num_experts=4, num_experts_per_tok=2, moe_interm
 TEXT_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen2_moe",
               "qwen3_moe", "olmoe")
 VLM_TYPES = ("llava", "qwen2_vl")
+FAST_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3")  # what flux's decode loop runs
 ALL_TYPES = TEXT_TYPES + VLM_TYPES
 
 
 def tiny_config(model_type: str):
     if model_type in TEXT_TYPES:
         extra = MOE if model_type in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe") else {}
+        if model_type == "mistral":
+            extra = dict(sliding_window=5)  # shorter than the test sequences: the window must really apply
         return AutoConfig.for_model(model_type, **TEXT, **extra)
     if model_type == "llava":
         return AutoConfig.for_model(

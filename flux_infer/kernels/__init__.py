@@ -2,11 +2,34 @@
 
 Each op module defines the op with ``torch.library.custom_op``, its fake (meta) implementation for
 ``torch.compile``/CUDA graphs, and ``<op>_ref``: the reference with the same signature, which CPU runs use and
-GPU tests compare against. This package never imports ``transformers``.
+GPU tests compare against. Device kernels (``flux_infer/csrc``, Triton) register themselves on first use through
+``kernels.registry``. This package never imports ``transformers``.
 """
 
 from flux_infer.kernels.activation import ACTIVATIONS, act_mul, act_mul_ref
-from flux_infer.kernels.norm import rms_norm, rms_norm_ref
+from flux_infer.kernels.attention import (
+    cache_attention,
+    cache_attention_mask,
+    cache_attention_ref,
+    masked_attention_ref,
+)
+from flux_infer.kernels.norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from flux_infer.kernels.registry import implementation
+from flux_infer.kernels.rotary import rotary_embedding_, rotary_embedding_ref
 
-__all__ = ["ACTIVATIONS", "act_mul", "act_mul_ref", "implementation", "rms_norm", "rms_norm_ref"]
+__all__ = [
+    "ACTIVATIONS",
+    "act_mul",
+    "act_mul_ref",
+    "add_rms_norm",
+    "add_rms_norm_ref",
+    "cache_attention",
+    "cache_attention_mask",
+    "cache_attention_ref",
+    "implementation",
+    "masked_attention_ref",
+    "rms_norm",
+    "rms_norm_ref",
+    "rotary_embedding_",
+    "rotary_embedding_ref",
+]

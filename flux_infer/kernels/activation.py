@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flux_infer.kernels.registry import KernelOp
+
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
@@ -18,12 +20,15 @@ def act_mul_ref(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.
 
 
 @torch.library.custom_op("flux::act_mul", mutates_args=())
-def act_mul(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+def _act_mul_op(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     """``act(gate) * up``; ``gate`` and ``up`` have the same shape (they may be strided views of one tensor)."""
     return act_mul_ref(gate, up, activation)
 
 
-@act_mul.register_fake
+@_act_mul_op.register_fake
 def _(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
     torch._check(gate.shape == up.shape, lambda: "act_mul: gate and up must have the same shape")
     return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+
+
+act_mul = KernelOp("act_mul", _act_mul_op, act_mul_ref)

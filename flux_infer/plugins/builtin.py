@@ -8,6 +8,7 @@ from __future__ import annotations
 from flux_infer.hookspecs import hookimpl
 from flux_infer.plugins.adaptive_moe import AdaptiveMoEPlugin
 from flux_infer.plugins.base import Plugin
+from flux_infer.plugins.fast_generate import FastGeneratePlugin
 from flux_infer.plugins.flash_attention import FlashAttentionPlugin
 from flux_infer.plugins.fused_kernels import FusedKernelsPlugin
 from flux_infer.plugins.kv_cache_int8 import KVCacheInt8Plugin
@@ -22,6 +23,7 @@ def flux_infer_register_plugins() -> list[Plugin]:
         QuantizationPlugin(),
         FlashAttentionPlugin(),
         FusedKernelsPlugin(),
+        FastGeneratePlugin(),
         PagedKVCachePlugin(),
         KVCacheInt8Plugin(),
         SpeculativeDecodingPlugin(),

@@ -1,0 +1,120 @@
+"""KV cache layouts behind one interface, and the attention metadata planned once per step.
+
+``StaticKVCache`` is the contiguous layout: every sequence of a batch owns slots ``[0, max_len)`` of
+preallocated ``[layers, batch, kv_heads, max_len, head_dim]`` buffers. A left-padded prompt is stored as is;
+``kv_start[b]`` (its padding length) hides the padding from attention. All rows write the same slot each step,
+so one slot index serves the whole batch and a decode step has fixed shapes (CUDA-graph friendly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from flux_infer import kernels
+
+
+@dataclasses.dataclass
+class StepMetadata:
+    """Everything attention needs for one forward, computed once and shared by every layer.
+
+    ``positions`` [B, T] rotary positions; ``slots`` [T] cache slots written by this step; ``kv_start``/``kv_end``
+    [B] int32 valid slot range after the write; ``kv_len`` (host int) bounds the slots eager attention reads,
+    or None to read the whole cache (graph mode, where the length lives on the device).
+    """
+
+    positions: torch.Tensor
+    slots: torch.Tensor
+    kv_start: torch.Tensor
+    kv_end: torch.Tensor
+    kv_len: int | None
+    _masks: dict[tuple[int, int], torch.Tensor] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def q_len(self) -> int:
+        return self.positions.shape[1]
+
+    def advance_(self, n: int = 1) -> None:
+        """Move to the next ``n`` tokens in place (the tensors keep their storage: CUDA graphs read them)."""
+        self.positions.add_(n)
+        self.slots.add_(n)
+        self.kv_end.add_(n)
+        self._masks.clear()
+        if self.kv_len is not None:
+            self.kv_len += n
+
+    def reference_mask(self, kv_len: int, window: int) -> torch.Tensor:
+        """The boolean mask of the reference attention, built once per step and window and shared by layers."""
+        key = (kv_len, window)
+        if key not in self._masks:
+            self._masks[key] = kernels.cache_attention_mask(self.kv_start, self.kv_end, self.q_len, kv_len, window)
+        return self._masks[key]
+
+
+def prefill_metadata(attention_mask: torch.Tensor) -> StepMetadata:
+    """Metadata for a left-padded prompt batch written at slots ``[0, T)``."""
+    mask = attention_mask.long()
+    batch, length = mask.shape
+    positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+    kv_start = (length - mask.sum(-1)).to(torch.int32)
+    return StepMetadata(
+        positions=positions,
+        slots=torch.arange(length, device=mask.device),
+        kv_start=kv_start,
+        kv_end=torch.full((batch,), length, dtype=torch.int32, device=mask.device),
+        kv_len=length,
+    )
+
+
+def decode_metadata(prefill: StepMetadata) -> StepMetadata:
+    """Metadata for the first decode step after ``prefill`` (fresh tensors; advance them in place afterwards)."""
+    length = prefill.q_len
+    positions = prefill.positions[:, -1:].clone() + 1
+    return StepMetadata(
+        positions=positions,
+        slots=torch.tensor([length], device=positions.device),
+        kv_start=prefill.kv_start.clone(),
+        kv_end=prefill.kv_end.clone() + 1,
+        kv_len=length + 1,
+    )
+
+
+def is_left_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is zeros then ones (what left padding produces)."""
+    mask = attention_mask.long()
+    return bool((mask[:, 1:] >= mask[:, :-1]).all())
+
+
+class StaticKVCache:
+    """Contiguous KV cache; ``append`` writes this step's keys/values, ``attend`` reads the valid slots."""
+
+    def __init__(self, *, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.batch, self.max_len = batch, max_len
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def fits(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> bool:
+        return batch <= self.batch and length <= self.max_len and self.k.dtype == dtype and self.k.device == device
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata) -> None:
+        """k, v ``[B, T, kv_heads, head_dim]`` into slots ``meta.slots`` of rows ``[0, B)``."""
+        batch = k.shape[0]
+        self.k[layer, :batch].index_copy_(2, meta.slots, k.transpose(1, 2))
+        self.v[layer, :batch].index_copy_(2, meta.slots, v.transpose(1, 2))
+
+    def attend(self, layer: int, q: torch.Tensor, meta: StepMetadata, *, scale: float, window: int) -> torch.Tensor:
+        """q ``[B, T, heads, head_dim]`` -> ``[B, T, heads, head_dim]`` over the valid slots of each row."""
+        batch = q.shape[0]
+        end = self.max_len if meta.kv_len is None else meta.kv_len
+        k = self.k[layer, :batch, :, :end]
+        v = self.v[layer, :batch, :, :end]
+        if kernels.cache_attention.native(q.device):
+            return kernels.cache_attention(q, k, v, meta.kv_start, meta.kv_end, scale, window)
+        return kernels.masked_attention_ref(q, k, v, meta.reference_mask(end, window), scale)

@@ -1,0 +1,62 @@
+"""Attention over a static KV cache: ``torch.ops.flux.cache_attention``.
+
+The cache holds each sequence at slots ``[0, S)`` of ``[batch, kv_heads, S, head_dim]``. Row ``b`` is valid from
+slot ``kv_start[b]`` (left padding before it) to ``kv_end[b]`` (exclusive); its ``T`` queries are the last ``T``
+valid slots, attending causally (and within ``window`` slots when ``window > 0``). Grouped-query attention is
+native: query head ``h`` reads kv head ``h // (heads // kv_heads)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flux_infer.kernels.registry import KernelOp
+
+
+def cache_attention_mask(kv_start: torch.Tensor, kv_end: torch.Tensor, q_len: int, kv_len: int,
+                         window: int) -> torch.Tensor:
+    """Boolean ``[batch, 1, q_len, kv_len]``: True where query ``t`` of row ``b`` may attend to slot ``j``."""
+    device = kv_start.device
+    slots = torch.arange(kv_len, device=device)
+    query_slot = kv_end[:, None].long() - q_len + torch.arange(q_len, device=device)  # [B, T]
+    allowed = (slots[None, None, :] >= kv_start[:, None, None].long()) & (slots[None, None, :] <= query_slot[..., None])
+    if window > 0:
+        allowed &= slots[None, None, :] > query_slot[..., None] - window
+    # A query in the padding (before kv_start) attends to itself only, so it stays finite.
+    allowed |= slots[None, None, :] == query_slot[..., None]
+    return allowed[:, None]
+
+
+def masked_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """The reference's second half: SDPA of q ``[B, T, H, D]`` over the cache under a precomputed mask."""
+    heads, kv_heads = q.shape[2], k_cache.shape[1]
+    k, v = k_cache, v_cache
+    if heads != kv_heads:
+        k = k.repeat_interleave(heads // kv_heads, dim=1)
+        v = v.repeat_interleave(heads // kv_heads, dim=1)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def cache_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_start: torch.Tensor,
+                        kv_end: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """q ``[B, T, H, D]`` -> out ``[B, T, H, D]``; the reference uses every slot of the cache given."""
+    mask = cache_attention_mask(kv_start, kv_end, q.shape[1], k_cache.shape[2], window)
+    return masked_attention_ref(q, k_cache, v_cache, mask, scale).contiguous()
+
+
+@torch.library.custom_op("flux::cache_attention", mutates_args=())
+def _cache_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_start: torch.Tensor,
+                        kv_end: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """Attention of ``T`` new queries per row over the row's valid cache slots."""
+    return cache_attention_ref(q, k_cache, v_cache, kv_start, kv_end, scale, window)
+
+
+@_cache_attention_op.register_fake
+def _(q, k_cache, v_cache, kv_start, kv_end, scale, window):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+cache_attention = KernelOp("cache_attention", _cache_attention_op, cache_attention_ref)
