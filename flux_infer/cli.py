@@ -20,6 +20,8 @@ def _config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flash-attention", dest="use_flash_attention", action=argparse.BooleanOptionalAction,
                         default=None, help="override the level's attention plugin switch")
     parser.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--fast-generate", action=argparse.BooleanOptionalAction, default=None,
+                        help="model.generate on flux's decode loop")
     parser.add_argument("--quantization", choices=["none", "int8", "int4", "int4-awq"], default=None)
     parser.add_argument("--group-size", dest="quantization_group_size", type=int, default=128)
     parser.add_argument("--paged-kv-cache", action=argparse.BooleanOptionalAction, default=None)
@@ -43,6 +45,7 @@ def _config_from(args: argparse.Namespace) -> InferenceConfig:
         optimization_level=args.level,
         use_flash_attention=switch(args.use_flash_attention),
         fused_kernels=switch(args.fused_kernels),
+        fast_generate=switch(args.fast_generate),
         quantization=switch(args.quantization),
         quantization_group_size=args.quantization_group_size,
         paged_kv_cache=switch(args.paged_kv_cache),

@@ -35,7 +35,8 @@ def test_check_prints_the_plan_with_reasons(capsys):
 
 
 def test_check_with_overrides(capsys):
-    assert main(["check", "--level", "O1", "--no-flash-attention", "--exclude", "fused_kernels"]) == 0
+    assert main(["check", "--level", "O1", "--no-flash-attention", "--no-fast-generate", "--exclude",
+                 "fused_kernels"]) == 0
     assert "(nothing to apply)" in capsys.readouterr().out
 
 

@@ -58,7 +58,7 @@ def test_example_package_is_discovered_ordered_applied_and_reverted(example_site
     model, tokenizer = smollm2
     config = InferenceConfig(optimization_level="O1", plugins=["layer_timer"])
     plan = flux_infer.check(model, config=config)
-    assert plan.names == ("flash_attention", "fused_kernels", "layer_timer")
+    assert plan.names[:2] == ("flash_attention", "fused_kernels") and "layer_timer" in plan.names
 
     flux_infer.optimize(model, config=config)
     assert [r.name for r in model.flux_report.applied][-1] == "layer_timer"
