@@ -10,7 +10,9 @@ from typing import Any
 
 import torch
 
+from flux_infer import kernels
 from flux_infer.generation.decoder import FluxDecoder
+from flux_infer.kernels import cuda
 from flux_infer.generation.generate import flux_generate
 from flux_infer.generation.runner import DecoderRunner, runner_support
 from flux_infer.plugins.base import ApplyContext, PlanContext, Plugin
@@ -33,6 +35,8 @@ class FastGeneratePlugin(Plugin):
 
     def apply(self, model: torch.nn.Module, ctx: ApplyContext) -> None:
         assert ctx.adapter is not None
+        if ctx.device.type == "cuda":
+            cuda.load()
         decoder = FluxDecoder(DecoderRunner(model, ctx.adapter), use_cuda_graphs=ctx.config.use_cuda_graphs)
         original = model.generate
 
@@ -43,3 +47,5 @@ class FastGeneratePlugin(Plugin):
         ctx.patch.bind_method(model, "generate", generate)
         ctx.patch.on_rollback("release the decode cache", decoder.release)
         ctx.detail("cuda_graphs", decoder.use_cuda_graphs)
+        for op in ("rotary_embedding_", "cache_attention", "add_rms_norm"):
+            ctx.use_kernel(op, kernels.implementation(op, ctx.device))

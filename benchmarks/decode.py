@@ -1,0 +1,160 @@
+"""Decode benchmark: transformers eager, transformers static cache + torch.compile, and flux O1, in one process.
+
+Llama-3-8B shape (hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 14336, vocab 128256), random
+weights, bf16, prompt 128 tokens, 256 new tokens (greedy, EOS ignored). Reports decode tok/s, TTFT, peak memory
+and percent of the memory-bandwidth roofline, with the copy bandwidth measured in the same run.
+
+    python benchmarks/decode.py                       # all modes, batch 1, 8, 32
+    python benchmarks/decode.py --modes flux --batch 1 --layers 4   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import flux_infer  # noqa: E402
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+def copy_bandwidth(gib: float = 4.0, repeats: int = 20) -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written (median of repeats)."""
+    n = int(gib * 2**30) // 2
+    src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n * 2 / statistics.median(times) / 1e9
+
+
+def build_model(layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers})
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def timed_generate(model, input_ids, new_tokens: int) -> tuple[float, torch.Tensor]:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, out
+
+
+def measure(model, batch: int, prompt: int, new: int, repeats: int) -> dict:
+    ids = torch.randint(100, 120000, (batch, prompt), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    timed_generate(model, ids, new)  # warm-up (compilation, graph capture, autotuning)
+    timed_generate(model, ids, 1)
+    torch.cuda.reset_peak_memory_stats()
+    ttft = statistics.median(timed_generate(model, ids, 1)[0] for _ in range(repeats))
+    totals, out = [], None
+    for _ in range(repeats):
+        seconds, out = timed_generate(model, ids, new)
+        totals.append(seconds)
+    total = statistics.median(totals)
+    decode_seconds = max(total - ttft, 1e-9)
+    return {
+        "batch": batch, "ttft_ms": ttft * 1e3, "total_s": total,
+        "decode_tok_s": batch * (new - 1) / decode_seconds, "e2e_tok_s": batch * new / total,
+        "ms_per_step": decode_seconds / (new - 1) * 1e3, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "tokens": out[:, prompt:].cpu(),
+    }
+
+
+def weight_bytes(model) -> tuple[int, int]:
+    """(bytes of all parameters, bytes a decode step must read: everything but the embedding table)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.model.embed_tokens.weight
+    return total, total - embed.numel() * embed.element_size()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", default="hf_eager,hf_static_compile,flux")
+    parser.add_argument("--batch", default="1,8,32")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+    batches = [int(b) for b in args.batch.split(",")]
+
+    bandwidth = copy_bandwidth()
+    model = build_model(args.layers)
+    all_bytes, decode_bytes = weight_bytes(model)
+    info = {
+        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__, "copy_gb_s": bandwidth,
+        "weights_gb": all_bytes / 1e9, "decode_read_gb": decode_bytes / 1e9,
+        "roofline_tok_s_all_weights": bandwidth / (all_bytes / 1e9),
+        "roofline_tok_s_decode_bytes": bandwidth / (decode_bytes / 1e9), "shape": {**LLAMA3_8B,
+                                                                                    "num_hidden_layers": args.layers},
+        "prompt": args.prompt, "new_tokens": args.new,
+    }
+    print(json.dumps({k: v for k, v in info.items() if k != "shape"}, indent=1), flush=True)
+    results = []
+    for mode in modes:
+        if mode == "hf_static_compile":
+            model.generation_config.cache_implementation = "static"
+            model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        elif mode == "flux":
+            flux_infer.optimize(model, "O1")
+            print(model.flux_report, flush=True)
+        for batch in batches:
+            row = measure(model, batch, args.prompt, args.new, args.repeats)
+            row["mode"] = mode
+            row["pct_roofline_all_weights"] = 100 * row["decode_tok_s"] / info["roofline_tok_s_all_weights"] if (
+                batch == 1) else None
+            results.append(row)
+            print(f"{mode:>18} b={batch:<3} decode {row['decode_tok_s']:8.1f} tok/s  {row['ms_per_step']:6.2f} "
+                  f"ms/step  TTFT {row['ttft_ms']:6.1f} ms  peak {row['peak_gib']:5.1f} GiB", flush=True)
+        if mode == "hf_static_compile":
+            del model.forward
+            model.generation_config.cache_implementation = None
+            torch._dynamo.reset()
+        elif mode == "flux":
+            flux_infer.revert(model)
+    base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}
+    for r in results:  # greedy on random weights: report agreement with eager, do not assert it
+        if r["mode"] != "hf_eager" and r["batch"] in base:
+            r["same_tokens_as_eager"] = float((r["tokens"] == base[r["batch"]]["tokens"]).float().mean())
+    for r in results:
+        r.pop("tokens")
+    print(json.dumps(results, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"info": info, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

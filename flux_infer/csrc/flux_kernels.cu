@@ -1,0 +1,217 @@
+// flux_infer CUDA kernels: RMSNorm (+ residual add), gated activations, rotary embedding.
+//
+// Every kernel reproduces the rounding points of its PyTorch reference (flux_infer/kernels/*.py), which mirror
+// transformers: in bf16/fp16 the intermediate results the reference rounds are rounded here too, so outputs
+// agree with the reference except for the order of the RMS reduction. Arithmetic is float32.
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace {
+
+template <typename T> __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v) { return static_cast<T>(v); }
+// round to the storage type and back: the value the reference's intermediate tensor would hold
+template <typename T> __device__ __forceinline__ float rnd(float v) { return to_float<T>(from_float<T>(v)); }
+
+constexpr int kMaxThreads = 1024;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+  return v;
+}
+
+__device__ float block_sum(float v) {
+  __shared__ float partial[32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = warp_sum(v);
+  if (lane == 0) partial[warp] = v;
+  __syncthreads();
+  const int warps = (blockDim.x + 31) >> 5;
+  v = (threadIdx.x < warps) ? partial[threadIdx.x] : 0.f;
+  if (warp == 0) v = warp_sum(v);
+  if (threadIdx.x == 0) partial[0] = v;
+  __syncthreads();
+  const float total = partial[0];
+  __syncthreads();
+  return total;
+}
+
+// One block per row. The row is staged in shared memory as float (the reduction and the scaling both read it).
+// With a residual: s = round(residual + x) is written to residual_out and normalized.
+template <typename T, bool kResidual>
+__global__ void rms_norm_kernel(T* __restrict__ out, T* __restrict__ residual_out, const T* __restrict__ x,
+                                const T* __restrict__ residual, const T* __restrict__ weight, int hidden,
+                                int64_t x_stride, int64_t res_stride, float eps, float weight_offset) {
+  extern __shared__ float row[];
+  const int64_t r = blockIdx.x;
+  const T* xr = x + r * x_stride;
+  float sq = 0.f;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    float v = to_float(xr[i]);
+    if constexpr (kResidual) {
+      v = rnd<T>(to_float(residual[r * res_stride + i]) + v);
+      residual_out[r * hidden + i] = from_float<T>(v);
+    }
+    row[i] = v;
+    sq += v * v;
+  }
+  const float inv = rsqrtf(block_sum(sq) / hidden + eps);
+  T* o = out + r * hidden;
+  for (int i = threadIdx.x; i < hidden; i += blockDim.x) {
+    const float normed = row[i] * inv;
+    const float w = to_float(weight[i]);
+    // Llama: weight * normed.to(dtype); Gemma: (normed * (1 + weight)).to(dtype)
+    o[i] = from_float<T>(weight_offset == 0.f ? rnd<T>(normed) * w : normed * (weight_offset + w));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ float activation(float g, int kind) {
+  if (kind == 0) return g / (1.f + expf(-g));  // silu
+  const float c = 0.7978845608028654f;          // sqrt(2/pi); tanh-approximated gelu
+  return 0.5f * g * (1.f + tanhf(c * (g + 0.044715f * g * g * g)));
+}
+
+template <typename T>
+__global__ void act_mul_kernel(T* __restrict__ out, const T* __restrict__ gate, const T* __restrict__ up,
+                               int64_t rows, int width, int64_t gate_stride, int64_t up_stride, int kind) {
+  const int64_t n = rows * width;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t r = idx / width;
+    const int c = idx - r * width;
+    const float a = rnd<T>(activation<T>(to_float(gate[r * gate_stride + c]), kind));
+    out[idx] = from_float<T>(a * to_float(up[r * up_stride + c]));
+  }
+}
+
+// In place on q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] (row strides given, head_dim
+// contiguous); cos/sin [positions, rot] float32. One block per token; each thread rotates one (head, i) pair.
+template <typename T>
+__global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const float* __restrict__ cos,
+                              const float* __restrict__ sin, const int64_t* __restrict__ positions, int heads,
+                              int kv_heads, int head_dim, int rot, int64_t q_token_stride, int64_t k_token_stride,
+                              int64_t q_head_stride, int64_t k_head_stride) {
+  const int64_t token = blockIdx.x;
+  const int half = rot / 2;
+  const int64_t pos = positions[token];
+  const float* c = cos + pos * rot;
+  const float* s = sin + pos * rot;
+  const int pairs = (heads + kv_heads) * half;
+  for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+    const int head = p / half, i = p - head * half;
+    T* base = head < heads ? q + token * q_token_stride + head * q_head_stride
+                           : k + token * k_token_stride + (head - heads) * k_head_stride;
+    const float x1 = to_float(base[i]), x2 = to_float(base[i + half]);
+    const float c1 = rnd<T>(c[i]), c2 = rnd<T>(c[i + half]);
+    const float s1 = rnd<T>(s[i]), s2 = rnd<T>(s[i + half]);
+    // reference: t * cos + rotate_half(t) * sin, each product and the sum rounded to the storage type
+    base[i] = from_float<T>(rnd<T>(x1 * c1) + rnd<T>(-x2 * s1));
+    base[i + half] = from_float<T>(rnd<T>(x2 * c2) + rnd<T>(x1 * s2));
+  }
+}
+
+int threads_for(int64_t work) {
+  int t = 32;
+  while (t < kMaxThreads && t < work) t <<= 1;
+  return t;
+}
+
+void check_cuda(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+}
+
+}  // namespace
+
+// x [rows, hidden] with unit stride in the last dim; returns out (and the new residual when given one)
+std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor> residual, torch::Tensor weight,
+                                    double eps, double weight_offset) {
+  check_cuda(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "rms_norm: x must be [rows, hidden] with a contiguous last dim");
+  TORCH_CHECK(weight.is_contiguous() && weight.numel() == x.size(1), "rms_norm: weight must match hidden");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = x.size(0);
+  const int hidden = x.size(1);
+  auto out = torch::empty({rows, hidden}, x.options());
+  torch::Tensor res_out;
+  const int threads = threads_for(hidden);
+  const size_t smem = hidden * sizeof(float);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (rows == 0) return {out, residual ? torch::empty_like(out) : out};
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->stride(1) == 1, "rms_norm: residual must match x");
+    res_out = torch::empty({rows, hidden}, x.options());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    if (residual) {
+      rms_norm_kernel<scalar_t, true><<<rows, threads, smem, stream>>>(
+          out.data_ptr<scalar_t>(), res_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+          residual->data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), hidden, x.stride(0), residual->stride(0),
+          (float)eps, (float)weight_offset);
+    } else {
+      rms_norm_kernel<scalar_t, false><<<rows, threads, smem, stream>>>(
+          out.data_ptr<scalar_t>(), nullptr, x.data_ptr<scalar_t>(), nullptr, weight.data_ptr<scalar_t>(), hidden,
+          x.stride(0), 0, (float)eps, (float)weight_offset);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (residual) return {out, res_out};
+  return {out};
+}
+
+// gate, up [rows, width] with unit stride in the last dim (row strides may differ: views of one tensor)
+torch::Tensor act_mul(torch::Tensor gate, torch::Tensor up, int64_t kind) {
+  check_cuda(gate, "gate");
+  TORCH_CHECK(gate.dim() == 2 && gate.sizes() == up.sizes() && gate.stride(1) == 1 && up.stride(1) == 1,
+              "act_mul: gate and up must be [rows, width] with a contiguous last dim");
+  const c10::cuda::CUDAGuard guard(gate.device());
+  auto out = torch::empty(gate.sizes(), gate.options());
+  const int64_t n = gate.numel();
+  if (n == 0) return out;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 65535);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "act_mul", [&] {
+    act_mul_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
+        out.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(), up.data_ptr<scalar_t>(), gate.size(0), gate.size(1),
+        gate.stride(0), up.stride(0), (int)kind);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// q [tokens, heads, head_dim], k [tokens, kv_heads, head_dim] rotated in place
+void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin,
+                      torch::Tensor positions) {
+  check_cuda(q, "q");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1,
+              "rotary_embedding: q and k must be [tokens, heads, head_dim] with a contiguous head_dim");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && cos.is_contiguous() && sin.is_contiguous(),
+              "rotary_embedding: cos/sin must be contiguous float32 tables");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() &&
+                  positions.numel() == q.size(0), "rotary_embedding: one int64 position per token");
+  const c10::cuda::CUDAGuard guard(q.device());
+  const int64_t tokens = q.size(0);
+  if (tokens == 0) return;
+  const int rot = cos.size(1);
+  TORCH_CHECK(rot % 2 == 0 && rot <= q.size(2), "rotary_embedding: rotary dim must be even and <= head_dim");
+  const int threads = threads_for((q.size(1) + k.size(1)) * (rot / 2));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rotary_embedding", [&] {
+    rotary_kernel<scalar_t><<<tokens, threads, 0, stream>>>(
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
+        positions.data_ptr<int64_t>(), q.size(1), k.size(1), q.size(2), rot, q.stride(0), k.stride(0), q.stride(1),
+        k.stride(1));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
+  m.def("act_mul", &act_mul, "act(gate) * up (0 = silu, 1 = gelu_tanh)");
+  m.def("rotary_embedding", &rotary_embedding, "rotary embedding of q and k, in place");
+}

@@ -1,0 +1,132 @@
+"""Builds the CUDA kernels of ``flux_infer/csrc`` on first use and registers them with their ops.
+
+The build (``torch.utils.cpp_extension``) targets the GPU in use and is cached in one place:
+``$FLUX_INFER_BUILD_DIR``, else ``<flux cache>/build/<torch version>-<cuda version>-sm<arch>``. Without CUDA or
+a compiler the build is skipped, the reference implementations keep running, and ``status()`` says why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flux_infer.kernels import activation, attention, norm, rotary
+
+logger = logging.getLogger(__name__)
+
+ENV_BUILD_DIR = "FLUX_INFER_BUILD_DIR"
+ENV_DISABLE = "FLUX_INFER_DISABLE_CUDA_KERNELS"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+MAX_SHARED_HIDDEN = 12288  # rms_norm stages a row of float32 in 48 KiB of shared memory
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {"attempted": False, "loaded": False, "error": None}
+
+
+def build_dir() -> Path:
+    env = os.environ.get(ENV_BUILD_DIR)
+    if env:
+        return Path(env)
+    from flux_infer.loading import cache_root
+
+    major, minor = torch.cuda.get_device_capability()
+    return cache_root() / "build" / f"torch{torch.__version__}-cuda{torch.version.cuda}-sm{major}{minor}"
+
+
+def status() -> str:
+    """"loaded", "not loaded", or the reason the build failed."""
+    if _state["loaded"]:
+        return "loaded"
+    return _state["error"] or "not loaded"
+
+
+def load() -> bool:
+    """Register the device kernels (building the extension, or loading its cached build) once per process.
+
+    Returns True when the compiled kernels are in use. The Triton attention kernel registers independently of
+    the compiled extension.
+    """
+    with _lock:
+        if _state["attempted"]:
+            return _state["loaded"]
+        _state["attempted"] = True
+        if os.environ.get(ENV_DISABLE):
+            _state["error"] = f"disabled by {ENV_DISABLE}"
+            return False
+        if not torch.cuda.is_available():
+            _state["error"] = "no CUDA device"
+            return False
+        from flux_infer.kernels import triton_attention
+
+        if triton_attention.available():
+            attention.cache_attention.register("cuda", triton_attention.cache_attention_cuda, "triton")
+        try:
+            module = _build()
+        except Exception as exc:  # no nvcc, no ninja, compiler error: keep the reference path
+            _state["error"] = f"CUDA kernels could not be built ({type(exc).__name__}: {str(exc)[:300]})"
+            logger.warning("flux_infer: %s; using the PyTorch reference kernels", _state["error"])
+            return False
+        _register(module)
+        _state["loaded"] = True
+        return True
+
+
+def _build() -> Any:
+    from torch.utils.cpp_extension import load as load_extension
+
+    major, minor = torch.cuda.get_device_capability()
+    target = build_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    return load_extension(
+        name="flux_infer_kernels",
+        sources=[str(CSRC / "flux_kernels.cu")],
+        build_directory=str(target),
+        extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
+        extra_cflags=["-O3"],
+        verbose=False,
+    )
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[rows, hidden]`` with a unit stride in the last dim (copying only if it must)."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _register(module: Any) -> None:
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float) -> torch.Tensor:
+        if x.shape[-1] > MAX_SHARED_HIDDEN or weight.dtype != x.dtype:
+            return norm.rms_norm_ref(x, weight, eps, weight_offset)
+        (out,) = module.rms_norm(_rows(x), None, weight.contiguous(), eps, weight_offset)
+        return out.view(x.shape)
+
+    def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                     weight_offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[-1] > MAX_SHARED_HIDDEN or weight.dtype != x.dtype or residual.dtype != x.dtype:
+            return norm.add_rms_norm_ref(x, residual, weight, eps, weight_offset)
+        out, summed = module.rms_norm(_rows(x), _rows(residual), weight.contiguous(), eps, weight_offset)
+        return out.view(x.shape), summed.view(x.shape)
+
+    def act_mul(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
+        if kind not in activation.ACTIVATIONS:
+            return activation.act_mul_ref(gate, up, kind)  # raises the reference's clear error
+        shape = gate.shape
+        out = module.act_mul(_rows(gate), _rows(up), activation.ACTIVATIONS.index(kind))
+        return out.view(shape)
+
+    def rotary_embedding_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          positions: torch.Tensor) -> None:
+        if cos.dtype != torch.float32 or not (q.is_contiguous() and k.is_contiguous()):
+            return rotary.rotary_embedding_ref(q, k, cos, sin, positions)
+        module.rotary_embedding(q.view(-1, *q.shape[-2:]), k.view(-1, *k.shape[-2:]), cos, sin,
+                                positions.reshape(-1).contiguous())
+
+    norm.rms_norm.register("cuda", rms_norm, "cuda")
+    norm.add_rms_norm.register("cuda", add_rms_norm, "cuda")
+    activation.act_mul.register("cuda", act_mul, "cuda")
+    rotary.rotary_embedding_.register("cuda", rotary_embedding_, "cuda")

@@ -1,0 +1,148 @@
+"""Triton decode attention over the static KV cache (split-K "flash decoding"), the CUDA side of
+``flux::cache_attention`` for one query per row; longer query blocks (prefill) use PyTorch SDPA.
+
+One program handles a (row, kv head, key chunk): all query heads of that kv head's group against the chunk,
+with an online softmax; a second kernel merges the chunks. The valid range is read from device memory, so the
+kernels are CUDA-graph safe and skip the unused tail of the cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flux_infer.kernels import attention
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover (CPU-only installs)
+    triton = None
+
+BLOCK_N = 64
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _chunk_kernel(Q, K, V, Start, End, PartO, PartM, PartL,
+                      stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                      scale, window, chunk, splits,
+                      G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        start = tl.load(Start + b)
+        end = tl.load(End + b)
+        lo = start
+        if window > 0:
+            lo = tl.maximum(lo, end - window)
+        chunk_lo = split * chunk
+        hi = tl.minimum(chunk_lo + chunk, end)
+        lo = tl.maximum(lo, chunk_lo)
+
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        g_mask = offs_g < G
+        d_mask = offs_d < D
+        q = tl.load(Q + b * stride_qb + (kvh * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        k_base = K + b * stride_kb + kvh * stride_kh
+        v_base = V + b * stride_vb + kvh * stride_vh
+        for n0 in range(lo, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < hi
+            k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
+                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :],
+                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        part = (b * tl.num_programs(1) + kvh) * splits + split
+        tl.store(PartO + (part * G + offs_g)[:, None] * D + offs_d[None, :], acc,
+                 mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(PartM + part * G + offs_g, m_i, mask=g_mask)
+        tl.store(PartL + part * G + offs_g, l_i, mask=g_mask)
+
+    @triton.jit
+    def _merge_kernel(PartO, PartM, PartL, Out, stride_ob, stride_oh, splits,
+                      G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        kvh = h // G
+        g = h % G
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < splits
+        part = (b * tl.num_programs(1) // G + kvh) * splits + offs_s
+        m = tl.load(PartM + part * G + g, mask=s_mask, other=float("-inf"))
+        l_part = tl.load(PartL + part * G + g, mask=s_mask, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.where(s_mask, tl.exp(m - m_max), 0.0)
+        o = tl.load(PartO + (part * G + g)[:, None] * D + offs_d[None, :],
+                    mask=s_mask[:, None] & (offs_d < D)[None, :], other=0.0)
+        out = tl.sum(o * w[:, None], 0) / tl.sum(l_part * w, 0)
+        tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_start: torch.Tensor,
+                     kv_end: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """q ``[B, 1, H, D]`` over ``k_cache``/``v_cache`` ``[B, KVH, S, D]`` -> ``[B, 1, H, D]``."""
+    batch, _, heads, dim = q.shape
+    kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    q3 = q[:, 0]
+    blocks = math.ceil(slots / BLOCK_N)
+    splits = max(1, min(blocks, math.ceil(2 * _sm_count(q.device) / (batch * kv_heads))))
+    chunk = math.ceil(blocks / splits) * BLOCK_N
+    splits = math.ceil(slots / chunk)
+    part_o = torch.empty(batch * kv_heads * splits * group, dim, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(batch * kv_heads * splits * group, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    block_d = triton.next_power_of_2(dim)
+    _chunk_kernel[(batch, kv_heads, splits)](
+        q3, k_cache, v_cache, kv_start, kv_end, part_o, part_m, part_l,
+        q3.stride(0), q3.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        scale, window, chunk, splits,
+        G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
+    )
+    out = torch.empty(batch, 1, heads, dim, dtype=q.dtype, device=q.device)
+    _merge_kernel[(batch, heads)](
+        part_o, part_m, part_l, out, out.stride(0), out.stride(2), splits,
+        G=group, D=dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+    )
+    return out
+
+
+def cache_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_start: torch.Tensor,
+                         kv_end: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """CUDA implementation of ``flux::cache_attention``: Triton for decode, SDPA for longer query blocks."""
+    if q.shape[1] == 1 and k_cache.stride(-1) == 1 and q.stride(-1) == 1:
+        return decode_attention(q, k_cache, v_cache, kv_start, kv_end, scale, window)
+    return attention.cache_attention_ref(q, k_cache, v_cache, kv_start, kv_end, scale, window)

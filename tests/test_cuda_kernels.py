@@ -1,0 +1,116 @@
+"""CUDA kernels against their PyTorch references (GPU only: marked `cuda`, skipped cleanly on CPU).
+
+Tolerances are derived, not tuned: the compiled kernels reproduce the reference's rounding points, so they differ
+only by the order of the RMS reduction (a few ulp of the storage type); attention must stay within 2x the error
+a bf16 PyTorch SDPA makes against a float64 computation.
+"""
+
+import pytest
+import torch
+
+from flux_infer import kernels
+from flux_infer.kernels import cuda as cuda_kernels
+
+pytestmark = pytest.mark.cuda
+
+ULP = {torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert cuda_kernels.load(), cuda_kernels.status()
+
+
+def close(actual, expected, dtype, ulps=4):
+    tol = ulps * ULP[dtype]
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+
+
+def rel_err(x, truth):
+    return ((x.double() - truth).norm() / truth.norm()).item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 4096), (7, 769), (3, 5, 5125), (2, 1, 576)])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_and_add_rms_norm(dtype, shape, offset):
+    x = torch.randn(shape, device="cuda").to(dtype)
+    residual = torch.randn(shape, device="cuda").to(dtype)
+    w = (torch.randn(shape[-1], device="cuda") * 0.2 + (0 if offset else 1)).to(dtype)
+    assert kernels.implementation("rms_norm", "cuda") == "cuda"
+    close(kernels.rms_norm(x, w, 1e-6, offset), kernels.rms_norm_ref(x, w, 1e-6, offset), dtype)
+    out, summed = kernels.add_rms_norm(x, residual, w, 1e-6, offset)
+    ref_out, ref_summed = kernels.add_rms_norm_ref(x, residual, w, 1e-6, offset)
+    assert torch.equal(summed, ref_summed)
+    close(out, ref_out, dtype)
+
+
+def test_rms_norm_non_contiguous_rows():
+    base = torch.randn(6, 2 * 769, device="cuda", dtype=torch.bfloat16)
+    x = base[:, 769:]  # rows with a stride larger than the row
+    w = torch.randn(769, device="cuda", dtype=torch.bfloat16)
+    close(kernels.rms_norm(x, w, 1e-5, 0.0), kernels.rms_norm_ref(x.contiguous(), w, 1e-5, 0.0), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("shape", [(1, 14336), (5, 3, 1537), (33, 5125)])
+def test_act_mul_including_strided_views(dtype, activation, shape):
+    fused = torch.randn(*shape[:-1], 2 * shape[-1], device="cuda").to(dtype)
+    gate, up = fused.chunk(2, dim=-1)
+    close(kernels.act_mul(gate, up, activation), kernels.act_mul_ref(gate, up, activation), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads, kv_heads, dim, rot", [(32, 8, 128, 128), (9, 3, 64, 64), (6, 2, 96, 48)])
+def test_rotary_is_bitwise_the_reference(dtype, heads, kv_heads, dim, rot):
+    tokens = 37
+    q = torch.randn(2, tokens, heads, dim, device="cuda").to(dtype)
+    k = torch.randn(2, tokens, kv_heads, dim, device="cuda").to(dtype)
+    angles = torch.arange(512, device="cuda")[:, None] * (1e4 ** (-torch.arange(0, rot, 2, device="cuda") / rot))
+    cos = torch.cat([angles, angles], -1).cos()
+    sin = torch.cat([angles, angles], -1).sin()
+    positions = torch.randint(0, 512, (2, tokens), device="cuda")
+    q_ref, k_ref = q.clone(), k.clone()
+    kernels.rotary_embedding_ref(q_ref, k_ref, cos, sin, positions)
+    kernels.rotary_embedding_(q, k, cos, sin, positions)
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+
+
+@pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 128), (9, 3, 64), (4, 4, 80)])
+@pytest.mark.parametrize("window", [0, 7])
+def test_decode_attention_against_float64(heads, kv_heads, dim, window):
+    torch.manual_seed(0)
+    batch, slots = 3, 300
+    k = torch.randn(batch, kv_heads, slots, dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(batch, kv_heads, slots, dim, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(batch, 1, heads, dim, device="cuda", dtype=torch.bfloat16)
+    start = torch.tensor([0, 5, 17], device="cuda", dtype=torch.int32)
+    end = torch.tensor([1, 133, 300], device="cuda", dtype=torch.int32)  # row 0: only its own slot
+    scale = dim**-0.5
+    assert kernels.implementation("cache_attention", "cuda") == "triton"
+    out = kernels.cache_attention(q, k, v, start, end, scale, window)
+    truth = kernels.cache_attention_ref(q.double(), k.double(), v.double(), start, end, scale, window)
+    low = kernels.cache_attention_ref(q, k, v, start, end, scale, window)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, truth) <= 2 * rel_err(low, truth) + 1e-3
+
+
+def test_opcheck_on_cuda():
+    x = torch.randn(3, 5, 64, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(64, device="cuda", dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.flux.rms_norm.default, (x, w, 1e-6, 0.0))
+    torch.library.opcheck(torch.ops.flux.add_rms_norm.default, (x, x.clone(), w, 1e-6, 1.0))
+    gate, up = torch.randn(4, 2, 256, device="cuda", dtype=torch.bfloat16).chunk(2, -1)
+    torch.library.opcheck(torch.ops.flux.act_mul.default, (gate, up, "silu"))
+    q = torch.randn(2, 3, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 3, 2, 64, device="cuda", dtype=torch.bfloat16)
+    table = torch.randn(16, 64, device="cuda")
+    torch.library.opcheck(torch.ops.flux.rotary_embedding_.default,
+                          (q, k, table, table, torch.randint(0, 16, (2, 3), device="cuda")))
+    kc = torch.randn(2, 2, 40, 64, device="cuda", dtype=torch.bfloat16)
+    start = torch.zeros(2, dtype=torch.int32, device="cuda")
+    end = torch.full((2,), 40, dtype=torch.int32, device="cuda")
+    torch.library.opcheck(torch.ops.flux.cache_attention.default,
+                          (q[:, :1], kc, kc.clone(), start, end, 0.125, 0))
