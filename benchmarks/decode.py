@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flux_infer  # noqa: E402
+from flux_infer.kernels import matmul as linear_module  # noqa: E402
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
@@ -100,6 +101,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", default="hf_eager,hf_static_compile,flux")
     parser.add_argument("--batch", default="1,8,32")
+    parser.add_argument("--compile-batch", default="1", help="batch sizes for hf_static_compile (compiles each)")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--layers", type=int, default=32)
@@ -107,6 +109,7 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     modes = args.modes.split(",")
+    default_gemv_rows = linear_module.GEMV_MAX_ROWS
     batches = [int(b) for b in args.batch.split(",")]
 
     bandwidth = copy_bandwidth()
@@ -127,10 +130,14 @@ def main() -> int:
         if mode == "hf_static_compile":
             model.generation_config.cache_implementation = "static"
             model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-        elif mode == "flux":
+        elif mode in ("flux", "flux_cublas"):
+            # flux_cublas: the same, with every linear layer left on cuBLAS (isolates the GEMV kernel's effect)
+            linear_module.GEMV_MAX_ROWS = 0 if mode == "flux_cublas" else default_gemv_rows
             flux_infer.optimize(model, "O1")
             print(model.flux_report, flush=True)
         for batch in batches:
+            if mode == "hf_static_compile" and str(batch) not in args.compile_batch.split(","):
+                continue
             row = measure(model, batch, args.prompt, args.new, args.repeats)
             row["mode"] = mode
             row["pct_roofline_all_weights"] = 100 * row["decode_tok_s"] / info["roofline_tok_s_all_weights"] if (
@@ -142,8 +149,9 @@ def main() -> int:
             del model.forward
             model.generation_config.cache_implementation = None
             torch._dynamo.reset()
-        elif mode == "flux":
+        elif mode in ("flux", "flux_cublas"):
             flux_infer.revert(model)
+            linear_module.GEMV_MAX_ROWS = default_gemv_rows
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}
     for r in results:  # greedy on random weights: report agreement with eager, do not assert it
         if r["mode"] != "hf_eager" and r["batch"] in base:

@@ -78,6 +78,39 @@ def test_rotary_is_bitwise_the_reference(dtype, heads, kv_heads, dim, rot):
     assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_cache_write_is_bitwise_the_reference(dtype):
+    batch, tokens, heads, kv_heads, dim, slots = 3, 5, 8, 2, 64, 40
+    q = torch.randn(batch, tokens, heads, dim, device="cuda").to(dtype)
+    k = torch.randn(batch, tokens, kv_heads, dim, device="cuda").to(dtype)
+    v = torch.randn(batch, tokens * 2, kv_heads, dim, device="cuda").to(dtype)[:, ::2]  # strided, like a split
+    table = torch.randn(64, 48, device="cuda")  # partial rotary: 48 of 64 dims
+    positions = torch.randint(0, 64, (batch, tokens), device="cuda")
+    where = torch.tensor([7, 8, 9, 10, 11], device="cuda")
+    caches = [torch.randn(4, kv_heads, slots, dim, device="cuda").to(dtype) for _ in range(2)]
+    ref = [t.clone() for t in (q, k, *caches)]
+    kernels.rotary_cache_write_ref(ref[0], ref[1], v, table, table.flip(0), positions, ref[2], ref[3], where)
+    kernels.rotary_cache_write_(q, k, v, table, table.flip(0), positions, caches[0], caches[1], where)
+    for got, expected in zip((q, k, *caches), ref, strict=True):
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("n, k", [(4096, 4096), (1027, 776), (5, 14336)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_against_float64(dtype, rows, n, k, bias):
+    x = torch.randn(rows, k, device="cuda").to(dtype)
+    w = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
+    b = torch.randn(n, device="cuda").to(dtype) if bias else None
+    assert kernels.implementation("linear", "cuda") == "cuda"
+    out = kernels.linear(x, w, b)
+    truth = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
+    assert rel_err(out, truth) <= 2 * rel_err(torch.nn.functional.linear(x, w, b), truth) + ULP[dtype]
+    three_d = kernels.linear(x[:, None], w, b)  # leading dims are kept
+    assert three_d.shape == (rows, 1, n) and torch.equal(three_d[:, 0], out)
+
+
 @pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 128), (9, 3, 64), (4, 4, 80)])
 @pytest.mark.parametrize("window", [0, 7])
 def test_decode_attention_against_float64(heads, kv_heads, dim, window):
@@ -114,3 +147,8 @@ def test_opcheck_on_cuda():
     end = torch.full((2,), 40, dtype=torch.int32, device="cuda")
     torch.library.opcheck(torch.ops.flux.cache_attention.default,
                           (q[:, :1], kc, kc.clone(), start, end, 0.125, 0))
+    torch.library.opcheck(torch.ops.flux.linear.default, (x[0], torch.randn(32, 64, device="cuda",
+                                                                           dtype=torch.bfloat16), None))
+    torch.library.opcheck(torch.ops.flux.rotary_cache_write_.default,
+                          (q, k, k.clone(), table, table, torch.randint(0, 16, (2, 3), device="cuda"), kc.clone(),
+                           kc.clone(), torch.tensor([4, 5, 6], device="cuda")))

@@ -52,7 +52,7 @@ def test_o1_report_says_what_ran(smollm2):
     fused = report.applied[1]
     assert fused.details == {"norms": 30 * 2 + 1, "gated_mlps": 30}
     assert report.kernels == {"attention": "sdpa", "rms_norm": "reference", "act_mul": "reference",
-                              "rotary_embedding_": "reference", "cache_attention": "reference",
+                              "rotary_cache_write_": "reference", "cache_attention": "reference",
                               "add_rms_norm": "reference"}
     assert report.applied[2].details == {"cuda_graphs": False}
     assert report.memory_before.model_bytes == report.memory_after.model_bytes > 500 * 2**20

@@ -30,6 +30,12 @@ class MLPStyle(str, enum.Enum):
     MOE = "moe"  # router + stacked experts (+ optional shared expert)
 
 
+# the projections of each dense MLP layout, in call order
+MLP_PROJECTIONS = {
+    MLPStyle.GATED: ("gate_proj", "up_proj", "down_proj"),
+    MLPStyle.GATED_FUSED: ("gate_up_proj", "down_proj"),
+}
+
 # hidden_act values of transformers' ACT2FN that our fused gated-activation kernels implement
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
 
@@ -113,6 +119,17 @@ class ModelAdapter:
                     yield name, mlp, self.moe_shared_expert, getattr(mlp, self.moe_shared_expert)
             else:
                 yield f"{self.layers}.{i}.{self.mlp}", layer, self.mlp, mlp
+
+    def linears(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str, torch.nn.Module]]:
+        """Every linear layer of the decoder outside the MoE experts: attention projections and dense MLPs."""
+        for i, layer in enumerate(self.get_layers(model)):
+            attention = getattr(layer, self.attention)
+            for attr in self.attention_projections:
+                yield f"{self.layers}.{i}.{self.attention}.{attr}", attention, attr, getattr(attention, attr)
+        for name, _, _, mlp in self.dense_mlps(model):
+            for attr in MLP_PROJECTIONS[self.dense_mlp_style()]:
+                if isinstance(getattr(mlp, attr, None), torch.nn.Linear):
+                    yield f"{name}.{attr}", mlp, attr, getattr(mlp, attr)
 
     def dense_mlp_style(self) -> MLPStyle:
         """The layout of the modules ``dense_mlps`` yields (shared experts are plain gated MLPs)."""

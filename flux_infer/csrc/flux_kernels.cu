@@ -89,30 +89,151 @@ __global__ void act_mul_kernel(T* __restrict__ out, const T* __restrict__ gate, 
   }
 }
 
-// In place on q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] (row strides given, head_dim
-// contiguous); cos/sin [positions, rot] float32. One block per token; each thread rotates one (head, i) pair.
+// Rotary embedding, in place on q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] (token and head
+// strides given, head_dim contiguous); cos/sin [positions, rot] float32. One block per token. With a cache, the
+// rotated k and the untouched v of token (b, t) are also written to k_cache/v_cache[b, head, slots[t], :].
+// __fmul_rn/__fadd_rn keep the compiler from contracting into FMAs the reference does not do.
 template <typename T>
-__global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const float* __restrict__ cos,
-                              const float* __restrict__ sin, const int64_t* __restrict__ positions, int heads,
-                              int kv_heads, int head_dim, int rot, int64_t q_token_stride, int64_t k_token_stride,
-                              int64_t q_head_stride, int64_t k_head_stride) {
+__global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const T* __restrict__ v,
+                              T* __restrict__ k_cache, T* __restrict__ v_cache, const float* __restrict__ cos,
+                              const float* __restrict__ sin, const int64_t* __restrict__ positions,
+                              const int64_t* __restrict__ slots, int tokens_per_row, int heads, int kv_heads,
+                              int head_dim, int rot, int64_t q_token_stride, int64_t k_token_stride,
+                              int64_t v_token_stride, int64_t q_head_stride, int64_t k_head_stride,
+                              int64_t v_head_stride, int64_t cache_row_stride, int64_t cache_head_stride,
+                              int64_t cache_slot_stride) {
   const int64_t token = blockIdx.x;
   const int half = rot / 2;
   const int64_t pos = positions[token];
   const float* c = cos + pos * rot;
   const float* s = sin + pos * rot;
   const int pairs = (heads + kv_heads) * half;
+  T* k_out = nullptr;
+  T* v_out = nullptr;
+  if (k_cache != nullptr) {
+    const int64_t row = token / tokens_per_row, slot = slots[token % tokens_per_row];
+    k_out = k_cache + row * cache_row_stride + slot * cache_slot_stride;
+    v_out = v_cache + row * cache_row_stride + slot * cache_slot_stride;
+  }
   for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
     const int head = p / half, i = p - head * half;
-    T* base = head < heads ? q + token * q_token_stride + head * q_head_stride
-                           : k + token * k_token_stride + (head - heads) * k_head_stride;
+    const bool is_q = head < heads;
+    const int kh = head - heads;
+    T* base = is_q ? q + token * q_token_stride + head * q_head_stride
+                   : k + token * k_token_stride + kh * k_head_stride;
     const float x1 = to_float(base[i]), x2 = to_float(base[i + half]);
     const float c1 = rnd<T>(c[i]), c2 = rnd<T>(c[i + half]);
     const float s1 = rnd<T>(s[i]), s2 = rnd<T>(s[i + half]);
     // reference: t * cos + rotate_half(t) * sin, each product and the sum rounded to the storage type
-    base[i] = from_float<T>(rnd<T>(x1 * c1) + rnd<T>(-x2 * s1));
-    base[i + half] = from_float<T>(rnd<T>(x2 * c2) + rnd<T>(x1 * s2));
+    const T y1 = from_float<T>(__fadd_rn(rnd<T>(__fmul_rn(x1, c1)), rnd<T>(__fmul_rn(-x2, s1))));
+    const T y2 = from_float<T>(__fadd_rn(rnd<T>(__fmul_rn(x2, c2)), rnd<T>(__fmul_rn(x1, s2))));
+    base[i] = y1;
+    base[i + half] = y2;
+    if (!is_q && k_out != nullptr) {
+      k_out[kh * cache_head_stride + i] = y1;
+      k_out[kh * cache_head_stride + i + half] = y2;
+    }
   }
+  if (k_out == nullptr) return;
+  // the part of k past the rotary dims, and all of v, go to the cache unchanged
+  const int tail = head_dim - rot;
+  for (int p = threadIdx.x; p < kv_heads * tail; p += blockDim.x) {
+    const int kh = p / tail, i = rot + p % tail;
+    k_out[kh * cache_head_stride + i] = k[token * k_token_stride + kh * k_head_stride + i];
+  }
+  for (int p = threadIdx.x; p < kv_heads * head_dim; p += blockDim.x) {
+    const int kh = p / head_dim, i = p % head_dim;
+    v_out[kh * cache_head_stride + i] = v[token * v_token_stride + kh * v_head_stride + i];
+  }
+}
+
+// ---- small-batch linear (GEMV) -----------------------------------------------------------------------------------
+// out[m, n] = x[m, :] . w[n, :] (+ bias[n]) for M <= 8 rows of x. Memory-bound: every weight byte is read once,
+// 16 bytes per load, streamed past L1 (ld.global.nc.L1::no_allocate); kLoads independent loads in flight per lane
+// before the first is used. One warp per output row; x rows are re-read from L1/L2 by every warp.
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+
+template <typename T> __device__ __forceinline__ void unpack8(const uint4& v, float* f);
+template <> __device__ __forceinline__ void unpack8<at::BFloat16>(const uint4& v, float* f) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+template <> __device__ __forceinline__ void unpack8<at::Half>(const uint4& v, float* f) {
+  const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __half22float2(h[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+constexpr int kGemvWarps = 8;
+constexpr int kLoads = 4;
+
+template <typename T, int M>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(T* __restrict__ out, const T* __restrict__ x,
+                                                               const T* __restrict__ w, const T* __restrict__ bias,
+                                                               int n_rows, int k, int64_t x_stride,
+                                                               int64_t out_stride) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n = blockIdx.x * kGemvWarps + warp;
+  if (n >= n_rows) return;
+  const int chunks = k >> 3;  // 8 elements per 16-byte chunk
+  const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(n) * k);
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  for (int base = lane; base < chunks; base += 32 * kLoads) {
+    uint4 wv[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int c = base + u * 32;
+      wv[u] = c < chunks ? load_stream(wrow + c) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int c = base + u * 32;
+      if (c >= chunks) break;
+      float wf[8];
+      unpack8<T>(wv[u], wf);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + m * x_stride) + c);
+        float xf[8];
+        unpack8<T>(xv, xf);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[m] = fmaf(wf[j], xf[j], acc[m]);
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const float total = warp_sum(acc[m]);
+    if (lane == 0) {
+      const float b = bias != nullptr ? to_float(bias[n]) : 0.f;
+      out[m * out_stride + n] = from_float<T>(total + b);
+    }
+  }
+}
+
+template <typename T, int M>
+void launch_gemv(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& w, const T* bias,
+                 cudaStream_t stream) {
+  const int n = w.size(0), k = w.size(1);
+  const int blocks = (n + kGemvWarps - 1) / kGemvWarps;
+  gemv_kernel<T, M><<<blocks, kGemvWarps * 32, 0, stream>>>(
+      out.data_ptr<T>(), x.data_ptr<T>(), w.data_ptr<T>(), bias, n, k, x.stride(0), out.stride(0));
 }
 
 int threads_for(int64_t work) {
@@ -184,9 +305,11 @@ torch::Tensor act_mul(torch::Tensor gate, torch::Tensor up, int64_t kind) {
   return out;
 }
 
-// q [tokens, heads, head_dim], k [tokens, kv_heads, head_dim] rotated in place
+// q [tokens, heads, head_dim], k [tokens, kv_heads, head_dim] rotated in place; with caches ([rows, kv_heads,
+// slots, head_dim] views), rotated k and v are also written at slots[t] for token (row, t).
 void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin,
-                      torch::Tensor positions) {
+                      torch::Tensor positions, c10::optional<torch::Tensor> v, c10::optional<torch::Tensor> k_cache,
+                      c10::optional<torch::Tensor> v_cache, c10::optional<torch::Tensor> slots) {
   check_cuda(q, "q");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.stride(2) == 1 && k.stride(2) == 1,
               "rotary_embedding: q and k must be [tokens, heads, head_dim] with a contiguous head_dim");
@@ -199,19 +322,61 @@ void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch
   if (tokens == 0) return;
   const int rot = cos.size(1);
   TORCH_CHECK(rot % 2 == 0 && rot <= q.size(2), "rotary_embedding: rotary dim must be even and <= head_dim");
+  const bool write = k_cache.has_value();
+  int tokens_per_row = 1;
+  if (write) {
+    TORCH_CHECK(v && v_cache && slots && v->dim() == 3 && v->stride(2) == 1, "rotary_embedding: v, caches, slots");
+    TORCH_CHECK(k_cache->stride(3) == 1 && k_cache->strides() == v_cache->strides(), "rotary_embedding: caches");
+    TORCH_CHECK(slots->scalar_type() == at::kLong && slots->is_contiguous(), "rotary_embedding: int64 slots");
+    tokens_per_row = slots->numel();
+    TORCH_CHECK(tokens % tokens_per_row == 0 && tokens / tokens_per_row <= k_cache->size(0),
+                "rotary_embedding: tokens must be rows x len(slots)");
+  }
   const int threads = threads_for((q.size(1) + k.size(1)) * (rot / 2));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rotary_embedding", [&] {
     rotary_kernel<scalar_t><<<tokens, threads, 0, stream>>>(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(),
-        positions.data_ptr<int64_t>(), q.size(1), k.size(1), q.size(2), rot, q.stride(0), k.stride(0), q.stride(1),
-        k.stride(1));
+        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), write ? v->data_ptr<scalar_t>() : nullptr,
+        write ? k_cache->data_ptr<scalar_t>() : nullptr, write ? v_cache->data_ptr<scalar_t>() : nullptr,
+        cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
+        write ? slots->data_ptr<int64_t>() : nullptr, tokens_per_row, q.size(1), k.size(1), q.size(2), rot,
+        q.stride(0), k.stride(0), write ? v->stride(0) : 0, q.stride(1), k.stride(1), write ? v->stride(1) : 0,
+        write ? k_cache->stride(0) : 0, write ? k_cache->stride(1) : 0, write ? k_cache->stride(2) : 0);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// x [M, K] (unit stride in K, 16-byte aligned rows), w [N, K] contiguous, M <= 8: out [M, N]
+torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  check_cuda(x, "x");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.stride(1) == 1 && w.is_contiguous(),
+              "gemv: x [M, K] and contiguous w [N, K]");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= 8 && w.size(1) % 8 == 0 && x.stride(0) % 8 == 0,
+              "gemv: 1..8 rows and K a multiple of 8");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "gemv: x and w must have the same dtype");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "gemv", [&] {
+    const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
+    switch (x.size(0)) {
+      case 1: launch_gemv<scalar_t, 1>(out, x, w, b, stream); break;
+      case 2: launch_gemv<scalar_t, 2>(out, x, w, b, stream); break;
+      case 3: launch_gemv<scalar_t, 3>(out, x, w, b, stream); break;
+      case 4: launch_gemv<scalar_t, 4>(out, x, w, b, stream); break;
+      case 5: launch_gemv<scalar_t, 5>(out, x, w, b, stream); break;
+      case 6: launch_gemv<scalar_t, 6>(out, x, w, b, stream); break;
+      case 7: launch_gemv<scalar_t, 7>(out, x, w, b, stream); break;
+      default: launch_gemv<scalar_t, 8>(out, x, w, b, stream); break;
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
   m.def("act_mul", &act_mul, "act(gate) * up (0 = silu, 1 = gelu_tanh)");
-  m.def("rotary_embedding", &rotary_embedding, "rotary embedding of q and k, in place");
+  m.def("rotary_embedding", &rotary_embedding, "rotary embedding of q and k in place (+ KV cache write)");
+  m.def("gemv", &gemv, "x @ w.T (+ bias) for up to 8 rows of x");
 }

@@ -103,11 +103,10 @@ class StaticKVCache:
     def fits(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> bool:
         return batch <= self.batch and length <= self.max_len and self.k.dtype == dtype and self.k.device == device
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor, meta: StepMetadata) -> None:
-        """k, v ``[B, T, kv_heads, head_dim]`` into slots ``meta.slots`` of rows ``[0, B)``."""
-        batch = k.shape[0]
-        self.k[layer, :batch].index_copy_(2, meta.slots, k.transpose(1, 2))
-        self.v[layer, :batch].index_copy_(2, meta.slots, v.transpose(1, 2))
+    def append_rotary(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, meta: StepMetadata) -> None:
+        """Rotate q, k ``[B, T, heads, head_dim]`` in place and store k, v at ``meta.slots`` (one kernel on CUDA)."""
+        kernels.rotary_cache_write_(q, k, v, cos, sin, meta.positions, self.k[layer], self.v[layer], meta.slots)
 
     def attend(self, layer: int, q: torch.Tensor, meta: StepMetadata, *, scale: float, window: int) -> torch.Tensor:
         """q ``[B, T, heads, head_dim]`` -> ``[B, T, heads, head_dim]`` over the valid slots of each row."""

@@ -102,3 +102,5 @@ class FluxDecoder:
         """Free the cache and the graphs (the next call allocates again)."""
         self.graphs.clear()
         self.cache = None
+        if self.use_cuda_graphs:  # a pool whose graphs were freed cannot take new captures: start a new one
+            self._pool = torch.cuda.graph_pool_handle()

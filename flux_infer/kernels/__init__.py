@@ -13,9 +13,15 @@ from flux_infer.kernels.attention import (
     cache_attention_ref,
     masked_attention_ref,
 )
+from flux_infer.kernels.matmul import linear, linear_ref
 from flux_infer.kernels.norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from flux_infer.kernels.registry import implementation
-from flux_infer.kernels.rotary import rotary_embedding_, rotary_embedding_ref
+from flux_infer.kernels.rotary import (
+    rotary_cache_write_,
+    rotary_cache_write_ref,
+    rotary_embedding_,
+    rotary_embedding_ref,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -27,9 +33,13 @@ __all__ = [
     "cache_attention_mask",
     "cache_attention_ref",
     "implementation",
+    "linear",
+    "linear_ref",
     "masked_attention_ref",
     "rms_norm",
     "rms_norm_ref",
+    "rotary_cache_write_",
+    "rotary_cache_write_ref",
     "rotary_embedding_",
     "rotary_embedding_ref",
 ]

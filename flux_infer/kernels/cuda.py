@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from flux_infer.kernels import activation, attention, norm, rotary
+from flux_infer.kernels import activation, attention, matmul, norm, rotary
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +124,30 @@ def _register(module: Any) -> None:
         if cos.dtype != torch.float32 or not (q.is_contiguous() and k.is_contiguous()):
             return rotary.rotary_embedding_ref(q, k, cos, sin, positions)
         module.rotary_embedding(q.view(-1, *q.shape[-2:]), k.view(-1, *k.shape[-2:]), cos, sin,
-                                positions.reshape(-1).contiguous())
+                                positions.reshape(-1).contiguous(), None, None, None, None)
+
+    def rotary_cache_write_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                            sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            slots: torch.Tensor) -> None:
+        if (cos.dtype != torch.float32 or not (q.is_contiguous() and k.is_contiguous()) or v.stride(-1) != 1
+                or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1):
+            return rotary.rotary_cache_write_ref(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
+        module.rotary_embedding(q.view(-1, *q.shape[-2:]), k.view(-1, *k.shape[-2:]), cos, sin,
+                                positions.reshape(-1).contiguous(), v.reshape(-1, *v.shape[-2:]), k_cache, v_cache,
+                                slots.contiguous())
+
+    def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        if (0 < rows <= matmul.GEMV_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16) and weight.dtype == x.dtype
+                and weight.is_contiguous() and x.shape[-1] % 8 == 0 and (bias is None or bias.dtype == x.dtype)):
+            x2 = x.reshape(rows, x.shape[-1])
+            if x2.stride(-1) == 1 and x2.stride(0) % 8 == 0 and x2.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0:
+                return module.gemv(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
+        return matmul.linear_ref(x, weight, bias)
 
     norm.rms_norm.register("cuda", rms_norm, "cuda")
     norm.add_rms_norm.register("cuda", add_rms_norm, "cuda")
     activation.act_mul.register("cuda", act_mul, "cuda")
     rotary.rotary_embedding_.register("cuda", rotary_embedding_, "cuda")
+    rotary.rotary_cache_write_.register("cuda", rotary_cache_write_, "cuda")
+    matmul.linear.register("cuda", linear_cuda, "cuda")

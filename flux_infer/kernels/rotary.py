@@ -45,3 +45,30 @@ def _(q, k, cos, sin, positions) -> None:
 
 
 rotary_embedding_ = KernelOp("rotary_embedding_", _rotary_embedding_op, rotary_embedding_ref)
+
+
+def rotary_cache_write_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           slots: torch.Tensor) -> None:
+    """Rotate q, k ``[B, T, heads, D]`` in place, then write k and v into ``[B', kv_heads, S, D]`` caches at
+    ``slots`` (``[T]``, the same for every row); rows ``[0, B)`` of the caches."""
+    rotary_embedding_ref(q, k, cos, sin, positions)
+    rows = k.shape[0]
+    k_cache[:rows].index_copy_(2, slots, k.transpose(1, 2))
+    v_cache[:rows].index_copy_(2, slots, v.transpose(1, 2))
+
+
+@torch.library.custom_op("flux::rotary_cache_write_", mutates_args=("q", "k", "k_cache", "v_cache"))
+def _rotary_cache_write_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                           positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           slots: torch.Tensor) -> None:
+    """Rotary embedding of q and k, and this step's keys/values into the cache, in one pass."""
+    rotary_cache_write_ref(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
+
+
+@_rotary_cache_write_op.register_fake
+def _(q, k, v, cos, sin, positions, k_cache, v_cache, slots) -> None:
+    return None
+
+
+rotary_cache_write_ = KernelOp("rotary_cache_write_", _rotary_cache_write_op, rotary_cache_write_ref)

@@ -47,5 +47,5 @@ class FastGeneratePlugin(Plugin):
         ctx.patch.bind_method(model, "generate", generate)
         ctx.patch.on_rollback("release the decode cache", decoder.release)
         ctx.detail("cuda_graphs", decoder.use_cuda_graphs)
-        for op in ("rotary_embedding_", "cache_attention", "add_rms_norm"):
+        for op in ("rotary_cache_write_", "cache_attention", "add_rms_norm"):
             ctx.use_kernel(op, kernels.implementation(op, ctx.device))

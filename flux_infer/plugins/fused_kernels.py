@@ -10,7 +10,7 @@ import torch
 
 from flux_infer import kernels
 from flux_infer.kernels import cuda
-from flux_infer.adapters.base import MLPStyle, NormStyle
+from flux_infer.adapters.base import MLP_PROJECTIONS, MLPStyle, NormStyle
 from flux_infer.plugins.base import ApplyContext, PlanContext, Plugin
 from flux_infer.support import Support
 
@@ -35,6 +35,23 @@ class FluxRMSNorm(torch.nn.Module):
         return f"{tuple(self.weight.shape)}, eps={self.eps}, weight_offset={self.weight_offset}"
 
 
+class FluxLinear(torch.nn.Linear):
+    """A ``Linear`` on ``torch.ops.flux.linear`` (a bandwidth-bound GEMV at decode batch sizes), sharing the
+    original module's parameters."""
+
+    def __init__(self, original: torch.nn.Linear) -> None:
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = original.in_features, original.out_features
+        self.weight = original.weight
+        if original.bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = original.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.bias)
+
+
 class FluxGatedMLP(torch.nn.Module):
     """``down(act(gate(x)) * up(x))`` with the activation and the product in one flux kernel."""
 
@@ -55,11 +72,6 @@ class FluxGatedMLP(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"activation={self.activation}"
 
-
-_PROJECTIONS = {
-    MLPStyle.GATED: ("gate_proj", "up_proj", "down_proj"),
-    MLPStyle.GATED_FUSED: ("gate_up_proj", "down_proj"),
-}
 
 
 def _norm_eps(norm: torch.nn.Module) -> float | None:
@@ -102,9 +114,9 @@ class FusedKernelsPlugin(Plugin):
         activation = adapter.activation(model)
         style = adapter.dense_mlp_style()
         mlps = 0
-        if activation is not None and style in _PROJECTIONS:
+        if activation is not None and style in MLP_PROJECTIONS:
             for _, parent, attr, mlp in list(adapter.dense_mlps(model)):
-                names = _PROJECTIONS[style]
+                names = MLP_PROJECTIONS[style]
                 if not all(isinstance(getattr(mlp, n, None), torch.nn.Module) for n in names):
                     continue  # an MLP of another shape: leave it as it is
                 projections = {n: getattr(mlp, n) for n in names}
@@ -114,3 +126,11 @@ class FusedKernelsPlugin(Plugin):
         if mlps:
             ctx.use_kernel("act_mul", kernels.implementation("act_mul", ctx.device))
         ctx.detail("gated_mlps", mlps)
+
+        # Linear layers gain only where a device GEMV exists (on the CPU, F.linear is the reference itself).
+        if kernels.implementation("linear", ctx.device) != "reference":
+            linears = [(p, a, m) for _, p, a, m in adapter.linears(model) if type(m) is torch.nn.Linear]
+            for parent, attr, module in linears:
+                ctx.patch.replace_module(parent, attr, FluxLinear(module))
+            ctx.use_kernel("linear", kernels.implementation("linear", ctx.device))
+            ctx.detail("linears", len(linears))

@@ -1,0 +1,73 @@
+"""Linear layers at decode batch sizes: cuBLAS (F.linear) vs flux's GEMV, Llama-3-8B shapes, as % of the copy
+bandwidth measured in the same run. Each timing is a CUDA graph of 32 calls over weights rotated through more
+memory than the L2 cache holds.
+
+    python benchmarks/gemv.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.decode import copy_bandwidth  # noqa: E402
+from flux_infer import kernels  # noqa: E402
+from flux_infer.kernels import cuda  # noqa: E402
+
+SHAPES = {  # name: (out_features, in_features)
+    "k_proj/v_proj": (1024, 4096), "q_proj/o_proj": (4096, 4096), "qkv fused": (6144, 4096),
+    "gate/up": (14336, 4096), "gate_up fused": (28672, 4096), "down": (4096, 14336), "lm_head": (128256, 4096),
+}
+
+
+def graph_time(fn, calls: int = 32) -> float:
+    """Seconds per call of ``fn(i)`` captured in one CUDA graph of ``calls`` calls (median of 5 replays)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for i in range(3):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(i)
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    return sorted(times)[2]
+
+
+def main() -> int:
+    assert cuda.load(), cuda.status()
+    bandwidth = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  copy {bandwidth:.0f} GB/s")
+    print(f"{'shape':>14} {'rows':>4} {'cuBLAS us':>10} {'%bw':>5} {'flux us':>9} {'%bw':>5} {'speedup':>7}")
+    for name, (n, k) in SHAPES.items():
+        nbytes = n * k * 2
+        copies = max(1, -(-(512 * 2**20) // nbytes))
+        weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+        for rows in (1, 2, 4, 8, 16):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            t_cublas = graph_time(lambda i: F.linear(x, weights[i % copies]))
+            t_flux = graph_time(lambda i: kernels.linear(x, weights[i % copies], None)) if rows <= 8 else float("nan")
+            pct = lambda t: 100 * nbytes / t / 1e9 / bandwidth  # noqa: E731
+            print(f"{name:>14} {rows:>4} {t_cublas * 1e6:>10.1f} {pct(t_cublas):>5.1f} {t_flux * 1e6:>9.1f} "
+                  f"{pct(t_flux):>5.1f} {t_cublas / t_flux:>7.2f}", flush=True)
+        del weights
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
