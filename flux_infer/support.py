@@ -7,8 +7,12 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Support:
+    """``ok``; or not, with a ``reason``. ``applicable=False`` marks a plugin with nothing to do here (MoE routing
+    on a dense model, a GPU-only gain on the CPU): it is skipped like any other, but ``strict=True`` accepts it."""
+
     ok: bool
     reason: str = ""
+    applicable: bool = True
 
     @classmethod
     def yes(cls) -> Support:
@@ -19,6 +23,12 @@ class Support:
         if not reason:
             raise ValueError("Support.no() needs a reason the user can act on")
         return cls(False, reason)
+
+    @classmethod
+    def not_applicable(cls, reason: str) -> Support:
+        if not reason:
+            raise ValueError("Support.not_applicable() needs a reason")
+        return cls(False, reason, applicable=False)
 
     def __bool__(self) -> bool:
         return self.ok

@@ -1,5 +1,9 @@
 """O1 end to end on a GPU (marked `cuda`): SmolLM2 in bf16 against the unoptimized model, and the CUDA-graph
-decode step against the same loop without graphs."""
+decode step against the same loop without graphs.
+
+The tolerance is derived, not tuned: along the sequence flux generated, flux's bf16 log-probabilities may be at
+most twice as far from a float32 run of the unoptimized model as transformers' own bf16 run is.
+"""
 
 import copy
 
@@ -30,27 +34,36 @@ def run(model, inputs, tokenizer, n=32):
                           pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, output_logits=True)
 
 
-def test_o1_logits_close_and_top5_agree_with_the_unoptimized_model(smollm2_cuda):
+def teacher_forced_logprobs(model, sequences, prompt_mask, steps):
+    """Log-probabilities of every generated position, from one forward over the whole sequence."""
+    mask = torch.cat([prompt_mask, torch.ones_like(sequences[:, prompt_mask.shape[1]:])], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=sequences, attention_mask=mask).logits.float()
+    start = prompt_mask.shape[1] - 1
+    return logits[:, start:start + steps].log_softmax(-1)
+
+
+def test_o1_logprobs_within_twice_the_bf16_error_and_top5_agree(smollm2_cuda):
     base, tokenizer, inputs = smollm2_cuda
-    expected = run(base, inputs, tokenizer)
     fast = copy.deepcopy(base)
     flux_infer.optimize(fast, "O1")
     kernels_used = fast.flux_report.kernels
     assert kernels_used["rms_norm"] == "cuda" and kernels_used["cache_attention"] == "triton"
+    assert kernels_used["linear"] == "cuda"
     got = run(fast, inputs, tokenizer)
-    prompt = inputs["input_ids"].shape[1]
-    compared = 0
-    for row in range(len(PROMPTS)):
-        for step, (mine, theirs) in enumerate(zip(got.logits, expected.logits)):
-            if not torch.equal(got.sequences[row, prompt:prompt + step], expected.sequences[row, prompt:prompt + step]):
-                break  # compare only while both saw the same history
-            lp_mine, lp_theirs = mine[row].log_softmax(-1), theirs[row].log_softmax(-1)
-            top_mine, top_theirs = lp_mine.topk(5).indices, lp_theirs.topk(5).indices
-            assert set(top_mine.tolist()) == set(top_theirs.tolist()) or step > 0 and (
-                lp_theirs[top_theirs[4]] - lp_theirs[top_mine].min() < 0.1)  # a 5th-place near-tie may swap
-            assert (lp_mine[top_theirs] - lp_theirs[top_theirs]).abs().max() < 0.15
-            compared += 1
-    assert compared >= 4 * 16  # bf16 sequences agree for a good while
+    steps = len(got.logits)
+    flux_lp = torch.stack(got.logits, dim=1).float().log_softmax(-1)  # [B, steps, V]
+    truth = teacher_forced_logprobs(copy.deepcopy(base).float(), got.sequences, inputs["attention_mask"], steps)
+    hf_lp = teacher_forced_logprobs(base, got.sequences, inputs["attention_mask"], steps)
+    alive = got.sequences[:, -steps:] != tokenizer.pad_token_id  # positions before each row ended
+    alive[:, 0] = True
+    top5 = truth.topk(5, dim=-1).indices
+    err = lambda lp: (lp.gather(-1, top5) - truth.gather(-1, top5)).abs().amax(-1)[alive]  # noqa: E731
+    flux_err, hf_err = err(flux_lp), err(hf_lp)
+    assert flux_err.mean() <= 2 * hf_err.mean() + 1e-3, (flux_err.mean(), hf_err.mean())
+    agree = lambda lp: (lp.topk(5, dim=-1).indices.sort(-1).values == top5.sort(-1).values).all(-1)[alive]  # noqa
+    assert agree(flux_lp).float().mean() >= agree(hf_lp).float().mean() - 0.05
+    assert (flux_lp.argmax(-1) == truth.argmax(-1))[alive].float().mean() >= 0.95
 
 
 def test_cuda_graph_decode_equals_the_eager_loop(smollm2_cuda):
@@ -65,3 +78,16 @@ def test_cuda_graph_decode_equals_the_eager_loop(smollm2_cuda):
     assert torch.equal(again.sequences, b.sequences)
     single = {k: v[1:2] for k, v in inputs.items()}
     assert torch.equal(run(graphed, single, tokenizer, 20).sequences, run(eager, single, tokenizer, 20).sequences)
+
+
+def test_revert_on_cuda_restores_weights(smollm2_cuda):
+    base, tokenizer, inputs = smollm2_cuda
+    model = copy.deepcopy(base)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    flux_infer.optimize(model, "O1")
+    assert model.flux_report.applied[2].name == "fuse_projections"
+    run(model, inputs, tokenizer, 8)
+    flux_infer.revert(model)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    assert not hasattr(model.model.layers[0].self_attn, "flux_fused_qkv")

@@ -58,7 +58,9 @@ def test_o1_report_says_what_ran(smollm2):
     assert report.memory_before.model_bytes == report.memory_after.model_bytes > 500 * 2**20
     assert model.config._attn_implementation == "flux"
     text = str(report)
-    assert "flash_attention" in text and "skipped" not in text
+    assert "flash_attention" in text
+    assert [s.name for s in report.skipped] == ["fuse_projections"]  # a GPU-only gain, skipped with its reason
+    assert "on the CPU there is nothing to gain" in text
 
 
 def test_o0_applies_nothing_and_is_still_revertible(smollm2):

@@ -102,3 +102,9 @@ def test_strict_mode_raises_where_a_plugin_would_be_skipped(smollm2):
     with pytest.raises(flux_infer.errors.UnsupportedModelError, match="quantization"):
         flux_infer.optimize(model, "O2", strict=True)
     assert_same_snapshot(before, model_snapshot(model))
+
+
+def test_strict_accepts_plugins_that_have_nothing_to_do_here(smollm2):
+    model, _ = smollm2
+    flux_infer.optimize(model, "O1", strict=True)  # fuse_projections: a GPU-only gain, not applicable on the CPU
+    assert "fuse_projections" in [s.name for s in model.flux_report.skipped]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from flux_infer.generation.cache import decode_metadata, is_left_padded, prefill_metadata
+from flux_infer.generation.cache import is_left_padded
 from flux_infer.generation.decoder import FluxDecoder
 from flux_infer.generation.sampling import SamplingParams, TokenSelector
 
@@ -154,11 +154,7 @@ def _decode_loop(model: Any, decoder: FluxDecoder, input_ids: torch.Tensor, atte
     scores_out: list[torch.Tensor] = []
     logits_out: list[torch.Tensor] = []
 
-    cache = decoder.reserve(batch, prompt_len + max_new)
-    meta = prefill_metadata(attention_mask)
-    logits = runner.forward(input_ids, cache, meta)[:batch]
-    meta = decode_metadata(meta)
-    graph = decoder.graph(batch)
+    logits, meta = decoder.prefill(input_ids, attention_mask, max_new)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     finish_step = torch.full((batch,), max_new, dtype=torch.long, device=device)
     stop_checker = _StopStrings(config.stop_strings, tokenizer, prompt_len) if config.stop_strings else None
@@ -187,14 +183,7 @@ def _decode_loop(model: Any, decoder: FluxDecoder, input_ids: torch.Tensor, atte
                 stop_checker.apply(sequences, steps, unfinished, finish_step)
             if not bool(unfinished.any()):
                 break
-        next_ids = tokens[:, None]
-        if graph is not None:
-            if step == 0:
-                graph.load(next_ids, meta)
-            logits = graph.step(next_ids)[:batch]
-        else:
-            logits = runner.forward(next_ids, cache, meta)
-            meta.advance_(1)
+        logits = decoder.decode(tokens[:, None], meta)
     if stop_checker is not None:
         stop_checker.apply(sequences, steps, unfinished, finish_step)
     finish = finish_step.tolist()

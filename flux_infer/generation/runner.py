@@ -28,6 +28,7 @@ class LayerParts:
     input_norm: torch.nn.Module
     post_attention_norm: torch.nn.Module
     projections: tuple[torch.nn.Module, ...]  # (q, k, v, o) or (qkv, o)
+    fused_qkv: Any  # FusedProjection from the fuse_projections plugin, or None
     q_norm: torch.nn.Module | None
     k_norm: torch.nn.Module | None
     mlp: torch.nn.Module
@@ -97,6 +98,7 @@ class DecoderRunner:
         return LayerParts(
             input_norm=norms[0], post_attention_norm=norms[1],
             projections=tuple(getattr(attention, n) for n in adapter.attention_projections),
+            fused_qkv=getattr(attention, "flux_fused_qkv", None),
             q_norm=q_norm, k_norm=k_norm, mlp=getattr(layer, adapter.mlp), scale=float(scale), window=int(window),
         )
 
@@ -146,12 +148,15 @@ class DecoderRunner:
                    meta: StepMetadata) -> torch.Tensor:
         batch, length, _ = x.shape
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        if len(parts.projections) == 4:
-            q_proj, k_proj, v_proj, o_proj = parts.projections
+        o_proj = parts.projections[-1]
+        if parts.fused_qkv is not None:
+            fused = parts.fused_qkv
+            q, k, v = kernels.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1)
+        elif len(parts.projections) == 4:
+            q_proj, k_proj, v_proj, _ = parts.projections
             q, k, v = q_proj(x), k_proj(x), v_proj(x)
         else:
-            qkv_proj, o_proj = parts.projections
-            q, k, v = qkv_proj(x).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+            q, k, v = parts.projections[0](x).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
         if parts.q_norm is not None and parts.q_norm.weight.numel() != dim:  # OLMoE: norm over all heads
             q, k = parts.q_norm(q), parts.k_norm(k)
         q = q.reshape(batch, length, heads, dim)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from flux_infer.kernels.registry import KernelOp
 
-GEMV_MAX_ROWS = 8  # rows of x up to which the CUDA GEMV is used (the benchmark in benchmarks/gemv.py decides)
+GEMV_MAX_ROWS = 1  # rows of x up to which the CUDA GEMV beats cuBLAS (measured: benchmarks/gemv.py)
 
 
 def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

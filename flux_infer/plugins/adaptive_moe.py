@@ -17,5 +17,5 @@ class AdaptiveMoEPlugin(Plugin):
 
     def supports(self, model: torch.nn.Module, ctx: PlanContext) -> Support:
         if ctx.adapter is None or not ctx.adapter.is_moe():
-            return Support.no("not a mixture-of-experts model")
+            return Support.not_applicable("not a mixture-of-experts model")
         return not_yet_available("adaptive MoE routing")

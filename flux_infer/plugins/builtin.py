@@ -10,6 +10,7 @@ from flux_infer.plugins.adaptive_moe import AdaptiveMoEPlugin
 from flux_infer.plugins.base import Plugin
 from flux_infer.plugins.fast_generate import FastGeneratePlugin
 from flux_infer.plugins.flash_attention import FlashAttentionPlugin
+from flux_infer.plugins.fuse_projections import FuseProjectionsPlugin
 from flux_infer.plugins.fused_kernels import FusedKernelsPlugin
 from flux_infer.plugins.kv_cache_int8 import KVCacheInt8Plugin
 from flux_infer.plugins.paged_kv_cache import PagedKVCachePlugin
@@ -23,6 +24,7 @@ def flux_infer_register_plugins() -> list[Plugin]:
         QuantizationPlugin(),
         FlashAttentionPlugin(),
         FusedKernelsPlugin(),
+        FuseProjectionsPlugin(),
         FastGeneratePlugin(),
         PagedKVCachePlugin(),
         KVCacheInt8Plugin(),

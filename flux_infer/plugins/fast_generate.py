@@ -24,7 +24,8 @@ class FastGeneratePlugin(Plugin):
     description = "model.generate on flux's decode loop: static KV cache, CUDA-graph decode step, on-device sampling"
     provides = frozenset({"decoding"})
     # The runner holds the modules it finds at apply time: everything that swaps modules goes first.
-    after = ("weights:quantized", "attention", "kernels:rms_norm", "kernels:gated_activation")
+    after = ("weights:quantized", "attention", "kernels:rms_norm", "kernels:gated_activation",
+             "weights:fused_projections")
     config_field = "fast_generate"
 
     def supports(self, model: torch.nn.Module, ctx: PlanContext) -> Support:

@@ -63,7 +63,10 @@ class FluxGatedMLP(torch.nn.Module):
         self.fused_gate_up = fused_gate_up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_gate_up:
+        fused = getattr(self, "flux_fused_gate_up", None)  # set by the fuse_projections plugin
+        if fused is not None:
+            gate, up = kernels.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1)
+        elif self.fused_gate_up:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)

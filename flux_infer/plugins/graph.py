@@ -87,18 +87,21 @@ def resolve(
 
     _pull_requirements(registry, config, selected)
 
+    benign: set[str] = set()  # skipped as not applicable: strict mode accepts these
     for name in list(selected):
         answer = supports(registry[name])
         if not answer:
-            if strict:
+            if not answer.applicable:
+                benign.add(name)
+            elif strict:
                 raise UnsupportedModelError(f"plugin {name!r} cannot be applied to this {model_type} model: "
                                             f"{answer.reason} (strict=True; without it the plugin is skipped)")
             skipped[name] = answer.reason
             del selected[name]
 
-    _cascade_unmet(registry, selected, skipped, strict=strict)
+    _cascade_unmet(registry, selected, skipped, benign, strict=strict)
     _settle_conflicts(registry, selected, skipped)
-    _cascade_unmet(registry, selected, skipped, strict=strict)
+    _cascade_unmet(registry, selected, skipped, benign, strict=strict)
 
     ordered = _toposort(registry, list(selected), order)
     return Plan(
@@ -144,8 +147,8 @@ def _pull_requirements(registry: Mapping[str, Plugin], config: InferenceConfig, 
             queue.append(provider.name)
 
 
-def _cascade_unmet(registry: Mapping[str, Plugin], selected: dict[str, str], skipped: dict[str, str], *,
-                   strict: bool) -> None:
+def _cascade_unmet(registry: Mapping[str, Plugin], selected: dict[str, str], skipped: dict[str, str],
+                   benign: set[str], *, strict: bool) -> None:
     """Skip selected plugins whose requirement lost its provider (skipped as unsupported), to a fixpoint."""
     changed = True
     while changed:
@@ -155,11 +158,14 @@ def _cascade_unmet(registry: Mapping[str, Plugin], selected: dict[str, str], ski
             missing = sorted(registry[name].requires - provided)
             if not missing:
                 continue
+            causes = [p for cap in missing for p in _providers(registry, cap) if p.name in skipped]
             why = "; ".join(
                 f"{cap!r} from {p.name}, which was skipped ({skipped[p.name]})"
                 for cap in missing for p in _providers(registry, cap) if p.name in skipped
             ) or ", ".join(map(repr, missing))
-            if strict:
+            if causes and all(p.name in benign for p in causes):
+                benign.add(name)
+            elif strict:
                 raise UnsupportedModelError(f"plugin {name!r} cannot be applied: it requires {why}")
             skipped[name] = f"requires {why}"
             del selected[name]

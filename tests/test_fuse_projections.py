@@ -1,0 +1,48 @@
+"""fuse_projections, applied directly on the CPU (the planner only schedules it on CUDA, where it pays)."""
+
+import torch
+from plugin_helpers import forward_logits
+from tiny_models import tiny_inputs, tiny_model
+
+import flux_infer
+from flux_infer.adapters.base import ModelAdapter
+from flux_infer.patching import PatchRecorder
+from flux_infer.plugins.fuse_projections import FuseProjectionsPlugin
+from flux_infer.plugins.manager import get_plugin_manager
+
+
+def test_fusion_keeps_parameters_and_state_dict_and_rollback_separates_storage():
+    model = tiny_model("qwen2")  # q/k/v with biases
+    inputs = tiny_inputs()
+    expected = forward_logits(model, inputs)
+    params = dict(model.named_parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    adapter: ModelAdapter = get_plugin_manager().adapter_for(model)
+    recorder = PatchRecorder()
+    ctx = flux_infer.ApplyContext(flux_infer.InferenceConfig().resolved(), adapter, torch.device("cpu"),
+                                  torch.float32, patch=recorder)
+    FuseProjectionsPlugin().apply(model, ctx)
+    assert ctx.details == {"qkv": 2, "gate_up": 2}
+    attention = model.model.layers[0].self_attn
+    fused = attention.flux_fused_qkv
+    assert fused.sizes == (64, 32, 32) and fused.bias is not None
+    q, k = attention.q_proj.weight, attention.k_proj.weight
+    assert q.data_ptr() == fused.weight.data_ptr() and k.data_ptr() == fused.weight[64:].data_ptr()
+    assert dict(model.named_parameters()) == params  # the same Parameter objects
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    assert torch.allclose(forward_logits(model, inputs), expected, atol=1e-6)
+
+    assert recorder.rollback() == []
+    assert not hasattr(attention, "flux_fused_qkv")
+    assert attention.q_proj.weight.data_ptr() != attention.k_proj.weight.data_ptr() - 64 * 64 * 4
+    assert attention.q_proj.weight.untyped_storage().nbytes() == 64 * 64 * 4  # its own storage again
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+
+
+def test_adapter_lists_every_decoder_linear():
+    model = tiny_model("llama")
+    adapter = get_plugin_manager().adapter_for(model)
+    names = [n for n, *_ in adapter.linears(model)]
+    assert len(names) == 2 * 7 and names[0] == "layers.0.self_attn.q_proj" and names[-1] == "layers.1.mlp.down_proj"
