@@ -161,7 +161,9 @@ __global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const T* __r
     k_out = k_cache + row * cache_row_stride + slot * cache_slot_stride;
     v_out = v_cache + row * cache_row_stride + slot * cache_slot_stride;
   }
-  for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
+  // blockIdx.y splits a token's work over several blocks (a decode step has only a few tokens)
+  const int first = blockIdx.y * blockDim.x + threadIdx.x, stride = blockDim.x * gridDim.y;
+  for (int p = first; p < pairs; p += stride) {
     const int head = p / half, i = p - head * half;
     const bool is_q = head < heads;
     const int kh = head - heads;
@@ -183,11 +185,11 @@ __global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const T* __r
   if (k_out == nullptr) return;
   // the part of k past the rotary dims, and all of v, go to the cache unchanged
   const int tail = head_dim - rot;
-  for (int p = threadIdx.x; p < kv_heads * tail; p += blockDim.x) {
+  for (int p = first; p < kv_heads * tail; p += stride) {
     const int kh = p / tail, i = rot + p % tail;
     k_out[kh * cache_head_stride + i] = k[token * k_token_stride + kh * k_head_stride + i];
   }
-  for (int p = threadIdx.x; p < kv_heads * head_dim; p += blockDim.x) {
+  for (int p = first; p < kv_heads * head_dim; p += stride) {
     const int kh = p / head_dim, i = p % head_dim;
     v_out[kh * cache_head_stride + i] = v[token * v_token_stride + kh * v_head_stride + i];
   }
@@ -401,10 +403,12 @@ void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch
     TORCH_CHECK(tokens % tokens_per_row == 0 && tokens / tokens_per_row <= k_cache->size(0),
                 "rotary_embedding: tokens must be rows x len(slots)");
   }
-  const int threads = threads_for((q.size(1) + k.size(1)) * (rot / 2));
+  const int64_t pairs = (q.size(1) + k.size(1)) * (rot / 2);
+  const int threads = 256;
+  const dim3 grid(tokens, std::min<int64_t>(16, std::max<int64_t>(1, (pairs + threads - 1) / threads)));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rotary_embedding", [&] {
-    rotary_kernel<scalar_t><<<tokens, threads, 0, stream>>>(
+    rotary_kernel<scalar_t><<<grid, threads, 0, stream>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), write ? v->data_ptr<scalar_t>() : nullptr,
         write ? k_cache->data_ptr<scalar_t>() : nullptr, write ? v_cache->data_ptr<scalar_t>() : nullptr,
         cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),

@@ -111,9 +111,12 @@ class StaticKVCache:
     def attend(self, layer: int, q: torch.Tensor, meta: StepMetadata, *, scale: float, window: int) -> torch.Tensor:
         """q ``[B, T, heads, head_dim]`` -> ``[B, T, heads, head_dim]`` over the valid slots of each row."""
         batch = q.shape[0]
-        end = self.max_len if meta.kv_len is None else meta.kv_len
-        k = self.k[layer, :batch, :, :end]
-        v = self.v[layer, :batch, :, :end]
         if kernels.cache_attention.native(q.device):
+            # the device kernel reads the valid range itself: hand it the whole cache, so the eager and the
+            # graph-captured steps run the identical computation
+            end = self.max_len if q.shape[1] == 1 or meta.kv_len is None else meta.kv_len
+            k, v = self.k[layer, :batch, :, :end], self.v[layer, :batch, :, :end]
             return kernels.cache_attention(q, k, v, meta.kv_start, meta.kv_end, scale, window)
+        end = self.max_len if meta.kv_len is None else meta.kv_len
+        k, v = self.k[layer, :batch, :, :end], self.v[layer, :batch, :, :end]
         return kernels.masked_attention_ref(q, k, v, meta.reference_mask(end, window), scale)

@@ -133,6 +133,10 @@ class FusedKernelsPlugin(Plugin):
         # Linear layers gain only where a device GEMV exists (on the CPU, F.linear is the reference itself).
         if kernels.implementation("linear", ctx.device) != "reference":
             linears = [(p, a, m) for _, p, a, m in adapter.linears(model) if type(m) is torch.nn.Linear]
+            parent_path, _, head_attr = adapter.lm_head.rpartition(".")
+            head_parent = model.get_submodule(parent_path)
+            if type(getattr(head_parent, head_attr, None)) is torch.nn.Linear:
+                linears.append((head_parent, head_attr, getattr(head_parent, head_attr)))
             for parent, attr, module in linears:
                 ctx.patch.replace_module(parent, attr, FluxLinear(module))
             ctx.use_kernel("linear", kernels.implementation("linear", ctx.device))
