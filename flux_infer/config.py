@@ -124,6 +124,8 @@ class InferenceConfig:
     adaptive_moe: bool | _FromLevel = FROM_LEVEL
     # Parameters of the switches
     quantization_group_size: int = 128
+    quantize_lm_head: bool = False  # lm_head too (embeddings always stay in full precision)
+    calibration_data: Any = None  # AWQ: texts, or token ids [samples, length]; None = built-in text
     draft_model: Any = None
     speculative_gamma: int = 5
     complexity_score: float | None = None

@@ -31,7 +31,7 @@ def test_check_prints_the_plan_with_reasons(capsys):
     assert main(["check", "smollm2-135m", "--level", "O3"]) == 0
     out = capsys.readouterr().out
     assert "plan for llama at O3" in out
-    assert "1. flash_attention" in out and "adaptive_moe" in out and "not a mixture-of-experts model" in out
+    assert "1. quantization" in out and "adaptive_moe" in out and "not a mixture-of-experts model" in out
 
 
 def test_check_with_overrides(capsys):

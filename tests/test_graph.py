@@ -72,10 +72,18 @@ def test_explicit_conflict_is_an_error_naming_both(plugin_manager, llama):
 
 
 def test_conflict_through_a_capability(plugin_manager, llama):
+    register(plugin_manager, make_plugin("x", conflicts={"kernels:rms_norm"}))
+    with pytest.raises(PluginConflictError, match="'fused_kernels' and 'x' conflict.*x declares a conflict"):
+        flux_infer.check(llama, config=InferenceConfig(fused_kernels=True, plugins=["x"]))
+
+
+def test_two_level_plugins_in_conflict_keep_the_first_registered(plugin_manager, llama):
     register(plugin_manager, make_plugin("x", conflicts={"kernels:rms_norm"},
                                          levels=frozenset({flux_infer.OptimizationLevel.O1})))
-    with pytest.raises(PluginConflictError, match="fused_kernels.*x|x.*fused_kernels"):
-        flux_infer.check(llama, "O1")
+    plan = flux_infer.check(llama, "O1", strict=True)  # a preset's own overlap is not the user's error
+    assert "fused_kernels" in plan.names and "x" not in plan.names
+    assert "conflicts with fused_kernels, which the level also enables" in dict(
+        (s.name, s.reason) for s in plan.skipped)["x"]
 
 
 def test_requested_plugin_replaces_the_level_default_for_the_same_capability(plugin_manager, llama):
@@ -142,6 +150,7 @@ def test_o3_on_a_dense_model_explains_every_skip(plugin_manager, llama):
     plan = flux_infer.check(llama, "O3")
     reasons = {s.name: s.reason for s in plan.skipped}
     assert reasons["adaptive_moe"] == "not a mixture-of-experts model"
-    assert set(reasons) >= {"quantization", "paged_kv_cache", "kv_cache_int8", "speculative_decoding"}
+    assert set(reasons) >= {"paged_kv_cache", "kv_cache_int8", "speculative_decoding"}
+    assert plan.names[0] == "quantization"  # weights first: everything after sees the quantized modules
     assert all(reasons.values())
     assert "plan for llama at O3" in str(plan)

@@ -131,6 +131,21 @@ class ModelAdapter:
                 if isinstance(getattr(mlp, attr, None), torch.nn.Linear):
                     yield f"{name}.{attr}", mlp, attr, getattr(mlp, attr)
 
+    @property
+    def mlp_input_norm(self) -> str:
+        """The norm whose output the MLP reads (Gemma 2/3 put a separate pre-feed-forward norm there)."""
+        return "pre_feedforward_layernorm" if "pre_feedforward_layernorm" in self.layer_norms else self.layer_norms[1]
+
+    def experts(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str, torch.nn.Module]]:
+        """Every MoE block's stacked experts module (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I])."""
+        if self.mlp_style is not MLPStyle.MOE:
+            return
+        for i, layer in enumerate(self.get_layers(model)):
+            mlp = getattr(layer, self.mlp)
+            experts = getattr(mlp, self.moe_experts, None)
+            if experts is not None and hasattr(experts, "gate_up_proj") and hasattr(experts, "down_proj"):
+                yield f"{self.layers}.{i}.{self.mlp}.{self.moe_experts}", mlp, self.moe_experts, experts
+
     def dense_mlp_style(self) -> MLPStyle:
         """The layout of the modules ``dense_mlps`` yields (shared experts are plain gated MLPs)."""
         return MLPStyle.GATED if self.mlp_style is MLPStyle.MOE else self.mlp_style

@@ -14,6 +14,7 @@ from flux_infer.kernels.attention import (
     masked_attention_ref,
 )
 from flux_infer.kernels.matmul import linear, linear_ref
+from flux_infer.kernels.quant import int4_linear, int4_linear_ref, int8_linear, int8_linear_ref
 from flux_infer.kernels.norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from flux_infer.kernels.registry import implementation
 from flux_infer.kernels.rotary import (
@@ -33,6 +34,10 @@ __all__ = [
     "cache_attention_mask",
     "cache_attention_ref",
     "implementation",
+    "int4_linear",
+    "int4_linear_ref",
+    "int8_linear",
+    "int8_linear_ref",
     "linear",
     "linear_ref",
     "masked_attention_ref",

@@ -68,6 +68,7 @@ class FuseProjectionsPlugin(Plugin):
     name = "fuse_projections"
     description = "q/k/v and gate/up weights fused into one GEMM each (CUDA; views keep the state_dict unchanged)"
     provides = frozenset({"weights:fused_projections"})
+    conflicts = frozenset({"weights:quantized"})  # it concatenates full-precision weights
     after = ("weights:quantized", "kernels:gated_activation")  # fused onto the final (flux) MLP modules
     before = ("decoding",)
     config_field = "fused_kernels"

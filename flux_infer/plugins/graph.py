@@ -100,7 +100,7 @@ def resolve(
             del selected[name]
 
     _cascade_unmet(registry, selected, skipped, benign, strict=strict)
-    _settle_conflicts(registry, selected, skipped)
+    _settle_conflicts(registry, selected, skipped, benign, order)
     _cascade_unmet(registry, selected, skipped, benign, strict=strict)
 
     ordered = _toposort(registry, list(selected), order)
@@ -183,9 +183,11 @@ def _conflict_reason(a: Plugin, b: Plugin) -> str | None:
     return None
 
 
-def _settle_conflicts(registry: Mapping[str, Plugin], selected: dict[str, str], skipped: dict[str, str]) -> None:
-    """A plugin the user asked for replaces a conflicting one that only the level preset enabled; any other
-    conflict is an error that names both plugins."""
+def _settle_conflicts(registry: Mapping[str, Plugin], selected: dict[str, str], skipped: dict[str, str],
+                      benign: set[str], order: Mapping[str, int]) -> None:
+    """A plugin the user asked for replaces a conflicting one that only the level preset enabled; of two that
+    the level preset enabled, the one registered first wins (a preset is a best effort, not a request). Two
+    conflicting plugins the user asked for are an error that names both."""
     names = list(selected)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
@@ -198,6 +200,12 @@ def _settle_conflicts(registry: Mapping[str, Plugin], selected: dict[str, str], 
             if a_explicit != b_explicit:
                 keep, drop = (a, b) if a_explicit else (b, a)
                 skipped[drop] = f"replaced by {keep}, which was requested explicitly ({reason})"
+                del selected[drop]
+                continue
+            if not a_explicit and not b_explicit:
+                keep, drop = sorted((a, b), key=order.__getitem__)
+                skipped[drop] = f"conflicts with {keep}, which the level also enables ({reason})"
+                benign.add(drop)
                 del selected[drop]
                 continue
             raise PluginConflictError(

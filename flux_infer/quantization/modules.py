@@ -1,0 +1,100 @@
+"""``QuantizedLinear`` and ``QuantizedExperts``: modules holding flux-format quantized weights.
+
+Their buffers are what a quantized checkpoint stores: ``qweight``, ``scale`` (INT8) or ``scales``/``mins``
+(INT4), ``bias``. Optional ``input_scale`` divides activations first (AWQ scales that could not be folded into a
+preceding layer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from flux_infer import kernels
+from flux_infer.kernels.quant import dequantize_int4, dequantize_int8
+from flux_infer.quantization.rtn import quantize_int4, quantize_int8
+
+
+class QuantizedLinear(torch.nn.Module):
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int | None, bias: bool,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"QuantizedLinear supports 4 or 8 bits, got {bits}")
+        if bits == 4 and (group_size is None or in_features % group_size or in_features % 8):
+            raise ValueError(f"INT4 needs in_features ({in_features}) divisible by the group size ({group_size}) and 8")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size if bits == 4 else None
+        if bits == 8:
+            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+            self.register_buffer("scale", torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            groups = in_features // group_size
+            self.register_buffer("qweight", torch.empty(out_features, in_features // 8, dtype=torch.int32,
+                                                        device=device))
+            self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, device=device))
+            self.register_buffer("mins", torch.empty(out_features, groups, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, bits: int,
+                    group_size: int | None) -> QuantizedLinear:
+        out_features, in_features = weight.shape
+        module = cls(in_features, out_features, bits=bits, group_size=group_size, bias=bias is not None,
+                     dtype=weight.dtype, device=weight.device)
+        if bits == 8:
+            module.qweight, module.scale = quantize_int8(weight)
+        else:
+            module.qweight, module.scales, module.mins = quantize_int4(weight, group_size)
+        if bias is not None:
+            module.bias = bias.detach().clone()
+        return module
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return (self.scale if self.bits == 8 else self.scales).dtype
+
+    def dequantize(self) -> torch.Tensor:
+        """The full-precision weight ``[out_features, in_features]`` these codes stand for."""
+        if self.bits == 8:
+            return dequantize_int8(self.qweight, self.scale, self.weight_dtype)
+        return dequantize_int4(self.qweight, self.scales, self.mins, self.group_size, self.weight_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bits == 8:
+            return kernels.int8_linear(x, self.qweight, self.scale, self.bias)
+        return kernels.int4_linear(x, self.qweight, self.scales, self.mins, self.group_size, self.bias)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
+
+
+class QuantizedExperts(torch.nn.Module):
+    """A mixture-of-experts block's stacked experts (transformers' ``*Experts``: ``gate_up_proj`` [E, 2I, H] and
+    ``down_proj`` [E, H, I]), each expert's two matrices quantized; the routing loop is transformers' own."""
+
+    def __init__(self, original: torch.nn.Module, *, bits: int, group_size: int | None) -> None:
+        super().__init__()
+        self.num_experts = original.num_experts
+        self.act_fn = original.act_fn
+        self.gate_up = torch.nn.ModuleList(
+            QuantizedLinear.from_weight(w, None, bits=bits, group_size=group_size) for w in original.gate_up_proj)
+        self.down = torch.nn.ModuleList(
+            QuantizedLinear.from_weight(w, None, bits=bits, group_size=group_size) for w in original.down_proj)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                **_: Any) -> torch.Tensor:
+        final = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert in hit[:, 0].tolist():
+            if expert == self.num_experts:
+                continue
+            top_k_pos, token_idx = torch.where(mask[expert])
+            gate, up = self.gate_up[expert](hidden_states[token_idx]).chunk(2, dim=-1)
+            out = self.down[expert](self.act_fn(gate) * up) * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        return final
