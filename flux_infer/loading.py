@@ -76,8 +76,17 @@ def load(name_or_path: str | os.PathLike[str] = DEFAULT_MODEL, *, dtype: torch.d
         "cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = resolve_dtype(dtype, device)
     source = model_directory(name_or_path, cache_dir=cache_dir)
-    model = _load_model(source, torch_dtype, from_pretrained_kwargs).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    from flux_infer.quantization.checkpoints import load_quantized, quantization_method
+
+    if quantization_method(source) in ("flux", "gptq", "awq"):  # read with flux's quantized modules
+        model = load_quantized(source, dtype=torch_dtype, device=device, **from_pretrained_kwargs)
+    else:
+        model = _load_model(source, torch_dtype, from_pretrained_kwargs).to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"no usable tokenizer in {source} ({str(exc).splitlines()[0]}); save one next to the "
+                             "model with tokenizer.save_pretrained(...)") from exc
     if tokenizer.pad_token is None:  # batched prompts need one; use the model's own pad (or eos) token
         pad_id = getattr(model.generation_config, "pad_token_id", None) or getattr(model.config, "pad_token_id", None)
         tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id) if pad_id is not None else tokenizer.eos_token
@@ -134,11 +143,18 @@ def converted_gguf(gguf: Path, *, cache_dir: str | os.PathLike[str] | None = Non
     return target
 
 
-def _load_model(source: str, dtype: torch.dtype | str, kwargs: dict[str, Any]) -> Any:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+def model_class_for(config: Any) -> Any:
+    """The transformers auto class for a config: causal LM, or image-text-to-text for VLMs."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    config = AutoConfig.from_pretrained(source, trust_remote_code=kwargs.get("trust_remote_code", False))
     for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
         if type(config) in auto._model_mapping:
-            return auto.from_pretrained(source, dtype=dtype, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)  # remote code; it raises clearly
+            return auto
+    return AutoModelForCausalLM  # remote code; it raises clearly if it cannot
+
+
+def _load_model(source: str, dtype: torch.dtype | str, kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=kwargs.get("trust_remote_code", False))
+    return model_class_for(config).from_pretrained(source, dtype=dtype, **kwargs)

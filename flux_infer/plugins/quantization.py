@@ -18,6 +18,7 @@ from flux_infer.adapters.base import MLPStyle, ModelAdapter, NormStyle
 from flux_infer.config import Quantization
 from flux_infer.plugins.base import ApplyContext, PlanContext, Plugin
 from flux_infer.quantization import awq
+from flux_infer.quantization.checkpoints import save_quantized
 from flux_infer.quantization.modules import QuantizedExperts, QuantizedLinear
 from flux_infer.quantization.rtn import choose_group_size
 from flux_infer.support import Support
@@ -98,6 +99,8 @@ class QuantizationPlugin(Plugin):
         from flux_infer import kernels
 
         ctx.use_kernel(f"int{bits}_linear", kernels.implementation(f"int{bits}_linear", ctx.device))
+        # model.save_pretrained writes a flux checkpoint, which flux_infer.load reads back
+        ctx.patch.bind_method(model, "save_pretrained", save_quantized)
 
 
 def _swap(ctx: ApplyContext, parent: torch.nn.Module, attr: str, original: torch.nn.Module,

@@ -36,6 +36,7 @@ class QuantizedLinear(torch.nn.Module):
             self.register_buffer("scales", torch.empty(out_features, groups, dtype=dtype, device=device))
             self.register_buffer("mins", torch.empty(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+        self.register_buffer("input_perm", None)  # GPTQ act-order checkpoints: input channels regrouped
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, bits: int,
@@ -58,10 +59,16 @@ class QuantizedLinear(torch.nn.Module):
     def dequantize(self) -> torch.Tensor:
         """The full-precision weight ``[out_features, in_features]`` these codes stand for."""
         if self.bits == 8:
-            return dequantize_int8(self.qweight, self.scale, self.weight_dtype)
-        return dequantize_int4(self.qweight, self.scales, self.mins, self.group_size, self.weight_dtype)
+            weight = dequantize_int8(self.qweight, self.scale, self.weight_dtype)
+        else:
+            weight = dequantize_int4(self.qweight, self.scales, self.mins, self.group_size, self.weight_dtype)
+        if self.input_perm is not None:  # column j of the stored weight belongs to input channel input_perm[j]
+            weight = torch.empty_like(weight).index_copy_(1, self.input_perm, weight)
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)
         if self.bits == 8:
             return kernels.int8_linear(x, self.qweight, self.scale, self.bias)
         return kernels.int4_linear(x, self.qweight, self.scales, self.mins, self.group_size, self.bias)
@@ -75,14 +82,21 @@ class QuantizedExperts(torch.nn.Module):
     """A mixture-of-experts block's stacked experts (transformers' ``*Experts``: ``gate_up_proj`` [E, 2I, H] and
     ``down_proj`` [E, H, I]), each expert's two matrices quantized; the routing loop is transformers' own."""
 
-    def __init__(self, original: torch.nn.Module, *, bits: int, group_size: int | None) -> None:
+    def __init__(self, original: torch.nn.Module, *, bits: int, group_size: int | None, empty: bool = False) -> None:
+        """Quantize ``original``'s experts (or, with ``empty=True``, make room for a checkpoint's)."""
         super().__init__()
         self.num_experts = original.num_experts
         self.act_fn = original.act_fn
-        self.gate_up = torch.nn.ModuleList(
-            QuantizedLinear.from_weight(w, None, bits=bits, group_size=group_size) for w in original.gate_up_proj)
-        self.down = torch.nn.ModuleList(
-            QuantizedLinear.from_weight(w, None, bits=bits, group_size=group_size) for w in original.down_proj)
+        self.bits, self.group_size = bits, group_size
+
+        def make(weight: torch.Tensor) -> QuantizedLinear:
+            if empty:
+                return QuantizedLinear(weight.shape[1], weight.shape[0], bits=bits, group_size=group_size, bias=False,
+                                       dtype=weight.dtype, device=weight.device)
+            return QuantizedLinear.from_weight(weight, None, bits=bits, group_size=group_size)
+
+        self.gate_up = torch.nn.ModuleList(make(w) for w in original.gate_up_proj)
+        self.down = torch.nn.ModuleList(make(w) for w in original.down_proj)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                 **_: Any) -> torch.Tensor:
