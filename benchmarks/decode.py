@@ -24,6 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import flux_infer  # noqa: E402
 from flux_infer.kernels import matmul as linear_module  # noqa: E402
 
+FLUX_MODES = {
+    "flux": flux_infer.InferenceConfig(optimization_level="O1"),
+    "flux_cublas": flux_infer.InferenceConfig(optimization_level="O1"),
+    "flux_int8": flux_infer.InferenceConfig(optimization_level="O1", quantization="int8"),
+    "flux_int4": flux_infer.InferenceConfig(optimization_level="O1", quantization="int4", quantize_lm_head=True),
+}
+
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
                  rms_norm_eps=1e-5, tie_word_embeddings=False)
@@ -102,6 +109,7 @@ def main() -> int:
     parser.add_argument("--modes", default="hf_eager,hf_static_compile,flux")
     parser.add_argument("--batch", default="1,8,32")
     parser.add_argument("--compile-batch", default="1", help="batch sizes for hf_static_compile (compiles each)")
+    parser.add_argument("--quant-batch", default="1,16", help="batch sizes for flux_int8 / flux_int4")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=256)
     parser.add_argument("--layers", type=int, default=32)
@@ -130,13 +138,16 @@ def main() -> int:
         if mode == "hf_static_compile":
             # transformers compiles the forward itself (mode="reduce-overhead") when the cache is static
             model.generation_config.cache_implementation = "static"
-        elif mode in ("flux", "flux_cublas"):
-            # flux_cublas: the same, with every linear layer left on cuBLAS (isolates the GEMV kernel's effect)
+        elif mode in FLUX_MODES:
+            # flux_cublas: O1 with every linear layer left on cuBLAS (isolates the GEMV kernel's effect)
             linear_module.GEMV_MAX_ROWS = 0 if mode == "flux_cublas" else default_gemv_rows
-            flux_infer.optimize(model, "O1")
+            flux_infer.optimize(model, config=FLUX_MODES[mode])
             print(model.flux_report, flush=True)
+            info[f"{mode}_model_gb"] = model.flux_report.memory_after.model_bytes / 1e9
         for batch in batches:
             if mode == "hf_static_compile" and str(batch) not in args.compile_batch.split(","):
+                continue
+            if mode in ("flux_int8", "flux_int4") and str(batch) not in args.quant_batch.split(","):
                 continue
             row = measure(model, batch, args.prompt, args.new, args.repeats)
             row["mode"] = mode
@@ -151,9 +162,10 @@ def main() -> int:
             model.__dict__.pop("_compiled_call", None)
             torch._dynamo.reset()
             torch.cuda.empty_cache()
-        elif mode in ("flux", "flux_cublas"):
+        elif mode in FLUX_MODES:
             flux_infer.revert(model)
             linear_module.GEMV_MAX_ROWS = default_gemv_rows
+            torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}
     for r in results:  # greedy on random weights: report agreement with eager, do not assert it
         if r["mode"] != "hf_eager" and r["batch"] in base:

@@ -48,10 +48,40 @@ def graph_time(fn, calls: int = 32) -> float:
     return sorted(times)[2]
 
 
+def quantized(bandwidth: float) -> None:
+    """Weight-only INT8 / INT4 (group 128) linear layers against bf16 cuBLAS, same shapes."""
+    from flux_infer.quantization.modules import QuantizedLinear
+
+    print(f"{'shape':>14} {'rows':>4} {'bf16 us':>8} {'int8 us':>8} {'%bw':>5} {'int4 us':>8} {'%bw':>5} "
+          f"{'int4 speedup':>12}")
+    for name, (n, k) in SHAPES.items():
+        if name in ("k_proj/v_proj", "q_proj/o_proj"):
+            continue
+        copies = max(1, -(-(512 * 2**20) // (n * k * 2)))
+        dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
+        int8 = [QuantizedLinear.from_weight(w, None, bits=8, group_size=None) for w in dense]
+        int4 = [QuantizedLinear.from_weight(w, None, bits=4, group_size=128) for w in dense]
+        nbytes8 = n * k + n * 2
+        nbytes4 = n * k // 2 + 2 * n * (k // 128) * 2
+        for rows in (1, 4, 8, 16, 32):
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            t16 = graph_time(lambda i: F.linear(x, dense[i % copies]))
+            t8 = graph_time(lambda i: int8[i % copies](x))
+            t4 = graph_time(lambda i: int4[i % copies](x))
+            pct = lambda b, t: 100 * b / t / 1e9 / bandwidth  # noqa: E731
+            print(f"{name:>14} {rows:>4} {t16 * 1e6:>8.1f} {t8 * 1e6:>8.1f} {pct(nbytes8, t8):>5.1f} "
+                  f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f} {t16 / t4:>12.2f}", flush=True)
+        del dense, int8, int4
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     assert cuda.load(), cuda.status()
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  copy {bandwidth:.0f} GB/s")
+    if "--quant" in sys.argv:
+        quantized(bandwidth)
+        return 0
     print(f"{'shape':>14} {'rows':>4} {'cuBLAS us':>10} {'%bw':>5} {'flux us':>9} {'%bw':>5} {'speedup':>7}")
     for name, (n, k) in SHAPES.items():
         nbytes = n * k * 2

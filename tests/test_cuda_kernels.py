@@ -152,3 +152,21 @@ def test_opcheck_on_cuda():
     torch.library.opcheck(torch.ops.flux.rotary_cache_write_.default,
                           (q, k, k.clone(), table, table, torch.randint(0, 16, (2, 3), device="cuda"), kc.clone(),
                            kc.clone(), torch.tensor([4, 5, 6], device="cuda")))
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 32), (4, 64), (4, 128)])
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 33])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantized_linear_against_its_reference(bits, group, rows, dtype):
+    from flux_infer.quantization.modules import QuantizedLinear
+
+    n, k = 1031, 1024
+    w = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
+    module = QuantizedLinear.from_weight(w, torch.randn(n, device="cuda").to(dtype), bits=bits, group_size=group)
+    assert kernels.implementation(f"int{bits}_linear", "cuda") == "cuda"
+    x = torch.randn(rows, k, device="cuda").to(dtype)
+    out = module(x)
+    truth = torch.nn.functional.linear(x.double(), module.dequantize().double(), module.bias.double())
+    reference = (kernels.int8_linear_ref(x, module.qweight, module.scale, module.bias) if bits == 8 else
+                 kernels.int4_linear_ref(x, module.qweight, module.scales, module.mins, group, module.bias))
+    assert rel_err(out, truth) <= 2 * rel_err(reference, truth) + ULP[dtype]

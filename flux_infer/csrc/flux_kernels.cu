@@ -275,6 +275,116 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(T* __restrict__ o
   }
 }
 
+// ---- weight-only quantized GEMV (M <= 8) ---------------------------------------------------------------------
+// INT8: 16 weights per 16-byte load, per-row scale applied once at the end.
+// INT4: 32 weights per 16-byte load (four int32 of 8 nibbles, lowest first), all in one group (group % 32 == 0):
+// the chunk's dot product is scale * (x . q) + min * sum(x).
+template <typename T, int M>
+__global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(
+    T* __restrict__ out, const T* __restrict__ x, const int8_t* __restrict__ w, const T* __restrict__ scale,
+    const T* __restrict__ bias, int n_rows, int k, int64_t x_stride, int64_t out_stride) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n = blockIdx.x * kGemvWarps + warp;
+  if (n >= n_rows) return;
+  const int chunks = k >> 4;  // 16 weights per chunk
+  const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(n) * k);
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  for (int base = lane; base < chunks; base += 32 * kLoads) {
+    uint4 wv[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int c = base + u * 32;
+      wv[u] = c < chunks ? load_stream(wrow + c) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int c = base + u * 32;
+      if (c >= chunks) break;
+      const int8_t* q = reinterpret_cast<const int8_t*>(&wv[u]);
+      float wf[16];
+#pragma unroll
+      for (int j = 0; j < 16; ++j) wf[j] = static_cast<float>(q[j]);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const uint4* xp = reinterpret_cast<const uint4*>(x + m * x_stride) + 2 * c;
+        float xf[16];
+        unpack8<T>(__ldg(xp), xf);
+        unpack8<T>(__ldg(xp + 1), xf + 8);
+#pragma unroll
+        for (int j = 0; j < 16; ++j) acc[m] = fmaf(wf[j], xf[j], acc[m]);
+      }
+    }
+  }
+  const float s = to_float(scale[n]);
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const float total = warp_sum(acc[m]);
+    if (lane == 0) out[m * out_stride + n] = from_float<T>(total * s + (bias != nullptr ? to_float(bias[n]) : 0.f));
+  }
+}
+
+template <typename T, int M>
+__global__ void __launch_bounds__(kGemvWarps * 32) int4_gemv_kernel(
+    T* __restrict__ out, const T* __restrict__ x, const int32_t* __restrict__ w, const T* __restrict__ scales,
+    const T* __restrict__ mins, const T* __restrict__ bias, int n_rows, int k, int group, int64_t x_stride,
+    int64_t out_stride) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n = blockIdx.x * kGemvWarps + warp;
+  if (n >= n_rows) return;
+  const int chunks = k >> 5;  // 32 weights per chunk
+  const int groups = k / group;
+  const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(n) * (k >> 3));
+  const T* srow = scales + static_cast<int64_t>(n) * groups;
+  const T* mrow = mins + static_cast<int64_t>(n) * groups;
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  for (int base = lane; base < chunks; base += 32 * kLoads) {
+    uint4 wv[kLoads];
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int c = base + u * 32;
+      wv[u] = c < chunks ? load_stream(wrow + c) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      const int c = base + u * 32;
+      if (c >= chunks) break;
+      const int g = (c << 5) / group;
+      const float s = to_float(srow[g]), mn = to_float(mrow[g]);
+      const uint32_t* words = reinterpret_cast<const uint32_t*>(&wv[u]);
+      float q[32];
+#pragma unroll
+      for (int word = 0; word < 4; ++word)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) q[word * 8 + j] = static_cast<float>((words[word] >> (4 * j)) & 0xF);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const uint4* xp = reinterpret_cast<const uint4*>(x + m * x_stride) + 4 * c;
+        float dot = 0.f, sum = 0.f;
+#pragma unroll
+        for (int part = 0; part < 4; ++part) {
+          float xf[8];
+          unpack8<T>(__ldg(xp + part), xf);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            dot = fmaf(q[part * 8 + j], xf[j], dot);
+            sum += xf[j];
+          }
+        }
+        acc[m] = fmaf(s, dot, fmaf(mn, sum, acc[m]));
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const float total = warp_sum(acc[m]);
+    if (lane == 0) out[m * out_stride + n] = from_float<T>(total + (bias != nullptr ? to_float(bias[n]) : 0.f));
+  }
+}
+
 template <typename T, int M>
 void launch_gemv(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& w, const T* bias,
                  cudaStream_t stream) {
@@ -447,9 +557,58 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
   return out;
 }
 
+
+// weight-only quantized linear for M <= 8 rows of x: INT8 (qweight int8 [N, K], scale [N]) or INT4 (qweight
+// int32 [N, K / 8], scales/mins [N, K / group])
+torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
+                         int64_t group, c10::optional<torch::Tensor> bias) {
+  check_cuda(x, "x");
+  const bool int4 = qweight.scalar_type() == at::kInt;
+  const int64_t k = x.size(1), n = qweight.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(0) >= 1 && x.size(0) <= 8 && x.stride(0) % 8 == 0,
+              "quant_gemv: x must be [1..8, K] with a contiguous last dim");
+  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && scales.scalar_type() == x.scalar_type(),
+              "quant_gemv: contiguous qweight, scales in x's dtype");
+  TORCH_CHECK(int4 ? (qweight.size(1) * 8 == k && mins && mins->is_contiguous() && group % 32 == 0 && k % group == 0)
+                   : (qweight.scalar_type() == at::kChar && qweight.size(1) == k && k % 16 == 0),
+              "quant_gemv: unsupported quantized layout");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = torch::empty({x.size(0), n}, x.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int blocks = (n + kGemvWarps - 1) / kGemvWarps;
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "quant_gemv", [&] {
+    const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
+    auto launch = [&](auto rows) {
+      constexpr int R = decltype(rows)::value;
+      if (int4) {
+        int4_gemv_kernel<scalar_t, R><<<blocks, kGemvWarps * 32, 0, stream>>>(
+            out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qweight.data_ptr<int32_t>(),
+            scales.data_ptr<scalar_t>(), mins->data_ptr<scalar_t>(), b, n, k, group, x.stride(0), out.stride(0));
+      } else {
+        int8_gemv_kernel<scalar_t, R><<<blocks, kGemvWarps * 32, 0, stream>>>(
+            out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qweight.data_ptr<int8_t>(),
+            scales.data_ptr<scalar_t>(), b, n, k, x.stride(0), out.stride(0));
+      }
+    };
+    switch (x.size(0)) {
+      case 1: launch(std::integral_constant<int, 1>{}); break;
+      case 2: launch(std::integral_constant<int, 2>{}); break;
+      case 3: launch(std::integral_constant<int, 3>{}); break;
+      case 4: launch(std::integral_constant<int, 4>{}); break;
+      case 5: launch(std::integral_constant<int, 5>{}); break;
+      case 6: launch(std::integral_constant<int, 6>{}); break;
+      case 7: launch(std::integral_constant<int, 7>{}); break;
+      default: launch(std::integral_constant<int, 8>{}); break;
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
   m.def("act_mul", &act_mul, "act(gate) * up (0 = silu, 1 = gelu_tanh)");
   m.def("rotary_embedding", &rotary_embedding, "rotary embedding of q and k in place (+ KV cache write)");
   m.def("gemv", &gemv, "x @ w.T (+ bias) for up to 8 rows of x");
+  m.def("quant_gemv", &quant_gemv, "weight-only INT8/INT4 linear for up to 8 rows of x");
 }

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from flux_infer.kernels import activation, attention, matmul, norm, rotary
+from flux_infer.kernels import activation, attention, matmul, norm, quant, rotary
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,37 @@ def _register(module: Any) -> None:
                 return module.gemv(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
         return matmul.linear_ref(x, weight, bias)
 
+    def quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
+                  group: int, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """GEMV for up to 8 rows, Triton above; None when the shapes need the reference."""
+        from flux_infer.kernels import triton_quant
+
+        if x.dtype not in (torch.bfloat16, torch.float16) or scales.dtype != x.dtype or x.numel() == 0:
+            return None
+        rows = x.numel() // x.shape[-1]
+        x2 = x.reshape(rows, x.shape[-1])
+        if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+            x2 = x2.contiguous()
+        if rows <= 8:
+            out = module.quant_gemv(x2, qweight, scales, mins, group, bias)
+        elif triton_quant.available():
+            out = triton_quant.quant_matmul(x2, qweight, scales, mins, group, bias)
+        else:
+            return None
+        return out.view(*x.shape[:-1], qweight.shape[0])
+
+    def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+        out = quantized(x, qweight, scale, None, 0, bias) if x.shape[-1] % 16 == 0 else None
+        return out if out is not None else quant.int8_linear_ref(x, qweight, scale, bias)
+
+    def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                    group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
+        out = quantized(x, qweight, scales, mins, group_size, bias) if group_size % 32 == 0 else None
+        return out if out is not None else quant.int4_linear_ref(x, qweight, scales, mins, group_size, bias)
+
+    quant.int8_linear.register("cuda", int8_linear, "cuda")
+    quant.int4_linear.register("cuda", int4_linear, "cuda")
     norm.rms_norm.register("cuda", rms_norm, "cuda")
     norm.add_rms_norm.register("cuda", add_rms_norm, "cuda")
     activation.act_mul.register("cuda", act_mul, "cuda")
