@@ -105,7 +105,7 @@ class DecoderRunner:
     # ---- tables and caches ----------------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.embed.weight.device  # embeddings always stay full precision (lm_head may be quantized)
 
     @property
     def dtype(self) -> torch.dtype:

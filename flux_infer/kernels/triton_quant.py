@@ -38,9 +38,12 @@ if triton is not None:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(X + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
             if INT4:
-                packed = tl.load(W + offs_n[None, :] * (K // 8) + (offs_k // 8)[:, None], mask=n_mask[None, :],
-                                 other=0)
-                q = ((packed >> ((offs_k % 8) * 4)[:, None]) & 0xF).to(tl.float32)
+                # each packed word is loaded once and split into its 8 nibbles: [BLOCK_K // 8, 8, BLOCK_N]
+                offs_p = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                packed = tl.load(W + offs_n[None, :] * (K // 8) + offs_p[:, None], mask=n_mask[None, :], other=0)
+                shifts = tl.arange(0, 8) * 4
+                q = (packed[:, None, :] >> shifts[None, :, None]) & 0xF
+                q = tl.reshape(q, (BLOCK_K, BLOCK_N)).to(tl.float32)
                 g = k0 // group
                 s = tl.load(S + offs_n * groups + g, mask=n_mask, other=0.0).to(tl.float32)
                 mn = tl.load(MN + offs_n * groups + g, mask=n_mask, other=0.0).to(tl.float32)
