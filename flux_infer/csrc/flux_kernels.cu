@@ -281,8 +281,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(T* __restrict__ o
 // the memory bandwidth.
 // INT8: 16 weights per 16-byte load, per-row scale applied once at the end.
 // INT4: 32 weights per 16-byte load (four int32 of 8 nibbles, lowest first), all in one group (group % 32 == 0):
-// a group contributes scale * (x . q) + min * sum(x); the block computes the sums of x per group once, in shared
-// memory, and the lane holding a group's first chunk adds its min term.
+// each chunk contributes scale * (x . q) + min * sum(x) of its group.
 __device__ __forceinline__ float code_to_float(uint32_t code) {  // code < 2^23
   return __uint_as_float(0x4B000000u | code) - 8388608.f;
 }
@@ -341,26 +340,11 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int4_gemv_kernel(
     T* __restrict__ out, const T* __restrict__ x, const int32_t* __restrict__ w, const T* __restrict__ scales,
     const T* __restrict__ mins, const T* __restrict__ bias, int n_rows, int k, int group, int64_t x_stride,
     int64_t out_stride) {
-  extern __shared__ float group_sums[];  // [M, groups]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int groups = k / group;
-  for (int idx = threadIdx.x; idx < M * groups; idx += blockDim.x) {
-    const int m = idx / groups, g = idx - m * groups;
-    const uint4* xp = reinterpret_cast<const uint4*>(x + m * x_stride + static_cast<int64_t>(g) * group);
-    float total = 0.f;
-    for (int v = 0; v < group / 8; ++v) {
-      float xf[8];
-      unpack8<T>(__ldg(xp + v), xf);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) total += xf[j];
-    }
-    group_sums[idx] = total;
-  }
-  __syncthreads();
   const int n = blockIdx.x * kGemvWarps + warp;
   if (n >= n_rows) return;
   const int chunks = k >> 5;  // 32 weights per chunk
-  const int chunks_per_group = group >> 5;
+  const int groups = k / group;
   const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(n) * (k >> 3));
   const T* srow = scales + static_cast<int64_t>(n) * groups;
   const T* mrow = mins + static_cast<int64_t>(n) * groups;
@@ -378,10 +362,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int4_gemv_kernel(
     for (int u = 0; u < kLoads; ++u) {
       const int c = base + u * 32;
       if (c >= chunks) break;
-      const int g = c / chunks_per_group;
-      const float s = to_float(srow[g]);
-      const bool first = c - g * chunks_per_group == 0;
-      const float mn = first ? to_float(mrow[g]) : 0.f;
+      const int g = (c << 5) / group;
+      const float s = to_float(srow[g]), mn = to_float(mrow[g]);
       const uint32_t* words = reinterpret_cast<const uint32_t*>(&wv[u]);
       float q[32];
 #pragma unroll
@@ -391,15 +373,18 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int4_gemv_kernel(
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         const uint4* xp = reinterpret_cast<const uint4*>(x + m * x_stride) + 4 * c;
-        float dot = 0.f;
+        float dot = 0.f, sum = 0.f;
 #pragma unroll
         for (int part = 0; part < 4; ++part) {
           float xf[8];
           unpack8<T>(__ldg(xp + part), xf);
 #pragma unroll
-          for (int j = 0; j < 8; ++j) dot = fmaf(q[part * 8 + j], xf[j], dot);
+          for (int j = 0; j < 8; ++j) {
+            dot = fmaf(q[part * 8 + j], xf[j], dot);
+            sum += xf[j];
+          }
         }
-        acc[m] = fmaf(s, dot, fmaf(mn, group_sums[m * groups + g], acc[m]));
+        acc[m] = fmaf(s, dot, fmaf(mn, sum, acc[m]));
       }
     }
   }
@@ -594,8 +579,7 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
               "quant_gemv: x must be [1..8, K] with a contiguous last dim");
   TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && scales.scalar_type() == x.scalar_type(),
               "quant_gemv: contiguous qweight, scales in x's dtype");
-  TORCH_CHECK(int4 ? (qweight.size(1) * 8 == k && mins && mins->is_contiguous() && group % 32 == 0 && k % group == 0 &&
-                      x.size(0) * (k / group) * 4 <= 48 * 1024)
+  TORCH_CHECK(int4 ? (qweight.size(1) * 8 == k && mins && mins->is_contiguous() && group % 32 == 0 && k % group == 0)
                    : (qweight.scalar_type() == at::kChar && qweight.size(1) == k && k % 16 == 0),
               "quant_gemv: unsupported quantized layout");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -607,7 +591,7 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
     auto launch = [&](auto rows) {
       constexpr int R = decltype(rows)::value;
       if (int4) {
-        int4_gemv_kernel<scalar_t, R><<<blocks, kGemvWarps * 32, R * (k / group) * sizeof(float), stream>>>(
+        int4_gemv_kernel<scalar_t, R><<<blocks, kGemvWarps * 32, 0, stream>>>(
             out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qweight.data_ptr<int32_t>(),
             scales.data_ptr<scalar_t>(), mins->data_ptr<scalar_t>(), b, n, k, group, x.stride(0), out.stride(0));
       } else {
