@@ -163,6 +163,11 @@ def _device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
 
 def _plan(model: Any, config: InferenceConfig, strict: bool, manager: PluginManager
           ) -> tuple[Plan, ModelAdapter | None]:
+    device, dtype = _device_dtype(model)
+    if device.type == "cuda":  # register the device kernels (built once per process) before plugins look at them
+        from flux_infer.kernels import cuda
+
+        cuda.load()
     model_type = getattr(model.config, "model_type", None) or type(model).__name__
     adapter = manager.adapter_for(model)
     if adapter is None:
@@ -173,7 +178,6 @@ def _plan(model: Any, config: InferenceConfig, strict: bool, manager: PluginMana
         adapter_answer = adapter.check(model)
         if not adapter_answer:
             adapter = None
-    device, dtype = _device_dtype(model)
     ctx = PlanContext(config, adapter, device, dtype)
 
     def supports(plugin: Plugin) -> Support:

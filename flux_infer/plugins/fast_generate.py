@@ -12,7 +12,6 @@ import torch
 
 from flux_infer import kernels
 from flux_infer.generation.decoder import FluxDecoder
-from flux_infer.kernels import cuda
 from flux_infer.generation.generate import flux_generate
 from flux_infer.generation.runner import DecoderRunner, runner_support
 from flux_infer.plugins.base import ApplyContext, PlanContext, Plugin
@@ -36,8 +35,6 @@ class FastGeneratePlugin(Plugin):
 
     def apply(self, model: torch.nn.Module, ctx: ApplyContext) -> None:
         assert ctx.adapter is not None
-        if ctx.device.type == "cuda":
-            cuda.load()
         decoder = FluxDecoder(DecoderRunner(model, ctx.adapter), use_cuda_graphs=ctx.config.use_cuda_graphs)
         original = model.generate
 

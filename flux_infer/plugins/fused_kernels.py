@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from flux_infer import kernels
-from flux_infer.kernels import cuda
 from flux_infer.adapters.base import MLP_PROJECTIONS, MLPStyle, NormStyle
 from flux_infer.plugins.base import ApplyContext, PlanContext, Plugin
 from flux_infer.support import Support
@@ -104,8 +103,6 @@ class FusedKernelsPlugin(Plugin):
     def apply(self, model: torch.nn.Module, ctx: ApplyContext) -> None:
         adapter = ctx.adapter
         assert adapter is not None
-        if ctx.device.type == "cuda":
-            cuda.load()
         offset = 1.0 if adapter.norm_style is NormStyle.ONE_PLUS_WEIGHT else 0.0
         norms = 0
         for _, parent, attr, norm in list(adapter.norms(model)):

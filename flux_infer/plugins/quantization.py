@@ -56,10 +56,6 @@ class QuantizationPlugin(Plugin):
     def apply(self, model: torch.nn.Module, ctx: ApplyContext) -> None:
         adapter = ctx.adapter
         assert adapter is not None
-        if ctx.device.type == "cuda":
-            from flux_infer.kernels import cuda
-
-            cuda.load()
         method = ctx.config.quantization
         bits = 8 if method is Quantization.INT8 else 4
         requested = ctx.config.quantization_group_size
