@@ -195,6 +195,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if baseline is not None:
         same = "identical" if baseline == optimized else "different"
         print(f"--- tokens: {same} to the baseline ({'lossless' if model.flux_report.lossless else 'lossy'} plan)")
+        if model.device.type == "cpu":
+            print("--- on the CPU flux runs its PyTorch reference kernels, so expect about the baseline's speed; the "
+                  "speed-ups are on CUDA GPUs (docs/benchmarks.md)")
     return 0
 
 
