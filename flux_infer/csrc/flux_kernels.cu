@@ -395,6 +395,93 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int4_gemv_kernel(
   }
 }
 
+// INT4 for 1-2 rows: activations staged once per block in shared memory as float, with their per-group sums, and
+// blocks that stay resident and walk many rows (so the staging is paid a few times per SM, not once per 8 rows).
+// Codes become floats in pairs: (word >> 4p) & 0x000F000F | 0x64006400 is the half2 (1024 + q_p, 1024 + q_p+4);
+// the 1024 offset is taken out once per group through the group sum of x.
+template <typename T, int M>
+__global__ void __launch_bounds__(kGemvWarps * 32) int4_gemv_staged_kernel(
+    T* __restrict__ out, const T* __restrict__ x, const int32_t* __restrict__ w, const T* __restrict__ scales,
+    const T* __restrict__ mins, const T* __restrict__ bias, int n_rows, int k, int group, int64_t x_stride,
+    int64_t out_stride) {
+  extern __shared__ float staged[];  // x as float [M][k], then group sums [M][groups]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int groups = k / group;
+  float* sums = staged + M * k;
+  for (int i = threadIdx.x * 8; i < M * k; i += blockDim.x * 8) {
+    const int m = i / k, c = i - m * k;
+    float xf[8];
+    unpack8<T>(*reinterpret_cast<const uint4*>(x + m * x_stride + c), xf);
+    *reinterpret_cast<float4*>(staged + i) = make_float4(xf[0], xf[1], xf[2], xf[3]);
+    *reinterpret_cast<float4*>(staged + i + 4) = make_float4(xf[4], xf[5], xf[6], xf[7]);
+  }
+  __syncthreads();
+  for (int pair = warp; pair < M * groups; pair += kGemvWarps) {
+    const int m = pair / groups, g = pair - m * groups;
+    float total = 0.f;
+    for (int j = lane; j < group; j += 32) total += staged[m * k + g * group + j];
+    total = warp_sum(total);
+    if (lane == 0) sums[pair] = total;
+  }
+  __syncthreads();
+  const int chunks = k >> 5;  // 32 codes per 16-byte chunk
+  const int chunks_per_group = group >> 5;
+  for (int n = blockIdx.x * kGemvWarps + warp; n < n_rows; n += gridDim.x * kGemvWarps) {
+    const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(n) * (k >> 3));
+    const T* srow = scales + static_cast<int64_t>(n) * groups;
+    const T* mrow = mins + static_cast<int64_t>(n) * groups;
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = 0.f;
+    for (int base = lane; base < chunks; base += 32 * kLoads) {
+      uint4 wv[kLoads];
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        const int c = base + u * 32;
+        wv[u] = c < chunks ? load_stream(wrow + c) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        const int c = base + u * 32;
+        if (c >= chunks) break;
+        const int g = c / chunks_per_group;
+        const float s = to_float(srow[g]);
+        const uint32_t* words = reinterpret_cast<const uint32_t*>(&wv[u]);
+        float dot[M];
+#pragma unroll
+        for (int m = 0; m < M; ++m) dot[m] = 0.f;
+#pragma unroll
+        for (int word = 0; word < 4; ++word) {
+          float q[8];  // 1024 + code, for the 8 codes of this word
+#pragma unroll
+          for (int p = 0; p < 4; ++p) {
+            const uint32_t h = ((words[word] >> (4 * p)) & 0x000F000Fu) | 0x64006400u;
+            const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+            q[p] = f.x;
+            q[p + 4] = f.y;
+          }
+#pragma unroll
+          for (int m = 0; m < M; ++m) {
+            const float4* xs = reinterpret_cast<const float4*>(staged + m * k + c * 32 + word * 8);
+            const float4 a = xs[0], b = xs[1];
+            dot[m] = fmaf(q[0], a.x, fmaf(q[1], a.y, fmaf(q[2], a.z, fmaf(q[3], a.w, dot[m]))));
+            dot[m] = fmaf(q[4], b.x, fmaf(q[5], b.y, fmaf(q[6], b.z, fmaf(q[7], b.w, dot[m]))));
+          }
+        }
+        const bool first = c - g * chunks_per_group == 0;
+        const float correction = first ? to_float(mrow[g]) - 1024.f * s : 0.f;
+#pragma unroll
+        for (int m = 0; m < M; ++m) acc[m] = fmaf(s, dot[m], fmaf(correction, sums[m * groups + g], acc[m]));
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float total = warp_sum(acc[m]);
+      if (lane == 0) out[m * out_stride + n] = from_float<T>(total + (bias != nullptr ? to_float(bias[n]) : 0.f));
+    }
+  }
+}
+
 template <typename T, int M>
 void launch_gemv(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& w, const T* bias,
                  cudaStream_t stream) {
@@ -590,7 +677,19 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
     const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
     auto launch = [&](auto rows) {
       constexpr int R = decltype(rows)::value;
-      if (int4) {
+      const size_t staged = (R * k + R * (k / group)) * sizeof(float);
+      if (int4 && R <= 2 && staged <= 200 * 1024) {
+        auto* kernel = int4_gemv_staged_kernel<scalar_t, (R <= 2 ? R : 1)>;
+        static int sms = 0;  // set once per kernel instance (not a stream operation: safe outside and in capture)
+        if (sms == 0) {
+          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
+          C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
+        }
+        const int resident = std::min(blocks, 2 * sms);
+        kernel<<<resident, kGemvWarps * 32, staged, stream>>>(
+            out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qweight.data_ptr<int32_t>(),
+            scales.data_ptr<scalar_t>(), mins->data_ptr<scalar_t>(), b, n, k, group, x.stride(0), out.stride(0));
+      } else if (int4) {
         int4_gemv_kernel<scalar_t, R><<<blocks, kGemvWarps * 32, 0, stream>>>(
             out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qweight.data_ptr<int32_t>(),
             scales.data_ptr<scalar_t>(), mins->data_ptr<scalar_t>(), b, n, k, group, x.stride(0), out.stride(0));
