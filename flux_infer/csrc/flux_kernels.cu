@@ -404,22 +404,29 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int4_gemv_staged_kernel(
     T* __restrict__ out, const T* __restrict__ x, const int32_t* __restrict__ w, const T* __restrict__ scales,
     const T* __restrict__ mins, const T* __restrict__ bias, int n_rows, int k, int group, int64_t x_stride,
     int64_t out_stride) {
-  extern __shared__ float staged[];  // x as float [M][k], then group sums [M][groups]
+  // x as float [M][padded k], then group sums [M][groups]. Every 32 floats (one lane's chunk) are followed by 4
+  // of padding: lanes read chunks 144 bytes apart, which spreads their 16-byte reads over all banks.
+  extern __shared__ float staged[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int groups = k / group;
-  float* sums = staged + M * k;
+  const int kp = k + (k >> 5) * 4;
+  float* sums = staged + M * kp;
   for (int i = threadIdx.x * 8; i < M * k; i += blockDim.x * 8) {
     const int m = i / k, c = i - m * k;
     float xf[8];
     unpack8<T>(*reinterpret_cast<const uint4*>(x + m * x_stride + c), xf);
-    *reinterpret_cast<float4*>(staged + i) = make_float4(xf[0], xf[1], xf[2], xf[3]);
-    *reinterpret_cast<float4*>(staged + i + 4) = make_float4(xf[4], xf[5], xf[6], xf[7]);
+    float* dst = staged + m * kp + c + (c >> 5) * 4;
+    *reinterpret_cast<float4*>(dst) = make_float4(xf[0], xf[1], xf[2], xf[3]);
+    *reinterpret_cast<float4*>(dst + 4) = make_float4(xf[4], xf[5], xf[6], xf[7]);
   }
   __syncthreads();
   for (int pair = warp; pair < M * groups; pair += kGemvWarps) {
     const int m = pair / groups, g = pair - m * groups;
     float total = 0.f;
-    for (int j = lane; j < group; j += 32) total += staged[m * k + g * group + j];
+    for (int j = lane; j < group; j += 32) {
+      const int c = g * group + j;
+      total += staged[m * kp + c + (c >> 5) * 4];
+    }
     total = warp_sum(total);
     if (lane == 0) sums[pair] = total;
   }
@@ -462,7 +469,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int4_gemv_staged_kernel(
           }
 #pragma unroll
           for (int m = 0; m < M; ++m) {
-            const float4* xs = reinterpret_cast<const float4*>(staged + m * k + c * 32 + word * 8);
+            const float4* xs = reinterpret_cast<const float4*>(staged + m * kp + c * 36 + word * 8);
             const float4 a = xs[0], b = xs[1];
             dot[m] = fmaf(q[0], a.x, fmaf(q[1], a.y, fmaf(q[2], a.z, fmaf(q[3], a.w, dot[m]))));
             dot[m] = fmaf(q[4], b.x, fmaf(q[5], b.y, fmaf(q[6], b.z, fmaf(q[7], b.w, dot[m]))));
@@ -677,7 +684,7 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
     const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
     auto launch = [&](auto rows) {
       constexpr int R = decltype(rows)::value;
-      const size_t staged = (R * k + R * (k / group)) * sizeof(float);
+      const size_t staged = (R * (k + (k / 32) * 4) + R * (k / group)) * sizeof(float);
       if (int4 && R <= 2 && staged <= 200 * 1024) {
         auto* kernel = int4_gemv_staged_kernel<scalar_t, (R <= 2 ? R : 1)>;
         static int sms = 0;  // set once per kernel instance (not a stream operation: safe outside and in capture)
