@@ -160,7 +160,7 @@ def test_opcheck_on_cuda():
 def test_quantized_linear_against_its_reference(bits, group, rows, dtype):
     from flux_infer.quantization.modules import QuantizedLinear
 
-    n, k = 1031, 14336 if rows <= 2 else 1024  # 1-2 rows: the staged kernel at a down_proj-sized input
+    n, k = (8197, 14336) if rows <= 2 else (1031, 1024)  # 1-2 rows: the staged kernel (wide outputs, long inputs)
     w = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
     module = QuantizedLinear.from_weight(w, torch.randn(n, device="cuda").to(dtype), bits=bits, group_size=group)
     assert kernels.implementation(f"int{bits}_linear", "cuda") == "cuda"

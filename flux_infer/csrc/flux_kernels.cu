@@ -685,7 +685,8 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
     auto launch = [&](auto rows) {
       constexpr int R = decltype(rows)::value;
       const size_t staged = (R * (k + (k / 32) * 4) + R * (k / group)) * sizeof(float);
-      if (int4 && R <= 2 && staged <= 200 * 1024) {
+      // staging pays off when each resident block walks many rows: wide outputs (gate/up, lm_head)
+      if (int4 && R <= 2 && n >= 8192 && staged <= 200 * 1024) {
         auto* kernel = int4_gemv_staged_kernel<scalar_t, (R <= 2 ? R : 1)>;
         static int sms = 0;  // set once per kernel instance (not a stream operation: safe outside and in capture)
         if (sms == 0) {
