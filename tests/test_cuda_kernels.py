@@ -155,12 +155,13 @@ def test_opcheck_on_cuda():
 
 
 @pytest.mark.parametrize("bits, group", [(8, None), (4, 32), (4, 64), (4, 128)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 8, 16, 33])
+@pytest.mark.parametrize("rows, n, k", [  # 1-2 rows and >= 8192 outputs: the staged INT4 kernel
+    (1, 8197, 14336), (1, 1031, 1024), (2, 8197, 4096), (2, 1031, 1024), (3, 1031, 1024), (8, 1031, 1024),
+    (16, 1031, 1024), (33, 1031, 1024)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_quantized_linear_against_its_reference(bits, group, rows, dtype):
+def test_quantized_linear_against_its_reference(bits, group, rows, n, k, dtype):
     from flux_infer.quantization.modules import QuantizedLinear
 
-    n, k = (8197, 14336) if rows <= 2 else (1031, 1024)  # 1-2 rows: the staged kernel (wide outputs, long inputs)
     w = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
     module = QuantizedLinear.from_weight(w, torch.randn(n, device="cuda").to(dtype), bits=bits, group_size=group)
     assert kernels.implementation(f"int{bits}_linear", "cuda") == "cuda"
