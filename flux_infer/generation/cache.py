@@ -96,10 +96,6 @@ class StaticKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.batch, self.max_len = batch, max_len
 
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
     def fits(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> bool:
         return batch <= self.batch and length <= self.max_len and self.k.dtype == dtype and self.k.device == device
 
