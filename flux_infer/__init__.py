@@ -9,6 +9,7 @@ from flux_infer.config import FROM_LEVEL, InferenceConfig, OptimizationLevel, Qu
 from flux_infer.hookspecs import hookimpl
 from flux_infer.loading import load
 from flux_infer.optimize import check, is_optimized, optimize, revert
+from flux_infer.pipeline import FluxPipeline
 from flux_infer.plugins.base import ApplyContext, PlanContext, Plugin
 from flux_infer.support import Support
 
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FROM_LEVEL",
     "ApplyContext",
+    "FluxPipeline",
     "InferenceConfig",
     "OptimizationLevel",
     "PlanContext",
