@@ -9,6 +9,7 @@ so one slot index serves the whole batch and a decode step has fixed shapes (CUD
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Protocol
 
 import torch
 
@@ -43,6 +44,10 @@ class StepMetadata:
         self._masks.clear()
         if self.kv_len is not None:
             self.kv_len += n
+
+    def logit_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states whose logits are wanted: each row's last token, ``[B, hidden]``."""
+        return hidden[:, -1]
 
     def reference_mask(self, kv_len: int, window: int) -> torch.Tensor:
         """The boolean mask of the reference attention, built once per step and window and shared by layers."""
@@ -86,8 +91,17 @@ def is_left_padded(attention_mask: torch.Tensor) -> bool:
     return bool((mask[:, 1:] >= mask[:, :-1]).all())
 
 
+class KVCache(Protocol):
+    """What the runner needs from a cache layout, given the layout's own step metadata."""
+
+    def append_rotary(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, meta: Any) -> None: ...
+
+    def attend(self, layer: int, q: torch.Tensor, meta: Any, *, scale: float, window: int) -> torch.Tensor: ...
+
+
 class StaticKVCache:
-    """Contiguous KV cache; ``append`` writes this step's keys/values, ``attend`` reads the valid slots."""
+    """Contiguous KV cache; ``append_rotary`` writes this step's keys/values, ``attend`` reads the valid slots."""
 
     def __init__(self, *, num_layers: int, batch: int, num_kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:

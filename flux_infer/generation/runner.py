@@ -16,7 +16,7 @@ import torch
 
 from flux_infer import kernels
 from flux_infer.adapters.base import MLPStyle, ModelAdapter
-from flux_infer.generation.cache import StaticKVCache, StepMetadata
+from flux_infer.generation.cache import KVCache, StaticKVCache
 from flux_infer.support import Support
 
 # rope types whose cos/sin depend only on the position (a table computed once is exact)
@@ -129,8 +129,10 @@ class DecoderRunner:
 
     # ---- forward ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, cache: StaticKVCache, meta: StepMetadata) -> torch.Tensor:
-        """Logits ``[B, vocab]`` (float32) of each row's last token; writes this step's K/V into ``cache``."""
+    def forward(self, input_ids: torch.Tensor, cache: KVCache, meta: Any) -> torch.Tensor:
+        """Logits (float32) of the tokens ``meta.logit_rows`` selects (each sequence's last token of this step);
+        writes this step's K/V into ``cache``. ``cache``/``meta`` are a layout and its step metadata: the static
+        layout takes ``[batch, tokens]`` rows, the paged layout one flat row of many sequences' tokens."""
         hidden = self.embed(input_ids)  # scaled embeddings (Gemma) scale inside the module
         residual: torch.Tensor | None = None
         for index, parts in enumerate(self.layers):
@@ -138,14 +140,13 @@ class DecoderRunner:
             attn = self._attention(index, parts, x, cache, meta)
             x, residual = _add_norm(attn, residual, parts.post_attention_norm)
             hidden = parts.mlp(x)
-        x, _ = _add_norm(hidden[:, -1:], residual[:, -1:], self.final_norm)
-        logits = self.lm_head(x[:, 0]).float()
+        x, _ = _add_norm(meta.logit_rows(hidden), meta.logit_rows(residual), self.final_norm)
+        logits = self.lm_head(x).float()
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
 
-    def _attention(self, index: int, parts: LayerParts, x: torch.Tensor, cache: StaticKVCache,
-                   meta: StepMetadata) -> torch.Tensor:
+    def _attention(self, index: int, parts: LayerParts, x: torch.Tensor, cache: KVCache, meta: Any) -> torch.Tensor:
         batch, length, _ = x.shape
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         o_proj = parts.projections[-1]

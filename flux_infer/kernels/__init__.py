@@ -12,6 +12,8 @@ from flux_infer.kernels.attention import (
     cache_attention_mask,
     cache_attention_ref,
     masked_attention_ref,
+    paged_attention,
+    paged_attention_ref,
 )
 from flux_infer.kernels.matmul import linear, linear_ref
 from flux_infer.kernels.quant import int4_linear, int4_linear_ref, int8_linear, int8_linear_ref
@@ -41,6 +43,8 @@ __all__ = [
     "linear",
     "linear_ref",
     "masked_attention_ref",
+    "paged_attention",
+    "paged_attention_ref",
     "rms_norm",
     "rms_norm_ref",
     "rotary_cache_write_",

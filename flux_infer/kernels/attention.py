@@ -60,3 +60,51 @@ def _(q, k_cache, v_cache, kv_start, kv_end, scale, window):
 
 
 cache_attention = KernelOp("cache_attention", _cache_attention_op, cache_attention_ref)
+
+
+def paged_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                        context_lens: torch.Tensor, query_start: torch.Tensor, block_size: int, scale: float,
+                        window: int) -> torch.Tensor:
+    """Attention of a flat batch of sequences over a paged KV cache.
+
+    q ``[N, heads, D]`` holds sequence ``s``'s new tokens at rows ``query_start[s]:query_start[s+1]``; they are the
+    last tokens of its ``context_lens[s]`` cached ones, whose slot ``j`` lives at pool row
+    ``block_tables[s, j // block_size] * block_size + j % block_size`` of ``k_pool``/``v_pool`` ``[slots, kv_heads, D]``.
+    Causal, optionally within ``window`` positions; returns ``[N, heads, D]``.
+    """
+    out = torch.empty_like(q)
+    heads, kv_heads = q.shape[1], k_pool.shape[1]
+    starts = query_start.tolist()
+    for s, context in enumerate(context_lens.tolist()):
+        lo, hi = starts[s], starts[s + 1]
+        if hi == lo:
+            continue
+        positions = torch.arange(context, device=q.device)
+        rows = block_tables[s, positions // block_size].long() * block_size + positions % block_size
+        k, v = k_pool[rows].transpose(0, 1), v_pool[rows].transpose(0, 1)  # [kv_heads, context, D]
+        if heads != kv_heads:
+            k = k.repeat_interleave(heads // kv_heads, dim=0)
+            v = v.repeat_interleave(heads // kv_heads, dim=0)
+        query_pos = context - (hi - lo) + torch.arange(hi - lo, device=q.device)
+        allowed = positions[None, :] <= query_pos[:, None]
+        if window > 0:
+            allowed &= positions[None, :] > query_pos[:, None] - window
+        o = F.scaled_dot_product_attention(q[lo:hi].transpose(0, 1), k, v, attn_mask=allowed, scale=scale)
+        out[lo:hi] = o.transpose(0, 1)
+    return out
+
+
+@torch.library.custom_op("flux::paged_attention", mutates_args=())
+def _paged_attention_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                        context_lens: torch.Tensor, query_start: torch.Tensor, block_size: int, scale: float,
+                        window: int) -> torch.Tensor:
+    """Attention of a flat batch of sequences over a paged KV cache."""
+    return paged_attention_ref(q, k_pool, v_pool, block_tables, context_lens, query_start, block_size, scale, window)
+
+
+@_paged_attention_op.register_fake
+def _(q, k_pool, v_pool, block_tables, context_lens, query_start, block_size, scale, window):
+    return torch.empty_like(q)
+
+
+paged_attention = KernelOp("paged_attention", _paged_attention_op, paged_attention_ref)

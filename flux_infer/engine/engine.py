@@ -1,0 +1,303 @@
+"""Continuous batching: requests join and leave between steps, on one paged KV cache and flux's model runner.
+
+Each ``step()`` schedules (decode tokens of running requests first, then prefill chunks within the token budget),
+runs one forward over all scheduled tokens as a single flat batch, samples each sequence whose last token was in
+the step, and returns what each request produced. When a running request needs a block and none is free, the
+youngest running request is preempted: its blocks are freed and it is recomputed later from its prompt and the
+tokens it already produced, so its output does not change. A request that could never fit in the pool finishes at
+once with ``finish_reason="kv_cache_capacity"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from flux_infer.engine.paged_cache import BlockManager, PagedKVCache, PagedMetadata
+from flux_infer.errors import InvalidConfigError, UnsupportedModelError
+from flux_infer.generation.runner import DecoderRunner, runner_support
+from flux_infer.generation.sampling import SamplingParams, TokenSelector
+
+DEFAULT_BLOCK_SIZE = 16
+CPU_KV_BUDGET = 1 << 30  # bytes of KV cache on the CPU when no budget is given
+
+
+class IncrementalDetokenizer:
+    """Text of a growing token sequence, released in whole characters (no half of a multi-byte UTF-8 sequence)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        full = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if full.endswith("\ufffd"):  # the last token ends inside a character: wait for the rest
+            return ""
+        new, self.text = full[len(self.text):], full
+        return new
+
+
+@dataclasses.dataclass
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stop_token_ids: frozenset[int]
+    stop: tuple[str, ...]
+    selector: TokenSelector
+    detokenizer: IncrementalDetokenizer | None
+    arrival: float
+    order: int
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    num_computed: int = 0  # tokens whose K/V are in the cache
+    text: str = ""
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    preemptions: int = 0
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def metrics(self) -> dict[str, Any]:
+        end = self.finished_at or time.perf_counter()
+        n = len(self.output_ids)
+        ttft = None if self.first_token_at is None else (self.first_token_at - self.arrival) * 1e3
+        tpot = None if n < 2 or self.first_token_at is None else (end - self.first_token_at) * 1e3 / (n - 1)
+        return {"latency_ms": (end - self.arrival) * 1e3, "ttft_ms": ttft, "tpot_ms": tpot,
+                "prompt_tokens": len(self.prompt_ids), "completion_tokens": n, "preemptions": self.preemptions}
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    metrics: dict[str, Any]
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                 num_blocks: int | None = None, kv_cache_bytes: int | None = None,
+                 max_num_batched_tokens: int = 512, max_num_seqs: int = 256) -> None:
+        from flux_infer.plugins.manager import get_plugin_manager
+
+        adapter = get_plugin_manager().adapter_for(model)
+        if adapter is None:
+            raise UnsupportedModelError(f"no adapter for model_type {model.config.model_type!r}")
+        support = runner_support(model, adapter)
+        if not support:
+            raise UnsupportedModelError(f"the engine cannot run this model: {support.reason}")
+        if block_size < 1 or max_num_batched_tokens < 1 or max_num_seqs < 1:
+            raise InvalidConfigError("block_size, max_num_batched_tokens and max_num_seqs must be positive")
+        self.runner = DecoderRunner(model, adapter)
+        self.tokenizer = tokenizer
+        runner = self.runner
+        per_block = PagedKVCache.bytes_per_block(num_layers=len(runner.layers), block_size=block_size,
+                                                 num_kv_heads=runner.num_kv_heads, head_dim=runner.head_dim,
+                                                 dtype=runner.dtype)
+        if num_blocks is None:
+            if kv_cache_bytes is None:
+                kv_cache_bytes = (int(torch.cuda.mem_get_info(runner.device)[0] * 0.9)
+                                  if runner.device.type == "cuda" else CPU_KV_BUDGET)
+            num_blocks = kv_cache_bytes // per_block
+        if num_blocks < 1:
+            raise InvalidConfigError(f"the KV cache budget holds no block of {per_block} bytes")
+        self.cache = PagedKVCache(num_layers=len(runner.layers), num_blocks=num_blocks, block_size=block_size,
+                                  num_kv_heads=runner.num_kv_heads, head_dim=runner.head_dim, dtype=runner.dtype,
+                                  device=runner.device)
+        self.blocks = BlockManager(num_blocks, block_size)
+        max_len = getattr(model.config, "max_position_embeddings", None) or num_blocks * block_size
+        runner.ensure_rope(min(max_len, num_blocks * block_size))
+        self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._dropped: list[Request] = []
+        self.peak_waste = 0.0
+
+    # ---- requests ---------------------------------------------------------------------------------------------
+    def add_request(self, prompt: str | Sequence[int], *, request_id: str | None = None, max_new_tokens: int = 256,
+                    temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,
+                    min_p: float | None = None, repetition_penalty: float | None = None,
+                    stop: Sequence[str] = (), stop_token_ids: Sequence[int] | None = None,
+                    seed: int | None = None) -> str:
+        """Queue a request; returns its id. ``prompt`` is text (needs the tokenizer) or token ids."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidConfigError("a text prompt needs the engine's tokenizer; pass token ids or tokenizer=")
+            prompt_ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            prompt_ids = [int(t) for t in prompt]
+        if not prompt_ids:
+            raise InvalidConfigError("empty prompt")
+        if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+            raise InvalidConfigError("need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1")
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise InvalidConfigError(f"request id {request_id!r} is already in use")
+        if stop_token_ids is None:
+            eos = getattr(self.runner.model.generation_config, "eos_token_id", None)
+            stop_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        params = SamplingParams(do_sample=temperature > 0, temperature=temperature or 1.0, top_k=top_k,
+                                top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty)
+        device = self.runner.device
+        generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+        selector = TokenSelector(params, prompt_ids=torch.tensor([prompt_ids], device=device),
+                                 vocab_size=self.runner.vocab_size, eos_ids=None, generator=generator)
+        request = Request(
+            request_id=request_id, prompt_ids=prompt_ids, params=params, max_new_tokens=max_new_tokens,
+            stop_token_ids=frozenset(stop_token_ids), stop=tuple(stop), selector=selector,
+            detokenizer=IncrementalDetokenizer(self.tokenizer) if self.tokenizer is not None else None,
+            arrival=time.perf_counter(), order=len(self.requests),
+        )
+        self.requests[request_id] = request
+        if self.blocks.blocks_for(len(prompt_ids) + 1) > self.blocks.num_blocks:
+            self._finish(request, "kv_cache_capacity")  # could never fit, even alone
+        else:
+            self.waiting.append(request)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and return its blocks to the pool."""
+        request = self.requests.get(request_id)
+        if request is None:
+            raise KeyError(f"unknown request id {request_id!r}")
+        if not request.finished:
+            self._finish(request, "abort")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _finish(self, request: Request, reason: str) -> None:
+        request.finish_reason = reason
+        request.finished_at = time.perf_counter()
+        self.blocks.free(request.request_id)
+        if request in self.running:
+            self.running.remove(request)
+        if request in self.waiting:
+            self.waiting.remove(request)
+
+    def _preempt(self, request: Request) -> None:
+        self.blocks.free(request.request_id)
+        request.num_computed = 0
+        request.preemptions += 1
+        self.running.remove(request)
+        self.waiting.appendleft(request)
+
+    # ---- one step ---------------------------------------------------------------------------------------------
+    def _schedule(self) -> list[tuple[Request, int]]:
+        """(request, tokens to compute this step), decodes first, then prefill chunks within the token budget.
+        Requests that can never fit are finished here (kept in ``self._dropped`` to be reported)."""
+        scheduled: list[tuple[Request, int]] = []
+        budget = self.max_num_batched_tokens
+        for request in sorted(self.running, key=lambda r: r.order):
+            if request not in self.running or budget == 0:
+                continue
+            remaining = len(request.all_ids) - request.num_computed
+            count = min(remaining, budget)
+            while not self.blocks.grow(request.request_id, request.num_computed + count):
+                victims = [r for r in self.running if r is not request and r not in (s for s, _ in scheduled)]
+                if not victims:
+                    if len(self.running) == 1 and not scheduled:  # alone and still too big for the pool
+                        self._finish(request, "kv_cache_capacity")
+                        self._dropped.append(request)
+                    count = 0
+                    break
+                self._preempt(max(victims, key=lambda r: r.order))
+            if count:
+                scheduled.append((request, count))
+                budget -= count
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting[0]
+            count = min(len(request.all_ids) - request.num_computed, budget)
+            if not self.blocks.grow(request.request_id, request.num_computed + count):
+                break  # no preemption to admit new work: wait for blocks to come back
+            self.waiting.popleft()
+            self.running.append(request)
+            scheduled.append((request, count))
+            budget -= count
+        return scheduled
+
+    @torch.no_grad()
+    def step(self) -> list[RequestOutput]:
+        """Run one step; returns an output for every request that produced a token or finished."""
+        self._dropped: list[Request] = []
+        scheduled = self._schedule()
+        outputs = [RequestOutput(r.request_id, [], "", True, r.finish_reason, r.metrics()) for r in self._dropped]
+        if not scheduled:
+            return outputs
+        ids = [t for r, count in scheduled for t in r.all_ids[r.num_computed:r.num_computed + count]]
+        meta = PagedMetadata.build(
+            new_tokens=[count for _, count in scheduled],
+            context_lens=[r.num_computed + count for r, count in scheduled],
+            block_tables=[self.blocks.tables[r.request_id] for r, _ in scheduled],
+            block_size=self.blocks.block_size, device=self.runner.device,
+        )
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.runner.device)
+        logits = self.runner.forward(input_ids, self.cache, meta)
+        lengths = {r.request_id: r.num_computed + c for r, c in scheduled}
+        self.peak_waste = max(self.peak_waste, self.blocks.used_slots_waste(lengths))
+        now = time.perf_counter()
+        for row, (request, count) in enumerate(scheduled):
+            request.num_computed += count
+            if request.num_computed < len(request.all_ids) or request.finished:
+                continue  # a prefill chunk that has not reached the end yet
+            token, _ = request.selector(logits[row:row + 1], suppress_eos=False)
+            token_id = int(token)
+            request.selector.observe(token)
+            request.output_ids.append(token_id)
+            request.first_token_at = request.first_token_at or now
+            new_text = request.detokenizer.add(token_id) if request.detokenizer is not None else ""
+            request.text += new_text
+            reason = self._stop_reason(request, token_id)
+            if reason is not None:
+                if any(stop in request.text for stop in request.stop):
+                    new_text = self._trim_stop(request, new_text)
+                self._finish(request, reason)
+            outputs.append(RequestOutput(request.request_id, [token_id], new_text, request.finished,
+                                         request.finish_reason, request.metrics()))
+        return outputs
+
+    def _stop_reason(self, request: Request, token_id: int) -> str | None:
+        if token_id in request.stop_token_ids:
+            return "stop"
+        if request.stop and any(s in request.text for s in request.stop):
+            return "stop"
+        if len(request.output_ids) >= request.max_new_tokens:
+            return "length"
+        return None
+
+    @staticmethod
+    def _trim_stop(request: Request, new_text: str) -> str:
+        """Cut the text before the first stop string (stop strings are not part of the output)."""
+        cut = min(request.text.find(s) for s in request.stop if s in request.text)
+        already = len(request.text) - len(new_text)
+        request.text = request.text[:cut]
+        return new_text[: max(0, cut - already)]
+
+    # ---- convenience ------------------------------------------------------------------------------------------
+    def run(self, max_steps: int | None = None) -> dict[str, Request]:
+        """Step until every request finished (or ``max_steps``); returns all requests by id."""
+        for _ in itertools.count() if max_steps is None else range(max_steps):
+            if not self.has_unfinished():
+                break
+            self.step()
+        return self.requests

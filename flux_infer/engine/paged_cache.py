@@ -1,0 +1,116 @@
+"""The paged KV cache layout: fixed-size blocks from one preallocated pool, a block table per sequence.
+
+Pool tensors are ``[layers, num_blocks * block_size, kv_heads, head_dim]`` (row ``block * block_size + offset``).
+A step's tokens from many sequences form one flat row; ``PagedMetadata`` says where each token's K/V goes
+(``slot_mapping``) and which cached tokens each sequence attends to, planned once per step for all layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from flux_infer import kernels
+
+
+@dataclasses.dataclass
+class PagedMetadata:
+    positions: torch.Tensor  # [1, N] rotary position of each token
+    slot_mapping: torch.Tensor  # [N] pool row each token's K/V is written to
+    block_tables: torch.Tensor  # [S, max_blocks] int32
+    context_lens: torch.Tensor  # [S] int32: cached tokens per sequence after this step
+    query_start: torch.Tensor  # [S + 1] int32: sequence s's tokens are rows query_start[s]:query_start[s+1]
+    logits_index: torch.Tensor  # [S] row of each sequence's last token (the one whose logits are sampled)
+
+    def logit_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[0].index_select(0, self.logits_index)
+
+    @classmethod
+    def build(cls, *, new_tokens: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
+              block_size: int, device: torch.device) -> PagedMetadata:
+        """Metadata for sequences that each add ``new_tokens[s]`` tokens, ending at ``context_lens[s]``."""
+        positions, slots, starts = [], [], [0]
+        for count, context, table in zip(new_tokens, context_lens, block_tables, strict=True):
+            for pos in range(context - count, context):
+                positions.append(pos)
+                slots.append(table[pos // block_size] * block_size + pos % block_size)
+            starts.append(starts[-1] + count)
+        width = max((len(t) for t in block_tables), default=1) or 1
+        tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
+        for s, table in enumerate(block_tables):
+            tables[s, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        return cls(
+            positions=torch.tensor([positions], dtype=torch.long, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            block_tables=tables.to(device),
+            context_lens=torch.tensor(list(context_lens), dtype=torch.int32, device=device),
+            query_start=torch.tensor(starts, dtype=torch.int32, device=device),
+            logits_index=torch.tensor([e - 1 for e in starts[1:]], dtype=torch.long, device=device),
+        )
+
+
+class PagedKVCache:
+    def __init__(self, *, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    @staticmethod
+    def bytes_per_block(*, num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def append_rotary(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, meta: PagedMetadata) -> None:
+        """Rotate q, k ``[1, N, heads, D]`` in place; write k, v at ``meta.slot_mapping``."""
+        kernels.rotary_embedding_(q, k, cos, sin, meta.positions)
+        self.k[layer].index_copy_(0, meta.slot_mapping, k[0])
+        self.v[layer].index_copy_(0, meta.slot_mapping, v[0])
+
+    def attend(self, layer: int, q: torch.Tensor, meta: PagedMetadata, *, scale: float, window: int) -> torch.Tensor:
+        out = kernels.paged_attention(q[0], self.k[layer], self.v[layer], meta.block_tables, meta.context_lens,
+                                      meta.query_start, self.block_size, scale, window)
+        return out[None]
+
+
+class BlockManager:
+    """Hands out blocks of the pool; a sequence's blocks are returned all at once when it finishes or is preempted."""
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._free = list(range(num_blocks - 1, -1, -1))
+        self.tables: dict[str, list[int]] = {}
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def missing(self, seq_id: str, tokens: int) -> int:
+        """How many more blocks ``seq_id`` needs to hold ``tokens`` tokens."""
+        return max(0, self.blocks_for(tokens) - len(self.tables.get(seq_id, ())))
+
+    def grow(self, seq_id: str, tokens: int) -> bool:
+        """Make room for ``tokens`` tokens of ``seq_id``; False (and nothing taken) if the pool is short."""
+        need = self.missing(seq_id, tokens)
+        if need > len(self._free):
+            return False
+        table = self.tables.setdefault(seq_id, [])
+        for _ in range(need):
+            table.append(self._free.pop())
+        return True
+
+    def free(self, seq_id: str) -> None:
+        self._free.extend(reversed(self.tables.pop(seq_id, [])))
+
+    def used_slots_waste(self, lengths: dict[str, int]) -> float:
+        """Fraction of allocated slots not holding a token (internal fragmentation)."""
+        allocated = sum(len(t) for t in self.tables.values()) * self.block_size
+        used = sum(lengths.get(s, 0) for s in self.tables)
+        return 0.0 if allocated == 0 else 1 - used / allocated
