@@ -169,3 +169,22 @@ def test_bad_requests(smollm2_base):
         engine.add_request([1, 2, 3], request_id="x")
     with pytest.raises(KeyError, match="unknown request id"):
         engine.abort("nope")
+
+
+def test_int8_kv_cache_perplexity_within_one_percent(smollm2_base):
+    from flux_infer.evaluation import cached_perplexity, evaluation_text, perplexity
+
+    model, tokenizer = smollm2_base
+    ids = tokenizer(evaluation_text(), return_tensors="pt")["input_ids"][0][:4096]
+    fp = cached_perplexity(model, ids, int8_kv=False)
+    assert abs(fp / perplexity(model, ids) - 1) < 1e-4  # the runner on the paged cache is the model itself
+    assert cached_perplexity(model, ids, int8_kv=True) <= fp * 1.01
+
+
+def test_int8_kv_cache_takes_about_half_the_memory_of_bf16():
+    from flux_infer.engine.paged_cache import PagedKVCache
+
+    shape = dict(num_layers=32, block_size=16, num_kv_heads=8, head_dim=128)
+    bf16 = PagedKVCache.bytes_per_block(dtype=torch.bfloat16, **shape)
+    int8 = PagedKVCache.bytes_per_block(dtype=torch.bfloat16, int8=True, **shape)
+    assert int8 / bf16 < 0.52  # 1.9x more sequences in the same memory

@@ -95,7 +95,7 @@ class RequestOutput:
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, block_size: int = DEFAULT_BLOCK_SIZE,
                  num_blocks: int | None = None, kv_cache_bytes: int | None = None,
-                 max_num_batched_tokens: int = 512, max_num_seqs: int = 256) -> None:
+                 max_num_batched_tokens: int = 512, max_num_seqs: int = 256, int8_kv: bool = False) -> None:
         from flux_infer.plugins.manager import get_plugin_manager
 
         adapter = get_plugin_manager().adapter_for(model)
@@ -111,7 +111,7 @@ class Engine:
         runner = self.runner
         per_block = PagedKVCache.bytes_per_block(num_layers=len(runner.layers), block_size=block_size,
                                                  num_kv_heads=runner.num_kv_heads, head_dim=runner.head_dim,
-                                                 dtype=runner.dtype)
+                                                 dtype=runner.dtype, int8=int8_kv)
         if num_blocks is None:
             if kv_cache_bytes is None:
                 kv_cache_bytes = (int(torch.cuda.mem_get_info(runner.device)[0] * 0.9)
@@ -121,7 +121,7 @@ class Engine:
             raise InvalidConfigError(f"the KV cache budget holds no block of {per_block} bytes")
         self.cache = PagedKVCache(num_layers=len(runner.layers), num_blocks=num_blocks, block_size=block_size,
                                   num_kv_heads=runner.num_kv_heads, head_dim=runner.head_dim, dtype=runner.dtype,
-                                  device=runner.device)
+                                  device=runner.device, int8=int8_kv)
         self.blocks = BlockManager(num_blocks, block_size)
         max_len = getattr(model.config, "max_position_embeddings", None) or num_blocks * block_size
         runner.ensure_rope(min(max_len, num_blocks * block_size))

@@ -64,13 +64,15 @@ cache_attention = KernelOp("cache_attention", _cache_attention_op, cache_attenti
 
 def paged_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                         context_lens: torch.Tensor, query_start: torch.Tensor, block_size: int, scale: float,
-                        window: int) -> torch.Tensor:
+                        window: int, k_scale: torch.Tensor | None = None,
+                        v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of a flat batch of sequences over a paged KV cache.
 
     q ``[N, heads, D]`` holds sequence ``s``'s new tokens at rows ``query_start[s]:query_start[s+1]``; they are the
     last tokens of its ``context_lens[s]`` cached ones, whose slot ``j`` lives at pool row
     ``block_tables[s, j // block_size] * block_size + j % block_size`` of ``k_pool``/``v_pool`` ``[slots, kv_heads, D]``.
-    Causal, optionally within ``window`` positions; returns ``[N, heads, D]``.
+    Causal, optionally within ``window`` positions; returns ``[N, heads, D]``. An INT8 pool comes with
+    ``k_scale``/``v_scale`` ``[slots, kv_heads]``: a cached vector is ``code * scale``.
     """
     out = torch.empty_like(q)
     heads, kv_heads = q.shape[1], k_pool.shape[1]
@@ -81,7 +83,11 @@ def paged_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
             continue
         positions = torch.arange(context, device=q.device)
         rows = block_tables[s, positions // block_size].long() * block_size + positions % block_size
-        k, v = k_pool[rows].transpose(0, 1), v_pool[rows].transpose(0, 1)  # [kv_heads, context, D]
+        k, v = k_pool[rows], v_pool[rows]  # [context, kv_heads, D]
+        if k_scale is not None:
+            k = (k.float() * k_scale[rows, :, None].float()).to(q.dtype)
+            v = (v.float() * v_scale[rows, :, None].float()).to(q.dtype)
+        k, v = k.transpose(0, 1), v.transpose(0, 1)  # [kv_heads, context, D]
         if heads != kv_heads:
             k = k.repeat_interleave(heads // kv_heads, dim=0)
             v = v.repeat_interleave(heads // kv_heads, dim=0)
@@ -97,13 +103,16 @@ def paged_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
 @torch.library.custom_op("flux::paged_attention", mutates_args=())
 def _paged_attention_op(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                         context_lens: torch.Tensor, query_start: torch.Tensor, block_size: int, scale: float,
-                        window: int) -> torch.Tensor:
-    """Attention of a flat batch of sequences over a paged KV cache."""
-    return paged_attention_ref(q, k_pool, v_pool, block_tables, context_lens, query_start, block_size, scale, window)
+                        window: int, k_scale: torch.Tensor | None = None,
+                        v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of a flat batch of sequences over a paged (optionally INT8) KV cache."""
+    return paged_attention_ref(q, k_pool, v_pool, block_tables, context_lens, query_start, block_size, scale, window,
+                               k_scale, v_scale)
 
 
 @_paged_attention_op.register_fake
-def _(q, k_pool, v_pool, block_tables, context_lens, query_start, block_size, scale, window):
+def _(q, k_pool, v_pool, block_tables, context_lens, query_start, block_size, scale, window, k_scale=None,
+      v_scale=None):
     return torch.empty_like(q)
 
 
