@@ -54,7 +54,7 @@ def cached_perplexity(model: Any, input_ids: torch.Tensor, *, int8_kv: bool, win
     """Perplexity through flux's runner and paged KV cache, feeding each window in chunks of ``chunk`` tokens:
     every chunk after the first attends to the cached keys/values of the earlier ones (INT8 when ``int8_kv``), so
     the cache's precision shows in the result."""
-    from flux_infer.engine.paged_cache import PagedKVCache, PagedMetadata
+    from flux_infer.generation.paged import PagedKVCache, PagedMetadata
     from flux_infer.generation.runner import DecoderRunner
     from flux_infer.plugins.manager import get_plugin_manager
 

@@ -67,12 +67,13 @@ def optimize(model: Any, level: OptimizationLevel | str | None = None, *, config
     results: list[PluginResult] = []
     kernels: dict[str, str] = {}
     current = "flux_infer_after_optimize hook"
+    shared: dict[str, Any] = {}
     try:
         for step in plan.steps:
             current = step.name
             recorder.owned_by(step.name)
             changes_before, t0 = len(recorder), time.perf_counter()
-            ctx = ApplyContext(resolved, adapter, device, dtype, patch=recorder)
+            ctx = ApplyContext(resolved, adapter, device, dtype, patch=recorder, shared=shared)
             with torch.no_grad():
                 step.plugin.apply(model, ctx)
             kernels.update(ctx.kernels)

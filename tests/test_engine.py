@@ -182,7 +182,7 @@ def test_int8_kv_cache_perplexity_within_one_percent(smollm2_base):
 
 
 def test_int8_kv_cache_takes_about_half_the_memory_of_bf16():
-    from flux_infer.engine.paged_cache import PagedKVCache
+    from flux_infer.generation.paged import PagedKVCache
 
     shape = dict(num_layers=32, block_size=16, num_kv_heads=8, head_dim=128)
     bf16 = PagedKVCache.bytes_per_block(dtype=torch.bfloat16, **shape)

@@ -152,3 +152,25 @@ def test_revert_restores_transformers_generate(smollm2):
     assert "generate" in vars(model)
     flux_infer.revert(model)
     assert "generate" not in vars(model)
+
+
+@pytest.mark.parametrize("switches, layout", [
+    (dict(paged_kv_cache=True), "paged"),
+    (dict(quantize_kv_cache=True), "paged-int8"),  # pulls in the paged layout it requires
+])
+def test_generate_on_the_paged_and_int8_caches(smollm2_base, switches, layout):
+    import copy
+
+    base, tokenizer = smollm2_base
+    model = copy.deepcopy(base)
+    flux_infer.optimize(model, config=InferenceConfig(optimization_level="O1", **switches))
+    details = {r.name: r.details for r in model.flux_report.applied}
+    assert details["fast_generate"]["kv_cache"] == layout
+    inputs = chat(tokenizer, "What is the capital of France?", "Write a haiku about the sea.", "Hi!")
+    with torch.no_grad():
+        expected = base.generate(**inputs, **GREEDY, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id)
+        got = model.generate(**inputs, **GREEDY, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id)
+    if layout == "paged":
+        assert torch.equal(got, expected)  # a different layout of the same numbers
+    else:
+        assert (got == expected).float().mean() > 0.9  # lossy, but barely (perplexity: tests/test_engine.py)

@@ -150,7 +150,8 @@ def test_o3_on_a_dense_model_explains_every_skip(plugin_manager, llama):
     plan = flux_infer.check(llama, "O3")
     reasons = {s.name: s.reason for s in plan.skipped}
     assert reasons["adaptive_moe"] == "not a mixture-of-experts model"
-    assert set(reasons) >= {"paged_kv_cache", "kv_cache_int8", "speculative_decoding"}
+    assert set(reasons) >= {"speculative_decoding", "fuse_projections"}
     assert plan.names[0] == "quantization"  # weights first: everything after sees the quantized modules
+    assert plan.names.index("kv_cache_int8") < plan.names.index("fast_generate")  # the layout before its user
     assert all(reasons.values())
     assert "plan for llama at O3" in str(plan)

@@ -54,7 +54,7 @@ def test_o1_report_says_what_ran(smollm2):
     assert report.kernels == {"attention": "sdpa", "rms_norm": "reference", "act_mul": "reference",
                               "rotary_cache_write_": "reference", "cache_attention": "reference",
                               "add_rms_norm": "reference"}
-    assert report.applied[2].details == {"cuda_graphs": False}
+    assert report.applied[2].details == {"kv_cache": "static", "cuda_graphs": False}
     assert report.memory_before.model_bytes == report.memory_after.model_bytes > 500 * 2**20
     assert model.config._attn_implementation == "flux"
     text = str(report)
@@ -103,6 +103,7 @@ def test_check_changes_nothing(smollm2):
     model, _ = smollm2
     before = model_snapshot(model)
     plan = flux_infer.check(model, "O3")
-    assert plan.names == ("quantization", "flash_attention", "fused_kernels", "fast_generate")
+    assert plan.names == ("quantization", "flash_attention", "fused_kernels", "paged_kv_cache", "kv_cache_int8",
+                          "fast_generate")
     assert_same_snapshot(before, model_snapshot(model))
-    assert "paged_kv_cache" in str(plan)
+    assert "speculative_decoding" in str(plan)

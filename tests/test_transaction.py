@@ -99,8 +99,8 @@ def test_unknown_level_and_conflicting_level_arguments(smollm2):
 def test_strict_mode_raises_where_a_plugin_would_be_skipped(smollm2):
     model, _ = smollm2
     before = model_snapshot(model)
-    with pytest.raises(flux_infer.errors.UnsupportedModelError, match="paged_kv_cache"):
-        flux_infer.optimize(model, "O2", strict=True)
+    with pytest.raises(flux_infer.errors.UnsupportedModelError, match="speculative_decoding"):
+        flux_infer.optimize(model, "O3", strict=True)
     assert_same_snapshot(before, model_snapshot(model))
 
 

@@ -2,7 +2,7 @@
 paged layout (``PagedKVCache``, ``BlockManager``, ``PagedMetadata``)."""
 
 from flux_infer.engine.engine import Engine, IncrementalDetokenizer, Request, RequestOutput
-from flux_infer.engine.paged_cache import BlockManager, PagedKVCache, PagedMetadata
+from flux_infer.generation.paged import BlockManager, PagedKVCache, PagedMetadata
 
 __all__ = ["BlockManager", "Engine", "IncrementalDetokenizer", "PagedKVCache", "PagedMetadata", "Request",
            "RequestOutput"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from flux_infer.engine.paged_cache import BlockManager, PagedKVCache, PagedMetadata
+from flux_infer.generation.paged import BlockManager, PagedKVCache, PagedMetadata
 from flux_infer.errors import InvalidConfigError, UnsupportedModelError
 from flux_infer.generation.runner import DecoderRunner, runner_support
 from flux_infer.generation.sampling import SamplingParams, TokenSelector

@@ -40,6 +40,9 @@ class ApplyContext(PlanContext):
 
     patch: PatchRecorder
     kernels: dict[str, str] = dataclasses.field(default_factory=dict)
+    # one dict shared by every plugin of an optimize() call: how plugins configure each other (e.g. the KV cache
+    # layout the decode loop builds), keys documented by the plugin that writes them
+    shared: dict[str, Any] = dataclasses.field(default_factory=dict)
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def use_kernel(self, op: str, implementation: str) -> None:

@@ -13,6 +13,7 @@ import torch
 from flux_infer import kernels
 from flux_infer.generation.decoder import FluxDecoder
 from flux_infer.generation.generate import flux_generate
+from flux_infer.generation.paged import PagedDecoder
 from flux_infer.generation.runner import DecoderRunner, runner_support
 from flux_infer.plugins.base import ApplyContext, PlanContext, Plugin
 from flux_infer.support import Support
@@ -24,7 +25,7 @@ class FastGeneratePlugin(Plugin):
     provides = frozenset({"decoding"})
     # The runner holds the modules it finds at apply time: everything that swaps modules goes first.
     after = ("weights:quantized", "attention", "kernels:rms_norm", "kernels:gated_activation",
-             "weights:fused_projections")
+             "weights:fused_projections", "kv_cache", "kv_cache:int8")
     config_field = "fast_generate"
 
     def supports(self, model: torch.nn.Module, ctx: PlanContext) -> Support:
@@ -35,7 +36,14 @@ class FastGeneratePlugin(Plugin):
 
     def apply(self, model: torch.nn.Module, ctx: ApplyContext) -> None:
         assert ctx.adapter is not None
-        decoder = FluxDecoder(DecoderRunner(model, ctx.adapter), use_cuda_graphs=ctx.config.use_cuda_graphs)
+        runner = DecoderRunner(model, ctx.adapter)
+        layout = ctx.shared.get("kv_cache")  # set by paged_kv_cache / kv_cache_int8
+        if layout is None:
+            decoder = FluxDecoder(runner, use_cuda_graphs=ctx.config.use_cuda_graphs)
+            ctx.detail("kv_cache", "static")
+        else:
+            decoder = PagedDecoder(runner, block_size=layout.block_size, int8=layout.int8)
+            ctx.detail("kv_cache", "paged-int8" if layout.int8 else "paged")
         original = model.generate
 
         def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
@@ -45,5 +53,6 @@ class FastGeneratePlugin(Plugin):
         ctx.patch.bind_method(model, "generate", generate)
         ctx.patch.on_rollback("release the decode cache", decoder.release)
         ctx.detail("cuda_graphs", decoder.use_cuda_graphs)
-        for op in ("rotary_cache_write_", "cache_attention", "add_rms_norm"):
+        ops = ("rotary_cache_write_", "cache_attention") if layout is None else ("rotary_embedding_", "paged_attention")
+        for op in (*ops, "add_rms_norm"):
             ctx.use_kernel(op, kernels.implementation(op, ctx.device))

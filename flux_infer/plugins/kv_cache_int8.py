@@ -1,20 +1,28 @@
-"""``kv_cache_int8``: INT8 keys and values with per-head scales, dequantized inside attention."""
+"""``kv_cache_int8``: INT8 keys and values (one scale per token and head), dequantized inside attention."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from flux_infer.plugins.base import PlanContext, Plugin, not_yet_available
+from flux_infer.plugins.base import ApplyContext, PlanContext, Plugin
+from flux_infer.plugins.paged_kv_cache import KVCacheLayout, decode_loop_support
 from flux_infer.support import Support
 
 
 class KVCacheInt8Plugin(Plugin):
     name = "kv_cache_int8"
-    description = "INT8 KV cache (half the KV memory), dequantized inside the attention kernel"
+    description = "INT8 KV cache (about half the KV memory of bf16), dequantized inside the attention kernel"
     provides = frozenset({"kv_cache:int8"})
     requires = frozenset({"kv_cache"})
+    before = ("decoding",)
     config_field = "quantize_kv_cache"
     lossless = False
 
     def supports(self, model: torch.nn.Module, ctx: PlanContext) -> Support:
-        return not_yet_available("the INT8 KV cache")
+        return decode_loop_support(model, ctx, "the INT8 KV cache")
+
+    def apply(self, model: torch.nn.Module, ctx: ApplyContext) -> None:
+        layout = ctx.shared.get("kv_cache", KVCacheLayout())
+        ctx.shared["kv_cache"] = dataclasses.replace(layout, int8=True)

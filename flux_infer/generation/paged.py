@@ -1,4 +1,5 @@
-"""The paged KV cache layout: fixed-size blocks from one preallocated pool, a block table per sequence.
+"""The paged KV cache layout: fixed-size blocks from one preallocated pool, a block table per sequence; and
+``PagedDecoder``, which runs ``model.generate``'s prefill/decode steps on it.
 
 Pool tensors are ``[layers, num_blocks * block_size, kv_heads, head_dim]`` (row ``block * block_size + offset``).
 A step's tokens from many sequences form one flat row; ``PagedMetadata`` says where each token's K/V goes
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -140,3 +142,61 @@ class BlockManager:
         allocated = sum(len(t) for t in self.tables.values()) * self.block_size
         used = sum(lengths.get(s, 0) for s in self.tables)
         return 0.0 if allocated == 0 else 1 - used / allocated
+
+
+@dataclasses.dataclass
+class PagedDecodeState:
+    """Where a generate call's rows stand: their block tables and cached lengths (advanced by each decode)."""
+
+    tables: list[list[int]]
+    lengths: list[int]
+
+
+class PagedDecoder:
+    """The ``FluxDecoder`` interface (``prefill``/``decode``/``release``) on a paged (optionally INT8) cache.
+
+    The pool grows to fit a call (rows x blocks of prompt + new tokens) and is kept for the next one. Each row
+    holds only its real tokens: left padding is dropped instead of masked.
+    """
+
+    use_cuda_graphs = False
+
+    def __init__(self, runner: Any, *, block_size: int = 16, int8: bool = False) -> None:
+        self.runner, self.block_size, self.int8 = runner, block_size, int8
+        self.cache: PagedKVCache | None = None
+        self.blocks: BlockManager | None = None
+
+    def _reserve(self, blocks_needed: int, max_len: int) -> None:
+        if self.cache is None or self.cache.num_blocks < blocks_needed:
+            runner = self.runner
+            self.cache = PagedKVCache(num_layers=len(runner.layers), num_blocks=blocks_needed,
+                                      block_size=self.block_size, num_kv_heads=runner.num_kv_heads,
+                                      head_dim=runner.head_dim, dtype=runner.dtype, device=runner.device,
+                                      int8=self.int8)
+            self.blocks = BlockManager(blocks_needed, self.block_size)
+        for seq in list(self.blocks.tables):
+            self.blocks.free(seq)
+        self.runner.ensure_rope(max_len)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int
+                ) -> tuple[torch.Tensor, PagedDecodeState]:
+        lengths = attention_mask.long().sum(-1).tolist()
+        width = input_ids.shape[1]
+        per_row = [-(-(n + max_new_tokens) // self.block_size) for n in lengths]
+        self._reserve(sum(per_row), max(lengths) + max_new_tokens)
+        for row, n in enumerate(lengths):
+            self.blocks.grow(f"row-{row}", n + max_new_tokens)
+        tables = [self.blocks.tables[f"row-{row}"] for row in range(len(lengths))]
+        tokens = torch.cat([input_ids[row, width - n:] for row, n in enumerate(lengths)])[None]
+        meta = PagedMetadata.build(new_tokens=lengths, context_lens=lengths, block_tables=tables,
+                                   block_size=self.block_size, device=self.runner.device)
+        return self.runner.forward(tokens, self.cache, meta), PagedDecodeState(tables, list(lengths))
+
+    def decode(self, input_ids: torch.Tensor, state: PagedDecodeState) -> torch.Tensor:
+        state.lengths = [n + 1 for n in state.lengths]
+        meta = PagedMetadata.build(new_tokens=[1] * len(state.lengths), context_lens=state.lengths,
+                                   block_tables=state.tables, block_size=self.block_size, device=self.runner.device)
+        return self.runner.forward(input_ids.reshape(1, -1), self.cache, meta)
+
+    def release(self) -> None:
+        self.cache = self.blocks = None
