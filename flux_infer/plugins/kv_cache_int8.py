@@ -1,4 +1,8 @@
-"""``kv_cache_int8``: INT8 keys and values (one scale per token and head), dequantized inside attention."""
+"""``kv_cache_int8``: INT8 keys and values (one scale per token and head), dequantized inside attention.
+
+It is the cache the model uses wherever it caches: flux's decode loop and engine (the paged INT8 pool), and the
+model's own forward with ``use_cache=True`` (``Int8Cache``, transformers' cache interface).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import dataclasses
 
 import torch
 
+from flux_infer.generation.hf_cache import cache_argument, int8_cache_forward
 from flux_infer.plugins.base import ApplyContext, PlanContext, Plugin
 from flux_infer.plugins.paged_kv_cache import KVCacheLayout, decode_loop_support
 from flux_infer.support import Support
@@ -25,4 +30,8 @@ class KVCacheInt8Plugin(Plugin):
 
     def apply(self, model: torch.nn.Module, ctx: ApplyContext) -> None:
         layout = ctx.shared.get("kv_cache", KVCacheLayout())
-        ctx.shared["kv_cache"] = dataclasses.replace(layout, int8=True)
+        ctx.shared["kv_cache"] = dataclasses.replace(layout, int8=True)  # flux's decode loop and engine
+        # the model's own forward (use_cache=True, and transformers' generate when it falls back): Int8Cache
+        argument = cache_argument(model)
+        ctx.patch.bind_method(model, "forward", int8_cache_forward(model.forward, argument))
+        ctx.detail("forward_cache", "Int8Cache")
