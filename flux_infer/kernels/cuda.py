@@ -64,7 +64,10 @@ def load() -> bool:
         from flux_infer.kernels import triton_attention
 
         if triton_attention.available():
+            from flux_infer.kernels import triton_paged_attention
+
             attention.cache_attention.register("cuda", triton_attention.cache_attention_cuda, "triton")
+            attention.paged_attention.register("cuda", triton_paged_attention.paged_attention_cuda, "triton")
         try:
             module = _build()
         except Exception as exc:  # no nvcc, no ninja, compiler error: keep the reference path

@@ -1,0 +1,155 @@
+"""Triton paged decode attention: one new token per sequence over its blocks of the pool (optionally INT8).
+
+Split-K like the static-cache kernel: a program handles (sequence, kv head, chunk of positions) for all the query
+heads of the group, gathering key/value rows through the sequence's block table (contiguous within a block) and
+dequantizing INT8 codes with their per (token, head) scales; a second kernel merges the chunks. Steps that carry
+prefill chunks (several tokens for a sequence) use the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from flux_infer.kernels import attention
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover (CPU-only installs)
+    triton = None
+
+BLOCK_N = 32  # positions per iteration (tl.dot needs at least 16)
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_chunk_kernel(Q, K, V, KS, VS, Tables, Lens, QStart, PartO, PartM, PartL,
+                            stride_qn, stride_qh, stride_kr, stride_kh, stride_sr, stride_tb,
+                            block_size, scale, window, chunk, splits,
+                            INT8: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        s = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        context = tl.load(Lens + s)
+        row = tl.load(QStart + s)
+        lo = 0
+        if window > 0:
+            lo = tl.maximum(lo, context - window)
+        chunk_lo = split * chunk
+        hi = tl.minimum(chunk_lo + chunk, context)
+        lo = tl.maximum(lo, chunk_lo)
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        g_mask = offs_g < G
+        d_mask = offs_d < D
+        q = tl.load(Q + row * stride_qn + (kvh * G + offs_g)[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            n_mask = pos < hi
+            block = tl.load(Tables + s * stride_tb + pos // block_size, mask=n_mask, other=0)
+            rows = block.to(tl.int64) * block_size + pos % block_size
+            k = tl.load(K + rows[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :],
+                        mask=n_mask[:, None] & d_mask[None, :], other=0)
+            v = tl.load(V + rows[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :],
+                        mask=n_mask[:, None] & d_mask[None, :], other=0)
+            if INT8:  # codes * per (token, head) scale, in the activations' dtype
+                k = (k.to(tl.float32) * tl.load(KS + rows * stride_sr + kvh, mask=n_mask, other=0.0)[:, None])
+                v = (v.to(tl.float32) * tl.load(VS + rows * stride_sr + kvh, mask=n_mask, other=0.0)[:, None])
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
+            scores = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_N]
+            scores = tl.where(n_mask[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            p = tl.exp(scores - m_new[:, None])
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        part = (s * tl.num_programs(1) + kvh) * splits + split
+        tl.store(PartO + (part * G + offs_g)[:, None] * D + offs_d[None, :], acc,
+                 mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(PartM + part * G + offs_g, m_i, mask=g_mask)
+        tl.store(PartL + part * G + offs_g, l_i, mask=g_mask)
+
+    @triton.jit
+    def _paged_merge_kernel(PartO, PartM, PartL, QStart, Out, stride_on, stride_oh, splits,
+                            G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+        s = tl.program_id(0)
+        h = tl.program_id(1)
+        kvh = h // G
+        g = h % G
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < splits
+        part = (s * (tl.num_programs(1) // G) + kvh) * splits + offs_s
+        m = tl.load(PartM + part * G + g, mask=s_mask, other=float("-inf"))
+        l_part = tl.load(PartL + part * G + g, mask=s_mask, other=0.0)
+        m_max = tl.max(m, 0)
+        w = tl.where(s_mask & (l_part > 0), tl.exp(m - m_max), 0.0)
+        o = tl.load(PartO + (part * G + g)[:, None] * D + offs_d[None, :],
+                    mask=s_mask[:, None] & (offs_d < D)[None, :], other=0.0)
+        out = tl.sum(o * w[:, None], 0) / tl.sum(l_part * w, 0)
+        row = tl.load(QStart + s)
+        tl.store(Out + row * stride_on + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
+
+
+def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, query_start: torch.Tensor, block_size: int, scale: float,
+                           window: int, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
+                           max_context: int, sm_count: int) -> torch.Tensor:
+    """q ``[S, heads, D]`` (one token per sequence) over the paged pool -> ``[S, heads, D]``."""
+    sequences = context_lens.shape[0]
+    heads, dim = q.shape[1], q.shape[2]
+    kv_heads = k_pool.shape[1]
+    group = heads // kv_heads
+    blocks = max(1, math.ceil(max_context / BLOCK_N))
+    splits = max(1, min(blocks, math.ceil(2 * sm_count / max(1, sequences * kv_heads))))
+    chunk = math.ceil(blocks / splits) * BLOCK_N
+    splits = max(1, math.ceil(max_context / chunk))
+    parts = sequences * kv_heads * splits * group
+    part_o = torch.empty(parts, dim, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(parts, dtype=torch.float32, device=q.device)
+    part_l = torch.empty(parts, dtype=torch.float32, device=q.device)
+    int8 = k_scale is not None
+    scales_k = k_scale if int8 else part_m
+    scales_v = v_scale if int8 else part_m
+    block_d = triton.next_power_of_2(dim)
+    _paged_chunk_kernel[(sequences, kv_heads, splits)](
+        q, k_pool, v_pool, scales_k, scales_v, block_tables, context_lens, query_start, part_o, part_m, part_l,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), scales_k.stride(0) if int8 else 0,
+        block_tables.stride(0), block_size, scale, window, chunk, splits,
+        INT8=int8, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_D=block_d,
+        BLOCK_N=BLOCK_N,
+    )
+    out = torch.empty_like(q)
+    _paged_merge_kernel[(sequences, heads)](
+        part_o, part_m, part_l, query_start, out, out.stride(0), out.stride(1), splits,
+        G=group, D=dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+    )
+    return out
+
+
+def paged_attention_cuda(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
+                         context_lens: torch.Tensor, query_start: torch.Tensor, block_size: int, scale: float,
+                         window: int, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """CUDA implementation of ``flux::paged_attention``: Triton when every sequence adds one token (decode)."""
+    if q.shape[0] == context_lens.shape[0] and k_pool.stride(-1) == 1 and q.stride(-1) == 1:
+        sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
+        max_context = int(context_lens.max())
+        return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, query_start, block_size,
+                                      scale, window, k_scale, v_scale, max_context, sm_count)
+    return attention.paged_attention_ref(q, k_pool, v_pool, block_tables, context_lens, query_start, block_size,
+                                         scale, window, k_scale, v_scale)
