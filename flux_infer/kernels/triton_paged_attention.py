@@ -141,15 +141,25 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     return out
 
 
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
 def paged_attention_cuda(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                          context_lens: torch.Tensor, query_start: torch.Tensor, block_size: int, scale: float,
                          window: int, k_scale: torch.Tensor | None = None,
                          v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """CUDA implementation of ``flux::paged_attention``: Triton when every sequence adds one token (decode)."""
     if q.shape[0] == context_lens.shape[0] and k_pool.stride(-1) == 1 and q.stride(-1) == 1:
-        sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count
-        max_context = int(context_lens.max())
+        # the block tables' width bounds every context without reading the lengths back (no host sync)
+        max_context = block_tables.shape[1] * block_size
         return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, query_start, block_size,
-                                      scale, window, k_scale, v_scale, max_context, sm_count)
+                                      scale, window, k_scale, v_scale, max_context, _sm_count(q.device))
     return attention.paged_attention_ref(q, k_pool, v_pool, block_tables, context_lens, query_start, block_size,
                                          scale, window, k_scale, v_scale)
