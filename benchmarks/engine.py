@@ -1,0 +1,112 @@
+"""Continuous batching benchmark: transformers' ``generate_batch`` vs flux's ``Engine`` (bf16 and INT8 KV), one
+process, one GPU. Llama-3-8B shape, random weights, bf16; 256 requests of 128 prompt and 256 output tokens
+submitted at once (EOS ignored, so every request produces all its tokens).
+
+    python benchmarks/engine.py                        # all modes
+    python benchmarks/engine.py --requests 32 --layers 4 --modes flux_engine   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.decode import build_model  # noqa: E402
+from flux_infer.engine import Engine  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def run_hf(model, prompts: list[list[int]], new_tokens: int) -> dict:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)
+    model.generate_batch(prompts[:4], generation_config=config)  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model.generate_batch(prompts, generation_config=config)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.generated_tokens) for o in out.values())
+    return {"output_tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens}
+
+
+def run_flux(model, prompts: list[list[int]], new_tokens: int, *, int8: bool, kv_bytes: int | None) -> dict:
+    engine = Engine(model, None, kv_cache_bytes=kv_bytes, int8_kv=int8, max_num_batched_tokens=4096,
+                    max_num_seqs=len(prompts))
+    warm = Engine(model, None, num_blocks=64, int8_kv=int8)
+    warm.add_request(prompts[0], max_new_tokens=4, stop_token_ids=[])
+    warm.run()
+    del warm
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    ids = [engine.add_request(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in prompts]
+    engine.run()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    requests = [engine.requests[i] for i in ids]
+    metrics = [r.metrics() for r in requests]
+    tokens = sum(m["completion_tokens"] for m in metrics)
+    ttft = [m["ttft_ms"] for m in metrics]
+    tpot = [m["tpot_ms"] for m in metrics if m["tpot_ms"] is not None]
+    sequence_len = len(prompts[0]) + new_tokens
+    return {
+        "output_tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
+        "ttft_p50_ms": percentile(ttft, 50), "ttft_p99_ms": percentile(ttft, 99),
+        "tpot_p50_ms": percentile(tpot, 50), "tpot_p99_ms": percentile(tpot, 99),
+        "kv_waste_peak": engine.peak_waste, "kv_blocks": engine.blocks.num_blocks,
+        "kv_gib": engine.cache.nbytes / 2**30,
+        "sequences_that_fit": engine.blocks.num_blocks * engine.blocks.block_size // sequence_len,
+        "preemptions": sum(m["preemptions"] for m in metrics),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modes", default="hf_generate_batch,flux_engine,flux_engine_int8")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--kv-gib", type=float, default=None, help="KV cache budget (default: 90%% of free memory)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    model = build_model(args.layers)
+    generator = torch.Generator().manual_seed(0)
+    prompts = torch.randint(100, 120000, (args.requests, args.prompt), generator=generator).tolist()
+    kv_bytes = None if args.kv_gib is None else int(args.kv_gib * 2**30)
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "transformers": __import__("transformers").__version__, "requests": args.requests,
+               "prompt": args.prompt, "new_tokens": args.new}
+    for mode in args.modes.split(","):
+        if mode == "hf_generate_batch":
+            results[mode] = run_hf(model, prompts, args.new)
+        else:
+            results[mode] = run_flux(model, prompts, args.new, int8=mode.endswith("int8"), kv_bytes=kv_bytes)
+        torch.cuda.empty_cache()
+        print(mode, json.dumps(results[mode]), flush=True)
+    if "hf_generate_batch" in results and "flux_engine" in results:
+        results["speedup"] = results["flux_engine"]["output_tok_s"] / results["hf_generate_batch"]["output_tok_s"]
+    if "flux_engine" in results and "flux_engine_int8" in results:
+        results["int8_capacity_ratio"] = (results["flux_engine_int8"]["sequences_that_fit"]
+                                          / results["flux_engine"]["sequences_that_fit"])
+    print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
