@@ -1,6 +1,7 @@
 """Continuous batching benchmark: transformers' ``generate_batch`` vs flux's ``Engine`` (bf16 and INT8 KV), one
 process, one GPU. Llama-3-8B shape, random weights, bf16; 256 requests of 128 prompt and 256 output tokens
-submitted at once (EOS ignored, so every request produces all its tokens).
+submitted at once (EOS ignored, so every request produces all its tokens). transformers runs the model as loaded;
+the engine runs it after ``flux_infer.optimize(model, level="O1")`` (fused norms/activations and projections).
 
     python benchmarks/engine.py                        # all modes
     python benchmarks/engine.py --requests 32 --layers 4 --modes flux_engine   # quick look
@@ -19,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import flux_infer  # noqa: E402
 from benchmarks.decode import build_model  # noqa: E402
 from flux_infer.engine import Engine  # noqa: E402
 
@@ -43,7 +45,24 @@ def run_hf(model, prompts: list[list[int]], new_tokens: int) -> dict:
     return {"output_tok_s": tokens / seconds, "seconds": seconds, "tokens": tokens}
 
 
-def run_flux(model, prompts: list[list[int]], new_tokens: int, *, int8: bool, kv_bytes: int | None) -> dict:
+def profile_decode(engine: Engine, prompts: list[list[int]], new_tokens: int, steps: int = 5) -> str:
+    """Kernel and host time of a few decode steps at full batch (after every prompt is prefilled)."""
+    for p in prompts:
+        engine.add_request(p, max_new_tokens=new_tokens, stop_token_ids=[])
+    while engine.waiting or any(r.num_computed < len(r.prompt_ids) for r in engine.running.values()):
+        engine.step()
+    engine.step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=48)
+
+
+def run_flux(model, prompts: list[list[int]], new_tokens: int, *, int8: bool, kv_bytes: int | None,
+             profile: bool = False) -> dict:
     engine = Engine(model, None, kv_cache_bytes=kv_bytes, int8_kv=int8, max_num_batched_tokens=4096,
                     max_num_seqs=len(prompts))
     warm = Engine(model, None, num_blocks=64, int8_kv=int8)
@@ -53,7 +72,13 @@ def run_flux(model, prompts: list[list[int]], new_tokens: int, *, int8: bool, kv
     torch.cuda.synchronize()
     start = time.perf_counter()
     ids = [engine.add_request(p, max_new_tokens=new_tokens, stop_token_ids=[]) for p in prompts]
-    engine.run()
+    step_ms: list[tuple[int, float]] = []  # (sequences in the step, wall ms) of steps with no prefill
+    while engine.has_unfinished():
+        prefilling = bool(engine.waiting) or any(r.num_computed < len(r.prompt_ids) for r in engine.running.values())
+        batch, begin = len(engine.running), time.perf_counter()
+        engine.step()
+        if not prefilling:
+            step_ms.append((batch, (time.perf_counter() - begin) * 1e3))
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     requests = [engine.requests[i] for i in ids]
@@ -70,7 +95,12 @@ def run_flux(model, prompts: list[list[int]], new_tokens: int, *, int8: bool, kv
         "kv_gib": engine.cache.nbytes / 2**30,
         "sequences_that_fit": engine.blocks.num_blocks * engine.blocks.block_size // sequence_len,
         "preemptions": sum(m["preemptions"] for m in metrics),
+        "decode_steps": len(step_ms),
+        "decode_step_ms_full_batch": statistics.median([ms for n, ms in step_ms if n == len(prompts)] or [0.0]),
+        "prefill_phase_s": seconds - sum(ms for _, ms in step_ms) / 1e3,
     }
+    if profile:
+        print(profile_decode(engine, prompts, new_tokens))
 
 
 def main() -> int:
@@ -82,6 +112,7 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--kv-gib", type=float, default=None, help="KV cache budget (default: 90%% of free memory)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", action="store_true", help="print a profile of decode steps at full batch")
     args = parser.parse_args()
     model = build_model(args.layers)
     generator = torch.Generator().manual_seed(0)
@@ -94,7 +125,11 @@ def main() -> int:
         if mode == "hf_generate_batch":
             results[mode] = run_hf(model, prompts, args.new)
         else:
-            results[mode] = run_flux(model, prompts, args.new, int8=mode.endswith("int8"), kv_bytes=kv_bytes)
+            if not hasattr(model, "flux_report"):  # the engine runs on the model's modules: fuse them first (O1)
+                flux_infer.optimize(model, level="O1")
+                results["flux_optimizations"] = [r.name for r in model.flux_report.applied]
+            results[mode] = run_flux(model, prompts, args.new, int8=mode.endswith("int8"), kv_bytes=kv_bytes,
+                                     profile=args.profile)
         torch.cuda.empty_cache()
         print(mode, json.dumps(results[mode]), flush=True)
     if "hf_generate_batch" in results and "flux_engine" in results:

@@ -201,3 +201,36 @@ def test_paged_decode_attention_against_float64(int8, heads, kv_heads, dim, bloc
     low = kernels.paged_attention_ref(q, k, v, *args, k_scale, v_scale)
     assert torch.isfinite(out).all()
     assert rel_err(out, truth) <= 2 * rel_err(low, truth) + 1e-3
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("heads, kv_heads, dim, block_size, window", [(32, 8, 128, 16, 0), (9, 3, 64, 17, 5),
+                                                                       (4, 4, 64, 15, 0)])
+def test_paged_prefill_attention_against_float64(int8, heads, kv_heads, dim, block_size, window):
+    """A mixed step: prefill chunks (first, middle, at block boundaries, longer than a tile) and decodes."""
+    from flux_infer.generation.paged import quantize_kv_int8
+
+    torch.manual_seed(0)
+    spec = [(1, 1), (5, 20), (16, 16), (17, 40), (130, 130), (1, 300), (3, 3), (64, 200)]  # (new, context)
+    lengths = [c for _, c in spec]
+    blocks = sum(-(-n // block_size) for n in lengths) + 2
+    k = torch.randn(blocks * block_size, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(blocks * block_size, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    k_scale = v_scale = None
+    if int8:
+        (k, k_scale), (v, v_scale) = quantize_kv_int8(k), quantize_kv_int8(v)
+    free = torch.randperm(blocks).tolist()
+    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lengths]
+    width = max(len(t) for t in tables)
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda")
+    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    counts = torch.tensor([0] + [n for n, _ in spec])
+    starts = counts.cumsum(0).to(device="cuda", dtype=torch.int32)
+    q = torch.randn(int(counts.sum()), heads, dim, device="cuda", dtype=torch.bfloat16)
+    args = (table, lens, starts, block_size, dim**-0.5, window)
+    out = kernels.paged_attention(q, k, v, *args, k_scale, v_scale)
+    truth = kernels.paged_attention_ref(q.double(), k if int8 else k.double(), v if int8 else v.double(), *args,
+                                        k_scale, v_scale)
+    low = kernels.paged_attention_ref(q, k, v, *args, k_scale, v_scale)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, truth) <= 2 * rel_err(low, truth) + 1e-3

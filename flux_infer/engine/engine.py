@@ -45,7 +45,7 @@ class IncrementalDetokenizer:
         return new
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # compared by identity: requests are looked up every step
 class Request:
     request_id: str
     prompt_ids: list[int]
@@ -127,7 +127,7 @@ class Engine:
         runner.ensure_rope(min(max_len, num_blocks * block_size))
         self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.running: dict[str, Request] = {}  # by id, in admission order
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._dropped: list[Request] = []
@@ -190,16 +190,14 @@ class Engine:
         request.finish_reason = reason
         request.finished_at = time.perf_counter()
         self.blocks.free(request.request_id)
-        if request in self.running:
-            self.running.remove(request)
-        if request in self.waiting:
+        if self.running.pop(request.request_id, None) is None and request in self.waiting:
             self.waiting.remove(request)
 
     def _preempt(self, request: Request) -> None:
         self.blocks.free(request.request_id)
         request.num_computed = 0
         request.preemptions += 1
-        self.running.remove(request)
+        del self.running[request.request_id]
         self.waiting.appendleft(request)
 
     # ---- one step ---------------------------------------------------------------------------------------------
@@ -208,13 +206,15 @@ class Engine:
         Requests that can never fit are finished here (kept in ``self._dropped`` to be reported)."""
         scheduled: list[tuple[Request, int]] = []
         budget = self.max_num_batched_tokens
-        for request in sorted(self.running, key=lambda r: r.order):
-            if request not in self.running or budget == 0:
-                continue
-            remaining = len(request.all_ids) - request.num_computed
+        scheduled_ids: set[str] = set()
+        for request in sorted(self.running.values(), key=lambda r: r.order):
+            if request.request_id not in self.running or budget == 0:
+                continue  # preempted by an older request of this step, or no budget left
+            remaining = len(request.prompt_ids) + len(request.output_ids) - request.num_computed
             count = min(remaining, budget)
             while not self.blocks.grow(request.request_id, request.num_computed + count):
-                victims = [r for r in self.running if r is not request and r not in (s for s, _ in scheduled)]
+                victims = [r for r in self.running.values()
+                           if r is not request and r.request_id not in scheduled_ids]
                 if not victims:
                     if len(self.running) == 1 and not scheduled:  # alone and still too big for the pool
                         self._finish(request, "kv_cache_capacity")
@@ -224,6 +224,7 @@ class Engine:
                 self._preempt(max(victims, key=lambda r: r.order))
             if count:
                 scheduled.append((request, count))
+                scheduled_ids.add(request.request_id)
                 budget -= count
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting[0]
@@ -231,7 +232,7 @@ class Engine:
             if not self.blocks.grow(request.request_id, request.num_computed + count):
                 break  # no preemption to admit new work: wait for blocks to come back
             self.waiting.popleft()
-            self.running.append(request)
+            self.running[request.request_id] = request
             scheduled.append((request, count))
             budget -= count
         return scheduled
@@ -244,7 +245,11 @@ class Engine:
         outputs = [RequestOutput(r.request_id, [], "", True, r.finish_reason, r.metrics()) for r in self._dropped]
         if not scheduled:
             return outputs
-        ids = [t for r, count in scheduled for t in r.all_ids[r.num_computed:r.num_computed + count]]
+        ids: list[int] = []
+        for request, count in scheduled:
+            start = request.num_computed
+            prompt = request.prompt_ids
+            ids += prompt[start:start + count] if start + count <= len(prompt) else request.all_ids[start:start + count]
         meta = PagedMetadata.build(
             new_tokens=[count for _, count in scheduled],
             context_lens=[r.num_computed + count for r, count in scheduled],
@@ -255,14 +260,14 @@ class Engine:
         logits = self.runner.forward(input_ids, self.cache, meta)
         lengths = {r.request_id: r.num_computed + c for r, c in scheduled}
         self.peak_waste = max(self.peak_waste, self.blocks.used_slots_waste(lengths))
-        now = time.perf_counter()
+        sampled = []  # (row, request): sequences whose last known token was in this step
         for row, (request, count) in enumerate(scheduled):
             request.num_computed += count
-            if request.num_computed < len(request.all_ids) or request.finished:
-                continue  # a prefill chunk that has not reached the end yet
-            token, _ = request.selector(logits[row:row + 1], suppress_eos=False)
-            token_id = int(token)
-            request.selector.observe(token)
+            if request.num_computed == len(request.prompt_ids) + len(request.output_ids):
+                sampled.append((row, request))
+        token_ids = self._sample(logits, sampled)
+        now = time.perf_counter()
+        for (_, request), token_id in zip(sampled, token_ids, strict=True):
             request.output_ids.append(token_id)
             request.first_token_at = request.first_token_at or now
             new_text = request.detokenizer.add(token_id) if request.detokenizer is not None else ""
@@ -275,6 +280,19 @@ class Engine:
             outputs.append(RequestOutput(request.request_id, [token_id], new_text, request.finished,
                                          request.finish_reason, request.metrics()))
         return outputs
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, sampled: list[tuple[int, Request]]) -> list[int]:
+        """Next token of each ``(row, request)``: one argmax for all greedy rows, each other row through its own
+        selector (its parameters and generator), and a single read back to the host."""
+        tokens = logits.argmax(dim=-1)
+        for row, request in sampled:
+            if not request.selector.plain_greedy:
+                token, _ = request.selector(logits[row:row + 1], suppress_eos=False)
+                request.selector.observe(token)
+                tokens[row] = token[0]
+        values = tokens.tolist()
+        return [values[row] for row, _ in sampled]
 
     def _stop_reason(self, request: Request, token_id: int) -> str | None:
         if token_id in request.stop_token_ids:

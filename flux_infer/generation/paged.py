@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from flux_infer import kernels
@@ -32,24 +33,33 @@ class PagedMetadata:
     @classmethod
     def build(cls, *, new_tokens: Sequence[int], context_lens: Sequence[int], block_tables: Sequence[Sequence[int]],
               block_size: int, device: torch.device) -> PagedMetadata:
-        """Metadata for sequences that each add ``new_tokens[s]`` tokens, ending at ``context_lens[s]``."""
-        positions, slots, starts = [], [], [0]
-        for count, context, table in zip(new_tokens, context_lens, block_tables, strict=True):
-            for pos in range(context - count, context):
-                positions.append(pos)
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
-            starts.append(starts[-1] + count)
+        """Metadata for sequences that each add ``new_tokens[s] >= 1`` tokens, ending at ``context_lens[s]``.
+
+        Planned with numpy on the host and sent in two copies (int64 and int32 fields), whatever the batch."""
+        sequences = len(new_tokens)
+        counts = np.asarray(new_tokens, dtype=np.int64)
+        contexts = np.asarray(context_lens, dtype=np.int64)
+        starts = np.zeros(sequences + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
         width = max((len(t) for t in block_tables), default=1) or 1
-        tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
-        for s, table in enumerate(block_tables):
-            tables[s, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        flat: list[int] = []
+        for table in block_tables:
+            flat += table
+            flat += [0] * (width - len(table))
+        tables = np.asarray(flat, dtype=np.int64).reshape(sequences, width)
+        owner = np.repeat(np.arange(sequences), counts)  # sequence of each token
+        positions = np.arange(starts[-1]) - starts[owner] + (contexts - counts)[owner]
+        slots = tables[owner, positions // block_size] * block_size + positions % block_size
+        longs = torch.from_numpy(np.concatenate([positions, slots, starts[1:] - 1])).to(device)
+        ints = torch.from_numpy(np.concatenate([tables.ravel(), contexts, starts]).astype(np.int32)).to(device)
+        tokens = int(starts[-1])
         return cls(
-            positions=torch.tensor([positions], dtype=torch.long, device=device),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            block_tables=tables.to(device),
-            context_lens=torch.tensor(list(context_lens), dtype=torch.int32, device=device),
-            query_start=torch.tensor(starts, dtype=torch.int32, device=device),
-            logits_index=torch.tensor([e - 1 for e in starts[1:]], dtype=torch.long, device=device),
+            positions=longs[:tokens][None],
+            slot_mapping=longs[tokens:2 * tokens],
+            block_tables=ints[: sequences * width].view(sequences, width),
+            context_lens=ints[sequences * width: sequences * width + sequences],
+            query_start=ints[sequences * width + sequences:],
+            logits_index=longs[2 * tokens:],
         )
 
 

@@ -37,6 +37,11 @@ class TokenSelector:
             self.seen = torch.zeros(prompt_ids.shape[0], vocab_size, dtype=torch.bool, device=prompt_ids.device)
             self.seen.scatter_(1, prompt_ids, True)
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Whether the next token is the argmax of the raw logits (no sampling, no penalty)."""
+        return not self.params.do_sample and self.seen is None
+
     def __call__(self, logits: torch.Tensor, *, suppress_eos: bool) -> tuple[torch.Tensor, torch.Tensor]:
         p = self.params
         scores = logits

@@ -71,7 +71,8 @@ def paged_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Ten
     q ``[N, heads, D]`` holds sequence ``s``'s new tokens at rows ``query_start[s]:query_start[s+1]``; they are the
     last tokens of its ``context_lens[s]`` cached ones, whose slot ``j`` lives at pool row
     ``block_tables[s, j // block_size] * block_size + j % block_size`` of ``k_pool``/``v_pool`` ``[slots, kv_heads, D]``.
-    Causal, optionally within ``window`` positions; returns ``[N, heads, D]``. An INT8 pool comes with
+    Every sequence adds at least one token (``N == sequences`` means a decode step). Causal, optionally within
+    ``window`` positions; returns ``[N, heads, D]``. An INT8 pool comes with
     ``k_scale``/``v_scale`` ``[slots, kv_heads]``: a cached vector is ``code * scale``.
     """
     out = torch.empty_like(q)

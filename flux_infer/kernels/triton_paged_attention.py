@@ -1,9 +1,14 @@
-"""Triton paged decode attention: one new token per sequence over its blocks of the pool (optionally INT8).
+"""Triton paged attention over the pool's blocks (optionally INT8), for decode and for mixed prefill steps.
 
-Split-K like the static-cache kernel: a program handles (sequence, kv head, chunk of positions) for all the query
-heads of the group, gathering key/value rows through the sequence's block table (contiguous within a block) and
-dequantizing INT8 codes with their per (token, head) scales; a second kernel merges the chunks. Steps that carry
-prefill chunks (several tokens for a sequence) use the PyTorch reference.
+Decode (one new token per sequence) is split-K like the static-cache kernel: a program handles (sequence, kv head,
+chunk of positions) for all the query heads of the group, gathering key/value rows through the sequence's block
+table (contiguous within a block) and dequantizing INT8 codes with their per (token, head) scales; a second
+kernel merges the chunks.
+
+Steps with prefill chunks (any number of new tokens per sequence, decodes mixed in) run one flash-attention style
+kernel over tiles of ``BLOCK_Q`` query tokens x the query heads of one kv head. Tiles are numbered so that
+sequence ``s``'s first tile is ``query_start[s] // BLOCK_Q + s``: the grid (``tokens // BLOCK_Q + sequences``
+tiles) is known without reading lengths back, and each program finds its sequence by binary search.
 """
 
 from __future__ import annotations
@@ -105,6 +110,102 @@ if triton is not None:
         tl.store(Out + row * stride_on + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
 
 
+    @triton.jit
+    def _paged_prefill_kernel(Q, K, V, KS, VS, Out, Tables, Lens, QStart, num_seqs,
+                              stride_qn, stride_qh, stride_on, stride_oh, stride_kr, stride_kh, stride_sr, stride_tb,
+                              block_size, scale, window,
+                              INT8: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+                              D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+        tile_id = tl.program_id(0)
+        kvh = tl.program_id(1)
+        lo = 0
+        hi = num_seqs
+        while lo < hi:  # the last sequence whose first tile is at or before this one
+            mid = (lo + hi) // 2
+            if tl.load(QStart + mid) // BLOCK_Q + mid <= tile_id:
+                lo = mid + 1
+            else:
+                hi = mid
+        s = lo - 1
+        q_begin = tl.load(QStart + s)
+        q_len = tl.load(QStart + s + 1) - q_begin
+        tile = tile_id - (q_begin // BLOCK_Q + s)
+        if tile * BLOCK_Q >= q_len:
+            return
+        context = tl.load(Lens + s)
+        offs_m = tl.arange(0, BLOCK_Q * G_PAD)  # rows: (query token, head of the group)
+        qi = tile * BLOCK_Q + offs_m // G_PAD
+        head = kvh * G + offs_m % G_PAD
+        m_valid = (qi < q_len) & (offs_m % G_PAD < G)
+        q_pos = context - q_len + qi
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        q = tl.load(Q + (q_begin + qi)[:, None] * stride_qn + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=m_valid[:, None] & d_mask[None, :], other=0.0)
+        first = context - q_len + tile * BLOCK_Q
+        key_hi = tl.minimum(context, first + BLOCK_Q)
+        key_lo = 0
+        if window > 0:
+            key_lo = tl.maximum(0, first - window + 1)
+        m_i = tl.full([BLOCK_Q * G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_Q * G_PAD], tl.float32)
+        acc = tl.zeros([BLOCK_Q * G_PAD, BLOCK_D], tl.float32)
+        for n0 in range(key_lo, key_hi, BLOCK_N):
+            pos = n0 + tl.arange(0, BLOCK_N)
+            n_mask = pos < key_hi
+            block = tl.load(Tables + s * stride_tb + pos // block_size, mask=n_mask, other=0)
+            rows = block.to(tl.int64) * block_size + pos % block_size
+            k = tl.load(K + rows[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :],
+                        mask=n_mask[:, None] & d_mask[None, :], other=0)
+            v = tl.load(V + rows[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :],
+                        mask=n_mask[:, None] & d_mask[None, :], other=0)
+            if INT8:
+                k = (k.to(tl.float32) * tl.load(KS + rows * stride_sr + kvh, mask=n_mask, other=0.0)[:, None])
+                v = (v.to(tl.float32) * tl.load(VS + rows * stride_sr + kvh, mask=n_mask, other=0.0)[:, None])
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
+            scores = tl.dot(q, tl.trans(k)) * scale  # [rows, BLOCK_N]
+            allowed = n_mask[None, :] & (pos[None, :] <= q_pos[:, None])
+            if window > 0:
+                allowed = allowed & (pos[None, :] > q_pos[:, None] - window)
+            scores = tl.where(allowed, scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet stay zero
+            p = tl.exp(scores - m_use[:, None])
+            alpha = tl.exp(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(Out + (q_begin + qi)[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_mask[None, :])
+
+
+def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                            block_tables: torch.Tensor, context_lens: torch.Tensor, query_start: torch.Tensor,
+                            block_size: int, scale: float, window: int, k_scale: torch.Tensor | None,
+                            v_scale: torch.Tensor | None) -> torch.Tensor:
+    """q ``[N, heads, D]`` (any number of new tokens per sequence) over the paged pool -> ``[N, heads, D]``."""
+    tokens, heads, dim = q.shape
+    sequences = context_lens.shape[0]
+    kv_heads = k_pool.shape[1]
+    group = heads // kv_heads
+    group_pad = triton.next_power_of_2(group)
+    block_q = max(1, 64 // group_pad)
+    out = torch.empty_like(q)
+    int8 = k_scale is not None
+    scales_k = k_scale if int8 else out
+    scales_v = v_scale if int8 else out
+    _paged_prefill_kernel[(tokens // block_q + sequences, kv_heads)](
+        q, k_pool, v_pool, scales_k, scales_v, out, block_tables, context_lens, query_start, sequences,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_pool.stride(0), k_pool.stride(1),
+        scales_k.stride(0) if int8 else 0, block_tables.stride(0), block_size, scale, window,
+        INT8=int8, G=group, G_PAD=group_pad, BLOCK_Q=block_q, D=dim, BLOCK_D=triton.next_power_of_2(dim),
+        BLOCK_N=BLOCK_N,
+    )
+    return out
+
+
 def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, query_start: torch.Tensor, block_size: int, scale: float,
                            window: int, k_scale: torch.Tensor | None, v_scale: torch.Tensor | None,
@@ -155,11 +256,15 @@ def paged_attention_cuda(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
                          context_lens: torch.Tensor, query_start: torch.Tensor, block_size: int, scale: float,
                          window: int, k_scale: torch.Tensor | None = None,
                          v_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """CUDA implementation of ``flux::paged_attention``: Triton when every sequence adds one token (decode)."""
-    if q.shape[0] == context_lens.shape[0] and k_pool.stride(-1) == 1 and q.stride(-1) == 1:
+    """CUDA implementation of ``flux::paged_attention``: the split-K decode kernel when every sequence adds one
+    token, the tiled kernel when some add more (prefill chunks)."""
+    if k_pool.stride(-1) != 1 or q.stride(-1) != 1:
+        return attention.paged_attention_ref(q, k_pool, v_pool, block_tables, context_lens, query_start,
+                                             block_size, scale, window, k_scale, v_scale)
+    if q.shape[0] == context_lens.shape[0]:
         # the block tables' width bounds every context without reading the lengths back (no host sync)
         max_context = block_tables.shape[1] * block_size
         return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, query_start, block_size,
                                       scale, window, k_scale, v_scale, max_context, _sm_count(q.device))
-    return attention.paged_attention_ref(q, k_pool, v_pool, block_tables, context_lens, query_start, block_size,
-                                         scale, window, k_scale, v_scale)
+    return paged_prefill_attention(q, k_pool, v_pool, block_tables, context_lens, query_start, block_size, scale,
+                                   window, k_scale, v_scale)
