@@ -176,7 +176,7 @@ def test_quantized_linear_against_its_reference(bits, group, rows, n, k, dtype):
 @pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("heads, kv_heads, dim, block_size, window", [(32, 8, 128, 16, 0), (9, 3, 64, 17, 5)])
 def test_paged_decode_attention_against_float64(int8, heads, kv_heads, dim, block_size, window):
-    from flux_infer.generation.paged import quantize_kv_int8
+    from flux_infer.kernels import quantize_kv_int8
 
     torch.manual_seed(0)
     lengths = [1, 15, 16, 17, 300]
@@ -208,7 +208,7 @@ def test_paged_decode_attention_against_float64(int8, heads, kv_heads, dim, bloc
                                                                        (4, 4, 64, 15, 0)])
 def test_paged_prefill_attention_against_float64(int8, heads, kv_heads, dim, block_size, window):
     """A mixed step: prefill chunks (first, middle, at block boundaries, longer than a tile) and decodes."""
-    from flux_infer.generation.paged import quantize_kv_int8
+    from flux_infer.kernels import quantize_kv_int8
 
     torch.manual_seed(0)
     spec = [(1, 1), (5, 20), (16, 16), (17, 40), (130, 130), (1, 300), (3, 3), (64, 200)]  # (new, context)
@@ -234,3 +234,27 @@ def test_paged_prefill_attention_against_float64(int8, heads, kv_heads, dim, blo
     low = kernels.paged_attention_ref(q, k, v, *args, k_scale, v_scale)
     assert torch.isfinite(out).all()
     assert rel_err(out, truth) <= 2 * rel_err(low, truth) + 1e-3
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_paged_kv_write_matches_reference_exactly(int8, dtype):
+    torch.manual_seed(0)
+    tokens, kv_heads, dim, slots = 37, 8, 128, 300
+    qkv = torch.randn(tokens, 3, kv_heads, dim, device="cuda", dtype=dtype) * 3
+    k, v = qkv[:, 1], qkv[:, 2]  # strided views, as split from a fused projection
+    slot_mapping = torch.randperm(slots, device="cuda")[:tokens]
+
+    def pools():
+        store = torch.int8 if int8 else dtype
+        made = [torch.zeros(slots, kv_heads, dim, device="cuda", dtype=store) for _ in range(2)]
+        made += [torch.zeros(slots, kv_heads, device="cuda") if int8 else None for _ in range(2)]
+        return made
+
+    fast, ref = pools(), pools()
+    assert kernels.implementation("paged_kv_write_", "cuda") == "triton"
+    kernels.paged_kv_write_(k, v, *fast[:2], slot_mapping, *fast[2:])
+    kernels.paged_kv_write_ref(k, v, *ref[:2], slot_mapping, *ref[2:])
+    for got, want in zip(fast, ref):
+        if want is not None:
+            assert torch.equal(got, want)

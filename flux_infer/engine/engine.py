@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from flux_infer.generation.paged import BlockManager, PagedKVCache, PagedMetadata
+from flux_infer.generation.paged_graphs import PagedDecodeGraphs
 from flux_infer.errors import InvalidConfigError, UnsupportedModelError
 from flux_infer.generation.runner import DecoderRunner, runner_support
 from flux_infer.generation.sampling import SamplingParams, TokenSelector
@@ -82,6 +83,27 @@ class Request:
                 "prompt_tokens": len(self.prompt_ids), "completion_tokens": n, "preemptions": self.preemptions}
 
 
+@dataclasses.dataclass
+class KVStats:
+    """Block usage: the peak number of allocated blocks, the fraction of their slots holding no token at that
+    peak (internal fragmentation), and the largest such fraction seen at any step."""
+
+    peak_blocks: int = 0
+    waste_at_peak: float = 0.0
+    max_waste: float = 0.0
+
+    def observe(self, blocks: BlockManager, running: dict[str, Request], scheduled: list[tuple[Request, int]]
+                ) -> None:
+        lengths = {request_id: r.num_computed for request_id, r in running.items()}
+        for request, count in scheduled:
+            lengths[request.request_id] += count
+        allocated = blocks.num_blocks - blocks.num_free
+        waste = blocks.used_slots_waste(lengths)
+        self.max_waste = max(self.max_waste, waste)
+        if allocated >= self.peak_blocks:
+            self.peak_blocks, self.waste_at_peak = allocated, waste
+
+
 @dataclasses.dataclass(frozen=True)
 class RequestOutput:
     request_id: str
@@ -95,7 +117,10 @@ class RequestOutput:
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, block_size: int = DEFAULT_BLOCK_SIZE,
                  num_blocks: int | None = None, kv_cache_bytes: int | None = None,
-                 max_num_batched_tokens: int = 512, max_num_seqs: int = 256, int8_kv: bool = False) -> None:
+                 max_num_batched_tokens: int = 512, max_num_seqs: int = 256, int8_kv: bool = False,
+                 graph_decode: bool | None = None) -> None:
+        """``graph_decode``: run decode-only steps padded to batch buckets on static buffers, captured as CUDA
+        graphs on CUDA (default: on for CUDA, off elsewhere; on the CPU it runs the padded steps eagerly)."""
         from flux_infer.plugins.manager import get_plugin_manager
 
         adapter = get_plugin_manager().adapter_for(model)
@@ -119,19 +144,28 @@ class Engine:
             num_blocks = kv_cache_bytes // per_block
         if num_blocks < 1:
             raise InvalidConfigError(f"the KV cache budget holds no block of {per_block} bytes")
-        self.cache = PagedKVCache(num_layers=len(runner.layers), num_blocks=num_blocks, block_size=block_size,
+        # one block more than the manager hands out: the scratch block that padded decode rows write into
+        self.cache = PagedKVCache(num_layers=len(runner.layers), num_blocks=num_blocks + 1, block_size=block_size,
                                   num_kv_heads=runner.num_kv_heads, head_dim=runner.head_dim, dtype=runner.dtype,
                                   device=runner.device, int8=int8_kv)
         self.blocks = BlockManager(num_blocks, block_size)
         max_len = getattr(model.config, "max_position_embeddings", None) or num_blocks * block_size
-        runner.ensure_rope(min(max_len, num_blocks * block_size))
+        self.max_positions = max_len  # the model's; a sequence the pool cannot hold ends with kv_cache_capacity
+        self.max_model_len = min(max_len, num_blocks * block_size)
+        runner.ensure_rope(self.max_model_len)
+        if graph_decode is None:
+            graph_decode = runner.device.type == "cuda"
+        self.decode_graphs = PagedDecodeGraphs(
+            runner, self.cache, max_batch=max_num_seqs, max_blocks_per_seq=self.blocks.blocks_for(self.max_model_len),
+            scratch_block=num_blocks, capture=runner.device.type == "cuda",
+        ) if graph_decode else None
         self.max_num_batched_tokens, self.max_num_seqs = max_num_batched_tokens, max_num_seqs
         self.waiting: deque[Request] = deque()
         self.running: dict[str, Request] = {}  # by id, in admission order
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._dropped: list[Request] = []
-        self.peak_waste = 0.0
+        self.kv_stats = KVStats()
 
     # ---- requests ---------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], *, request_id: str | None = None, max_new_tokens: int = 256,
@@ -148,6 +182,10 @@ class Engine:
             prompt_ids = [int(t) for t in prompt]
         if not prompt_ids:
             raise InvalidConfigError("empty prompt")
+        limit = getattr(self.runner.model.config, "max_position_embeddings", None)
+        if limit is not None and len(prompt_ids) >= limit:
+            raise InvalidConfigError(f"the prompt has {len(prompt_ids)} tokens; the model takes at most {limit} "
+                                     f"positions (prompt and output): shorten the prompt")
         if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
             raise InvalidConfigError("need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1")
         request_id = request_id or f"req-{next(self._ids)}"
@@ -245,21 +283,8 @@ class Engine:
         outputs = [RequestOutput(r.request_id, [], "", True, r.finish_reason, r.metrics()) for r in self._dropped]
         if not scheduled:
             return outputs
-        ids: list[int] = []
-        for request, count in scheduled:
-            start = request.num_computed
-            prompt = request.prompt_ids
-            ids += prompt[start:start + count] if start + count <= len(prompt) else request.all_ids[start:start + count]
-        meta = PagedMetadata.build(
-            new_tokens=[count for _, count in scheduled],
-            context_lens=[r.num_computed + count for r, count in scheduled],
-            block_tables=[self.blocks.tables[r.request_id] for r, _ in scheduled],
-            block_size=self.blocks.block_size, device=self.runner.device,
-        )
-        input_ids = torch.tensor([ids], dtype=torch.long, device=self.runner.device)
-        logits = self.runner.forward(input_ids, self.cache, meta)
-        lengths = {r.request_id: r.num_computed + c for r, c in scheduled}
-        self.peak_waste = max(self.peak_waste, self.blocks.used_slots_waste(lengths))
+        logits = self._forward(scheduled)
+        self.kv_stats.observe(self.blocks, self.running, scheduled)
         sampled = []  # (row, request): sequences whose last known token was in this step
         for row, (request, count) in enumerate(scheduled):
             request.num_computed += count
@@ -281,6 +306,25 @@ class Engine:
                                          request.finish_reason, request.metrics()))
         return outputs
 
+    def _forward(self, scheduled: list[tuple[Request, int]]) -> torch.Tensor:
+        """Logits of each scheduled sequence's last token this step (K/V of all its tokens into the cache)."""
+        tables = [self.blocks.tables[r.request_id] for r, _ in scheduled]
+        context_lens = [r.num_computed + count for r, count in scheduled]
+        decode_only = all(count == 1 and r.num_computed == len(r.prompt_ids) + len(r.output_ids) - 1
+                          for r, count in scheduled)
+        if decode_only and self.decode_graphs is not None:
+            return self.decode_graphs.run([r.output_ids[-1] if r.output_ids else r.prompt_ids[-1]
+                                           for r, _ in scheduled], context_lens, tables)
+        ids: list[int] = []
+        for request, count in scheduled:
+            start = request.num_computed
+            prompt = request.prompt_ids
+            ids += prompt[start:start + count] if start + count <= len(prompt) else request.all_ids[start:start + count]
+        meta = PagedMetadata.build(new_tokens=[count for _, count in scheduled], context_lens=context_lens,
+                                   block_tables=tables, block_size=self.blocks.block_size, device=self.runner.device)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.runner.device)
+        return self.runner.forward(input_ids, self.cache, meta)
+
     @staticmethod
     def _sample(logits: torch.Tensor, sampled: list[tuple[int, Request]]) -> list[int]:
         """Next token of each ``(row, request)``: one argmax for all greedy rows, each other row through its own
@@ -299,7 +343,8 @@ class Engine:
             return "stop"
         if request.stop and any(s in request.text for s in request.stop):
             return "stop"
-        if len(request.output_ids) >= request.max_new_tokens:
+        if (len(request.output_ids) >= request.max_new_tokens
+                or len(request.prompt_ids) + len(request.output_ids) >= self.max_positions):
             return "length"
         return None
 

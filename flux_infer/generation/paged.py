@@ -92,27 +92,14 @@ class PagedKVCache:
                       sin: torch.Tensor, meta: PagedMetadata) -> None:
         """Rotate q, k ``[1, N, heads, D]`` in place; write k, v at ``meta.slot_mapping``."""
         kernels.rotary_embedding_(q, k, cos, sin, meta.positions)
-        if not self.int8:
-            self.k[layer].index_copy_(0, meta.slot_mapping, k[0])
-            self.v[layer].index_copy_(0, meta.slot_mapping, v[0])
-            return
-        for pool, scales, x in ((self.k, self.k_scale, k[0]), (self.v, self.v_scale, v[0])):
-            codes, scale = quantize_kv_int8(x)
-            pool[layer].index_copy_(0, meta.slot_mapping, codes)
-            scales[layer].index_copy_(0, meta.slot_mapping, scale)
+        scales = (self.k_scale[layer], self.v_scale[layer]) if self.int8 else (None, None)
+        kernels.paged_kv_write_(k[0], v[0], self.k[layer], self.v[layer], meta.slot_mapping, *scales)
 
     def attend(self, layer: int, q: torch.Tensor, meta: PagedMetadata, *, scale: float, window: int) -> torch.Tensor:
         scales = (self.k_scale[layer], self.v_scale[layer]) if self.int8 else (None, None)
         out = kernels.paged_attention(q[0], self.k[layer], self.v[layer], meta.block_tables, meta.context_lens,
                                       meta.query_start, self.block_size, scale, window, *scales)
         return out[None]
-
-
-def quantize_kv_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric INT8 per (token, head): ``[N, heads, D]`` -> codes int8 and scales float32 ``[N, heads]``."""
-    xf = x.float()
-    scale = (xf.abs().amax(-1) / 127.0).clamp(min=1e-8)
-    return torch.round(xf / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
 
 
 class BlockManager:

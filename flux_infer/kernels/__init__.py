@@ -14,6 +14,9 @@ from flux_infer.kernels.attention import (
     masked_attention_ref,
     paged_attention,
     paged_attention_ref,
+    paged_kv_write_,
+    paged_kv_write_ref,
+    quantize_kv_int8,
 )
 from flux_infer.kernels.matmul import linear, linear_ref
 from flux_infer.kernels.quant import int4_linear, int4_linear_ref, int8_linear, int8_linear_ref
@@ -45,6 +48,9 @@ __all__ = [
     "masked_attention_ref",
     "paged_attention",
     "paged_attention_ref",
+    "paged_kv_write_",
+    "paged_kv_write_ref",
+    "quantize_kv_int8",
     "rms_norm",
     "rms_norm_ref",
     "rotary_cache_write_",

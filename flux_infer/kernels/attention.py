@@ -118,3 +118,41 @@ def _(q, k_pool, v_pool, block_tables, context_lens, query_start, block_size, sc
 
 
 paged_attention = KernelOp("paged_attention", _paged_attention_op, paged_attention_ref)
+
+
+def quantize_kv_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 per (token, head): ``[N, heads, D]`` -> codes int8 and scales float32 ``[N, heads]``."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1) / 127.0).clamp(min=1e-8)
+    return torch.round(xf / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+def paged_kv_write_ref(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                       slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                       v_scale: torch.Tensor | None = None) -> None:
+    """Store k, v ``[N, kv_heads, D]`` at pool rows ``slot_mapping`` ``[N]``; an INT8 pool (with ``k_scale``/
+    ``v_scale`` ``[slots, kv_heads]``) gets symmetric codes and one scale per (token, head)."""
+    if k_scale is None:
+        k_pool.index_copy_(0, slot_mapping, k.to(k_pool.dtype))
+        v_pool.index_copy_(0, slot_mapping, v.to(v_pool.dtype))
+        return
+    for pool, scales, x in ((k_pool, k_scale, k), (v_pool, v_scale, v)):
+        codes, scale = quantize_kv_int8(x)
+        pool.index_copy_(0, slot_mapping, codes)
+        scales.index_copy_(0, slot_mapping, scale)
+
+
+@torch.library.custom_op("flux::paged_kv_write_", mutates_args=("k_pool", "v_pool", "k_scale", "v_scale"))
+def _paged_kv_write_op(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                       slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                       v_scale: torch.Tensor | None = None) -> None:
+    """This step's keys and values into the paged pool (quantized when the pool is INT8)."""
+    paged_kv_write_ref(k, v, k_pool, v_pool, slot_mapping, k_scale, v_scale)
+
+
+@_paged_kv_write_op.register_fake
+def _(k, v, k_pool, v_pool, slot_mapping, k_scale=None, v_scale=None) -> None:
+    return None
+
+
+paged_kv_write_ = KernelOp("paged_kv_write_", _paged_kv_write_op, paged_kv_write_ref)

@@ -68,6 +68,7 @@ def load() -> bool:
 
             attention.cache_attention.register("cuda", triton_attention.cache_attention_cuda, "triton")
             attention.paged_attention.register("cuda", triton_paged_attention.paged_attention_cuda, "triton")
+            attention.paged_kv_write_.register("cuda", triton_paged_attention.paged_kv_write_cuda, "triton")
         try:
             module = _build()
         except Exception as exc:  # no nvcc, no ninja, compiler error: keep the reference path

@@ -34,7 +34,8 @@ def available() -> bool:
 
 if triton is not None:
 
-    @triton.jit
+    # step-dependent integers are not specialized on (a new value must not compile a new kernel mid-run)
+    @triton.jit(do_not_specialize=["chunk", "splits"])
     def _paged_chunk_kernel(Q, K, V, KS, VS, Tables, Lens, QStart, PartO, PartM, PartL,
                             stride_qn, stride_qh, stride_kr, stride_kh, stride_sr, stride_tb,
                             block_size, scale, window, chunk, splits,
@@ -88,7 +89,7 @@ if triton is not None:
         tl.store(PartM + part * G + offs_g, m_i, mask=g_mask)
         tl.store(PartL + part * G + offs_g, l_i, mask=g_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["splits"])
     def _paged_merge_kernel(PartO, PartM, PartL, QStart, Out, stride_on, stride_oh, splits,
                             G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
         s = tl.program_id(0)
@@ -110,7 +111,7 @@ if triton is not None:
         tl.store(Out + row * stride_on + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
 
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_seqs"])
     def _paged_prefill_kernel(Q, K, V, KS, VS, Out, Tables, Lens, QStart, num_seqs,
                               stride_qn, stride_qh, stride_on, stride_oh, stride_kr, stride_kh, stride_sr, stride_tb,
                               block_size, scale, window,
@@ -179,6 +180,58 @@ if triton is not None:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(Out + (q_begin + qi)[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :],
                  out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_mask[None, :])
+
+
+    @triton.jit
+    def _round_half_even(x):
+        """torch.round for |x| < 2**22 (exact: x + 0.5 needs no rounding there)."""
+        r = tl.floor(x + 0.5)
+        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+        return tl.where(((r - x) == 0.5) & odd, r - 1.0, r)
+
+    @triton.jit
+    def _paged_kv_write_kernel(K, V, KPool, VPool, KS, VS, Slots, stride_kn, stride_kh, stride_vn, stride_vh,
+                               stride_pr, stride_ph, stride_sr, INT8: tl.constexpr, D: tl.constexpr,
+                               BLOCK_D: tl.constexpr):
+        n = tl.program_id(0)
+        h = tl.program_id(1)
+        row = tl.load(Slots + n)
+        offs = tl.arange(0, BLOCK_D)
+        mask = offs < D
+        k = tl.load(K + n * stride_kn + h * stride_kh + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(V + n * stride_vn + h * stride_vh + offs, mask=mask, other=0.0).to(tl.float32)
+        dst = row * stride_pr + h * stride_ph + offs
+        if INT8:  # symmetric, one scale per (token, head), as quantize_kv_int8 computes it
+            k_scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(k), 0), 127.0), 1e-8)
+            v_scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), 0), 127.0), 1e-8)
+            k_codes = tl.clamp(_round_half_even(tl.math.div_rn(k, k_scale)), -127.0, 127.0)
+            v_codes = tl.clamp(_round_half_even(tl.math.div_rn(v, v_scale)), -127.0, 127.0)
+            tl.store(KPool + dst, k_codes.to(tl.int8), mask=mask)
+            tl.store(VPool + dst, v_codes.to(tl.int8), mask=mask)
+            tl.store(KS + row * stride_sr + h, k_scale)
+            tl.store(VS + row * stride_sr + h, v_scale)
+        else:
+            tl.store(KPool + dst, k.to(KPool.dtype.element_ty), mask=mask)
+            tl.store(VPool + dst, v.to(VPool.dtype.element_ty), mask=mask)
+
+
+def paged_kv_write_cuda(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                        slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                        v_scale: torch.Tensor | None = None) -> None:
+    """CUDA implementation of ``flux::paged_kv_write_``: one program per (token, kv head)."""
+    if k.stride(-1) != 1 or v.stride(-1) != 1 or k_pool.stride(-1) != 1 or (
+            k_scale is not None and k_scale.stride(-1) != 1):
+        attention.paged_kv_write_ref(k, v, k_pool, v_pool, slot_mapping, k_scale, v_scale)
+        return
+    tokens, kv_heads, dim = k.shape
+    if tokens == 0:
+        return
+    int8 = k_scale is not None
+    _paged_kv_write_kernel[(tokens, kv_heads)](
+        k, v, k_pool, v_pool, k_scale if int8 else k_pool, v_scale if int8 else v_pool, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_pool.stride(0), k_pool.stride(1),
+        k_scale.stride(0) if int8 else 0, INT8=int8, D=dim, BLOCK_D=triton.next_power_of_2(dim),
+    )
 
 
 def paged_prefill_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
