@@ -167,6 +167,21 @@ class Engine:
         self._dropped: list[Request] = []
         self.kv_stats = KVStats()
 
+    @torch.no_grad()
+    def warmup(self) -> float:
+        """Compile the attention kernels and capture the decode graph of every batch bucket now, instead of in
+        the first steps that need them (what a server does at start). Returns the seconds it took."""
+        start = time.perf_counter()
+        scratch = self.blocks.num_blocks  # a prefill chunk and a decode, both inside the scratch block
+        meta = PagedMetadata.build(new_tokens=[2, 1], context_lens=[2, 1], block_tables=[[scratch], [scratch]],
+                                   block_size=self.blocks.block_size, device=self.runner.device)
+        self.runner.forward(torch.zeros(1, 3, dtype=torch.long, device=self.runner.device), self.cache, meta)
+        if self.decode_graphs is not None:
+            self.decode_graphs.capture_all()
+        if self.runner.device.type == "cuda":
+            torch.cuda.synchronize(self.runner.device)
+        return time.perf_counter() - start
+
     # ---- requests ---------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | Sequence[int], *, request_id: str | None = None, max_new_tokens: int = 256,
                     temperature: float = 0.0, top_p: float = 1.0, top_k: int | None = None,

@@ -96,6 +96,15 @@ class PagedDecodeGraphs:
             logits = self.runner.forward(ids, self.cache, meta)
         self.graphs[rows] = (graph, logits)
 
+    def capture_all(self) -> None:
+        """Capture every bucket up to ``max_batch`` now (largest first: the others reuse its memory pool)."""
+        if not self.capture:
+            return
+        buckets = sorted({decode_bucket(n) for n in range(1, self.max_batch + 1)}, reverse=True)
+        for rows in buckets:
+            if rows not in self.graphs:
+                self._capture(rows)
+
     def run(self, token_ids: list[int], context_lens: list[int], tables: list[list[int]]) -> torch.Tensor:
         """Logits ``[n, vocab]`` of one decode step: sequence ``i`` adds ``token_ids[i]`` at position
         ``context_lens[i] - 1`` (its K/V go to its block table). The result is valid until the next call."""

@@ -123,7 +123,7 @@ paged_attention = KernelOp("paged_attention", _paged_attention_op, paged_attenti
 def quantize_kv_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric INT8 per (token, head): ``[N, heads, D]`` -> codes int8 and scales float32 ``[N, heads]``."""
     xf = x.float()
-    scale = (xf.abs().amax(-1) / 127.0).clamp(min=1e-8)
+    scale = (xf.abs().amax(-1) * (1.0 / 127.0)).clamp(min=1e-8)  # a product: the same in every kernel
     return torch.round(xf / scale[..., None]).clamp_(-127, 127).to(torch.int8), scale
 
 

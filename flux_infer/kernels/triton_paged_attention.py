@@ -25,7 +25,9 @@ try:
 except ImportError:  # pragma: no cover (CPU-only installs)
     triton = None
 
-BLOCK_N = 32  # positions per iteration (tl.dot needs at least 16)
+BLOCK_N = 32  # positions per iteration of the prefill kernel (tl.dot needs at least 16)
+# decode kernel launch parameters (benchmarks/paged_attention.py --sweep measures the alternatives)
+DECODE_CONFIG = {"block_n": 32, "num_warps": 4, "num_stages": 3}
 
 
 def available() -> bool:
@@ -202,8 +204,8 @@ if triton is not None:
         v = tl.load(V + n * stride_vn + h * stride_vh + offs, mask=mask, other=0.0).to(tl.float32)
         dst = row * stride_pr + h * stride_ph + offs
         if INT8:  # symmetric, one scale per (token, head), as quantize_kv_int8 computes it
-            k_scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(k), 0), 127.0), 1e-8)
-            v_scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(v), 0), 127.0), 1e-8)
+            k_scale = tl.maximum(tl.max(tl.abs(k), 0) * (1.0 / 127.0), 1e-8)
+            v_scale = tl.maximum(tl.max(tl.abs(v), 0) * (1.0 / 127.0), 1e-8)
             k_codes = tl.clamp(_round_half_even(tl.math.div_rn(k, k_scale)), -127.0, 127.0)
             v_codes = tl.clamp(_round_half_even(tl.math.div_rn(v, v_scale)), -127.0, 127.0)
             tl.store(KPool + dst, k_codes.to(tl.int8), mask=mask)
@@ -268,9 +270,10 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     heads, dim = q.shape[1], q.shape[2]
     kv_heads = k_pool.shape[1]
     group = heads // kv_heads
-    blocks = max(1, math.ceil(max_context / BLOCK_N))
+    block_n = DECODE_CONFIG["block_n"]
+    blocks = max(1, math.ceil(max_context / block_n))
     splits = max(1, min(blocks, math.ceil(2 * sm_count / max(1, sequences * kv_heads))))
-    chunk = math.ceil(blocks / splits) * BLOCK_N
+    chunk = math.ceil(blocks / splits) * block_n
     splits = max(1, math.ceil(max_context / chunk))
     parts = sequences * kv_heads * splits * group
     part_o = torch.empty(parts, dim, dtype=torch.float32, device=q.device)
@@ -285,7 +288,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), scales_k.stride(0) if int8 else 0,
         block_tables.stride(0), block_size, scale, window, chunk, splits,
         INT8=int8, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_D=block_d,
-        BLOCK_N=BLOCK_N,
+        BLOCK_N=block_n, num_warps=DECODE_CONFIG["num_warps"], num_stages=DECODE_CONFIG["num_stages"],
     )
     out = torch.empty_like(q)
     _paged_merge_kernel[(sequences, heads)](
