@@ -50,17 +50,25 @@ class PagedMetadata:
         owner = np.repeat(np.arange(sequences), counts)  # sequence of each token
         positions = np.arange(starts[-1]) - starts[owner] + (contexts - counts)[owner]
         slots = tables[owner, positions // block_size] * block_size + positions % block_size
-        longs = torch.from_numpy(np.concatenate([positions, slots, starts[1:] - 1])).to(device)
-        ints = torch.from_numpy(np.concatenate([tables.ravel(), contexts, starts]).astype(np.int32)).to(device)
-        tokens = int(starts[-1])
-        return cls(
-            positions=longs[:tokens][None],
-            slot_mapping=longs[tokens:2 * tokens],
-            block_tables=ints[: sequences * width].view(sequences, width),
-            context_lens=ints[sequences * width: sequences * width + sequences],
-            query_start=ints[sequences * width + sequences:],
-            logits_index=longs[2 * tokens:],
-        )
+        _, (positions_t, slots_t, logits_t) = _packed([positions, slots, starts[1:] - 1], np.int64, device)
+        _, (tables_t, contexts_t, starts_t) = _packed([tables.ravel(), contexts, starts], np.int32, device)
+        return cls(positions=positions_t[None], slot_mapping=slots_t, block_tables=tables_t.view(sequences, width),
+                   context_lens=contexts_t, query_start=starts_t, logits_index=logits_t)
+
+
+def _packed(arrays: list[np.ndarray], dtype: type, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One host-to-device copy for several small arrays; each view starts at a 16-byte boundary (Triton
+    specializes kernels on pointer alignment, so a step-dependent offset would compile new variants mid-run)."""
+    per_16 = 16 // np.dtype(dtype).itemsize
+    offsets, total = [], 0
+    for array in arrays:
+        offsets.append(total)
+        total += -(-len(array) // per_16) * per_16
+    host = np.zeros(max(total, 1), dtype=dtype)
+    for offset, array in zip(offsets, arrays, strict=True):
+        host[offset:offset + len(array)] = array
+    buffer = torch.from_numpy(host).to(device)
+    return buffer, [buffer[offset:offset + len(array)] for offset, array in zip(offsets, arrays, strict=True)]
 
 
 class PagedKVCache:
