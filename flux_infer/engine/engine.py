@@ -94,11 +94,12 @@ class KVStats:
 
     def observe(self, blocks: BlockManager, running: dict[str, Request], scheduled: list[tuple[Request, int]]
                 ) -> None:
-        lengths = {request_id: r.num_computed for request_id, r in running.items()}
-        for request, count in scheduled:
-            lengths[request.request_id] += count
+        """Called after a step's blocks are allocated and before its tokens count as computed."""
         allocated = blocks.num_blocks - blocks.num_free
-        waste = blocks.used_slots_waste(lengths)
+        if allocated == 0:
+            return
+        used = sum(r.num_computed for r in running.values()) + sum(count for _, count in scheduled)
+        waste = 1 - used / (allocated * blocks.block_size)
         self.max_waste = max(self.max_waste, waste)
         if allocated >= self.peak_blocks:
             self.peak_blocks, self.waste_at_peak = allocated, waste
@@ -111,7 +112,8 @@ class RequestOutput:
     new_text: str
     finished: bool
     finish_reason: str | None
-    metrics: dict[str, Any]
+    metrics: dict[str, Any] | None  # the request's metrics once it finished (``Engine.requests[id].metrics()``
+    # gives them at any time)
 
 
 class Engine:
@@ -318,7 +320,7 @@ class Engine:
                     new_text = self._trim_stop(request, new_text)
                 self._finish(request, reason)
             outputs.append(RequestOutput(request.request_id, [token_id], new_text, request.finished,
-                                         request.finish_reason, request.metrics()))
+                                         request.finish_reason, request.metrics() if request.finished else None))
         return outputs
 
     def _forward(self, scheduled: list[tuple[Request, int]]) -> torch.Tensor:

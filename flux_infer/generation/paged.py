@@ -142,12 +142,6 @@ class BlockManager:
     def free(self, seq_id: str) -> None:
         self._free.extend(reversed(self.tables.pop(seq_id, [])))
 
-    def used_slots_waste(self, lengths: dict[str, int]) -> float:
-        """Fraction of allocated slots not holding a token (internal fragmentation)."""
-        allocated = sum(len(t) for t in self.tables.values()) * self.block_size
-        used = sum(lengths.get(s, 0) for s in self.tables)
-        return 0.0 if allocated == 0 else 1 - used / allocated
-
 
 @dataclasses.dataclass
 class PagedDecodeState:
