@@ -27,7 +27,7 @@ from flux_infer.kernels import matmul as linear_module  # noqa: E402
 FLUX_MODES = {
     "flux": flux_infer.InferenceConfig(optimization_level="O1"),
     "flux_cublas": flux_infer.InferenceConfig(optimization_level="O1"),
-    "flux_int8": flux_infer.InferenceConfig(optimization_level="O1", quantization="int8"),
+    "flux_int8": flux_infer.InferenceConfig(optimization_level="O1", quantization="int8", quantize_lm_head=True),
     "flux_int4": flux_infer.InferenceConfig(optimization_level="O1", quantization="int4", quantize_lm_head=True),
 }
 

@@ -151,8 +151,7 @@ class DecoderRunner:
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         o_proj = parts.projections[-1]
         if parts.fused_qkv is not None:
-            fused = parts.fused_qkv
-            q, k, v = kernels.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1)
+            q, k, v = parts.fused_qkv(x).split(parts.fused_qkv.sizes, dim=-1)
         elif len(parts.projections) == 4:
             q_proj, k_proj, v_proj, _ = parts.projections
             q, k, v = q_proj(x), k_proj(x), v_proj(x)

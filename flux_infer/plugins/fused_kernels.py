@@ -64,7 +64,7 @@ class FluxGatedMLP(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = getattr(self, "flux_fused_gate_up", None)  # set by the fuse_projections plugin
         if fused is not None:
-            gate, up = kernels.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1)
+            gate, up = fused(x).split(fused.sizes, dim=-1)
         elif self.fused_gate_up:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:

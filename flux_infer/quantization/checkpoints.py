@@ -31,7 +31,7 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ-packed int32 holds ou
 # ---- saving ----------------------------------------------------------------------------------------------------
 def save_quantized(model: torch.nn.Module, path: str | os.PathLike[str], **_: Any) -> None:
     """Write ``model`` (with flux-quantized layers) to ``path`` as a flux checkpoint."""
-    from safetensors.torch import save_model
+    from safetensors.torch import save_file
 
     target = Path(path)
     target.mkdir(parents=True, exist_ok=True)
@@ -55,7 +55,22 @@ def save_quantized(model: torch.nn.Module, path: str | os.PathLike[str], **_: An
             config.quantization_config = previous
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(target)
-    save_model(model, str(target / FLUX_WEIGHTS))
+    save_file(_independent_tensors(model.state_dict()), str(target / FLUX_WEIGHTS), metadata={"format": "pt"})
+
+
+def _independent_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict as safetensors takes it: tied tensors (one storage, fully covered) once, under their first
+    name (transformers ties them again on load); views into a larger buffer (fused projections) as copies."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, tensor in state.items():
+        key = (tensor.data_ptr(), tensor.nbytes)
+        if tensor.nbytes and key in seen:
+            continue
+        seen.add(key)
+        whole = tensor.untyped_storage().nbytes() == tensor.nbytes and tensor.is_contiguous()
+        out[name] = tensor.detach() if whole else tensor.detach().contiguous().clone()
+    return out
 
 
 # ---- loading -----------------------------------------------------------------------------------------------------
