@@ -94,3 +94,13 @@ def test_quantized_projections_fuse_into_one_quantized_linear(quantization, tmp_
     assert attention.k_proj.qweight.untyped_storage().nbytes() == attention.k_proj.qweight.nbytes  # own storage
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, state[name]), name
+
+
+def test_flux_linear_layers_fuse_too():
+    """fused_kernels swaps decoder linears for FluxLinear on CUDA before fusion runs: they must still fuse."""
+    from flux_infer.plugins.fuse_projections import _fusable
+    from flux_infer.plugins.fused_kernels import FluxLinear
+
+    layers = [FluxLinear(torch.nn.Linear(64, size, bias=False)) for size in (64, 32, 32)]
+    assert _fusable(layers)
+    assert not _fusable([layers[0], FluxLinear(torch.nn.Linear(32, 32, bias=False))])  # different input sizes

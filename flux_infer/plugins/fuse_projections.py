@@ -49,7 +49,7 @@ def _fusable(modules: list[torch.nn.Module]) -> bool:
         return all(m.bits == first.bits and m.group_size == first.group_size and m.weight_dtype == first.weight_dtype
                    and m.in_features == first.in_features and (m.bias is None) == (first.bias is None)
                    and m.input_perm is None for m in modules)
-    return all(type(m) is torch.nn.Linear for m in modules) and all(
+    return all(isinstance(m, torch.nn.Linear) for m in modules) and all(  # FluxLinear included
         m.weight.dtype == first.weight.dtype and m.weight.shape[1] == first.weight.shape[1]
         and (m.bias is None) == (first.bias is None) for m in modules
     )
