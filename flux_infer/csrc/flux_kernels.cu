@@ -285,11 +285,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(T* __restrict__ o
 __device__ __forceinline__ float code_to_float(uint32_t code) {  // code < 2^23
   return __uint_as_float(0x4B000000u | code) - 8388608.f;
 }
-// a signed byte as float: (b ^ 0x80) is b + 128 as an unsigned code; one subtraction takes out 2^23 + 128 at once
-__device__ __forceinline__ float signed_byte_to_float(uint32_t byte) {
-  return __uint_as_float(0x4B000000u | (byte ^ 0x80u)) - 8388736.f;
-}
-constexpr int kInt8Loads = 8;  // a 4096-wide INT8 row is 8 loads per lane: all in flight at once
 
 template <typename T, int M>
 __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(
@@ -303,15 +298,15 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
-  for (int base = lane; base < chunks; base += 32 * kInt8Loads) {
-    uint4 wv[kInt8Loads];
+  for (int base = lane; base < chunks; base += 32 * kLoads) {
+    uint4 wv[kLoads];
 #pragma unroll
-    for (int u = 0; u < kInt8Loads; ++u) {
+    for (int u = 0; u < kLoads; ++u) {
       const int c = base + u * 32;
       wv[u] = c < chunks ? load_stream(wrow + c) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int u = 0; u < kInt8Loads; ++u) {
+    for (int u = 0; u < kLoads; ++u) {
       const int c = base + u * 32;
       if (c >= chunks) break;
       const uint32_t* words = reinterpret_cast<const uint32_t*>(&wv[u]);
@@ -319,7 +314,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(
 #pragma unroll
       for (int word = 0; word < 4; ++word)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) wf[word * 4 + j] = signed_byte_to_float((words[word] >> (8 * j)) & 0xFFu);
+        for (int j = 0; j < 4; ++j)  // signed byte b -> (b + 128) as an unsigned code, then subtract 128
+          wf[word * 4 + j] = code_to_float(((words[word] >> (8 * j)) & 0xFFu) ^ 0x80u) - 128.f;
 #pragma unroll
       for (int m = 0; m < M; ++m) {
         const uint4* xp = reinterpret_cast<const uint4*>(x + m * x_stride) + 2 * c;
