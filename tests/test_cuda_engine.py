@@ -54,3 +54,34 @@ def test_int8_kv_engine_graphs_match_eager(tiny_llama):
     model, prompts, new_tokens = tiny_llama
     assert engine_outputs(model, prompts, new_tokens, int8_kv=True) == engine_outputs(
         model, prompts, new_tokens, int8_kv=True, graph_decode=False)
+
+
+@pytest.mark.parametrize("switches, layout", [(dict(paged_kv_cache=True), "paged"),
+                                              (dict(quantize_kv_cache=True), "paged-int8")])
+def test_model_generate_on_the_paged_caches(switches, layout):
+    """model.generate on the paged (and INT8) pool through the Triton kernels, against transformers' own
+    generate on the unoptimized model: a left-padded batch, prompts of different lengths."""
+    import copy
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=1000, max_position_embeddings=1024)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).to("cuda").eval()
+    base.generation_config.eos_token_id = None
+    model = copy.deepcopy(base)
+    flux_infer.optimize(model, config=flux_infer.InferenceConfig(optimization_level="O1", **switches))
+    assert {r.name: r.details for r in model.flux_report.applied}["fast_generate"]["kv_cache"] == layout
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(5, 1000, (3, 40), generator=generator).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :17] = 0  # left padding
+    mask[2, :33] = 0
+    options = dict(attention_mask=mask, max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0)
+    expected = base.generate(ids, **options)
+    got = model.generate(ids, **options)
+    if layout == "paged":
+        assert torch.equal(got, expected)
+    else:
+        assert (got == expected).float().mean() > 0.9
