@@ -104,3 +104,18 @@ def test_flux_linear_layers_fuse_too():
     layers = [FluxLinear(torch.nn.Linear(64, size, bias=False)) for size in (64, 32, 32)]
     assert _fusable(layers)
     assert not _fusable([layers[0], FluxLinear(torch.nn.Linear(32, 32, bias=False))])  # different input sizes
+
+
+def test_fused_model_saves_and_loads_with_transformers(tmp_path):
+    """Parameters that are views of one fused buffer save as separate tensors through save_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("llama")
+    adapter = get_plugin_manager().adapter_for(model)
+    ctx = flux_infer.ApplyContext(flux_infer.InferenceConfig().resolved(), adapter, torch.device("cpu"),
+                                  torch.float32, patch=PatchRecorder())
+    FuseProjectionsPlugin().apply(model, ctx)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded[name]), name
