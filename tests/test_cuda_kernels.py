@@ -173,13 +173,11 @@ def test_quantized_linear_against_its_reference(bits, group, rows, n, k, dtype):
     assert rel_err(out, truth) <= 2 * rel_err(reference, truth) + ULP[dtype]
 
 
-@pytest.mark.parametrize("int8", [False, True])
-@pytest.mark.parametrize("heads, kv_heads, dim, block_size, window", [(32, 8, 128, 16, 0), (9, 3, 64, 17, 5)])
-def test_paged_decode_attention_against_float64(int8, heads, kv_heads, dim, block_size, window):
+def paged_pool(lengths, kv_heads, dim, block_size, int8):
+    """A bf16 (or INT8) pool with each sequence's blocks scattered over it: k, v, scales, block tables, lengths."""
     from flux_infer.kernels import quantize_kv_int8
 
     torch.manual_seed(0)
-    lengths = [1, 15, 16, 17, 300]
     blocks = sum(-(-n // block_size) for n in lengths) + 2
     k = torch.randn(blocks * block_size, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(blocks * block_size, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
@@ -190,7 +188,14 @@ def test_paged_decode_attention_against_float64(int8, heads, kv_heads, dim, bloc
     tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lengths]
     width = max(len(t) for t in tables)
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda")
-    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    return k, v, k_scale, v_scale, table, torch.tensor(lengths, dtype=torch.int32, device="cuda")
+
+
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("heads, kv_heads, dim, block_size, window", [(32, 8, 128, 16, 0), (9, 3, 64, 17, 5)])
+def test_paged_decode_attention_against_float64(int8, heads, kv_heads, dim, block_size, window):
+    lengths = [1, 15, 16, 17, 300]
+    k, v, k_scale, v_scale, table, lens = paged_pool(lengths, kv_heads, dim, block_size, int8)
     starts = torch.arange(len(lengths) + 1, dtype=torch.int32, device="cuda")
     q = torch.randn(len(lengths), heads, dim, device="cuda", dtype=torch.bfloat16)
     assert kernels.implementation("paged_attention", "cuda") == "triton"
@@ -208,22 +213,8 @@ def test_paged_decode_attention_against_float64(int8, heads, kv_heads, dim, bloc
                                                                        (4, 4, 64, 15, 0)])
 def test_paged_prefill_attention_against_float64(int8, heads, kv_heads, dim, block_size, window):
     """A mixed step: prefill chunks (first, middle, at block boundaries, longer than a tile) and decodes."""
-    from flux_infer.kernels import quantize_kv_int8
-
-    torch.manual_seed(0)
     spec = [(1, 1), (5, 20), (16, 16), (17, 40), (130, 130), (1, 300), (3, 3), (64, 200)]  # (new, context)
-    lengths = [c for _, c in spec]
-    blocks = sum(-(-n // block_size) for n in lengths) + 2
-    k = torch.randn(blocks * block_size, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(blocks * block_size, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
-    k_scale = v_scale = None
-    if int8:
-        (k, k_scale), (v, v_scale) = quantize_kv_int8(k), quantize_kv_int8(v)
-    free = torch.randperm(blocks).tolist()
-    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in lengths]
-    width = max(len(t) for t in tables)
-    table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device="cuda")
-    lens = torch.tensor(lengths, dtype=torch.int32, device="cuda")
+    k, v, k_scale, v_scale, table, lens = paged_pool([c for _, c in spec], kv_heads, dim, block_size, int8)
     counts = torch.tensor([0] + [n for n, _ in spec])
     starts = counts.cumsum(0).to(device="cuda", dtype=torch.int32)
     q = torch.randn(int(counts.sum()), heads, dim, device="cuda", dtype=torch.bfloat16)

@@ -36,6 +36,22 @@ def available() -> bool:
 
 if triton is not None:
 
+    @triton.jit
+    def _gather_kv(K, V, KS, VS, table, pos, n_mask, kvh, offs_d, d_mask, block_size, stride_kr, stride_kh,
+                   stride_sr, dtype: tl.constexpr, INT8: tl.constexpr):
+        """Keys and values ``[BLOCK_N, BLOCK_D]`` of positions ``pos`` of one sequence (its block ``table`` row) and
+        kv head; INT8 codes come back as ``code * scale`` in ``dtype`` (the queries')."""
+        block = tl.load(table + pos // block_size, mask=n_mask, other=0)
+        rows = block.to(tl.int64) * block_size + pos % block_size
+        k = tl.load(K + rows[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0)
+        v = tl.load(V + rows[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :],
+                    mask=n_mask[:, None] & d_mask[None, :], other=0)
+        if INT8:
+            k = (k.to(tl.float32) * tl.load(KS + rows * stride_sr + kvh, mask=n_mask, other=0.0)[:, None]).to(dtype)
+            v = (v.to(tl.float32) * tl.load(VS + rows * stride_sr + kvh, mask=n_mask, other=0.0)[:, None]).to(dtype)
+        return k, v
+
     # step-dependent integers are not specialized on (a new value must not compile a new kernel mid-run)
     @triton.jit(do_not_specialize=["chunk", "splits"])
     def _paged_chunk_kernel(Q, K, V, KS, VS, Tables, Lens, QStart, PartO, PartM, PartL,
@@ -66,17 +82,8 @@ if triton is not None:
         for n0 in range(lo, hi, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             n_mask = pos < hi
-            block = tl.load(Tables + s * stride_tb + pos // block_size, mask=n_mask, other=0)
-            rows = block.to(tl.int64) * block_size + pos % block_size
-            k = tl.load(K + rows[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :],
-                        mask=n_mask[:, None] & d_mask[None, :], other=0)
-            v = tl.load(V + rows[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :],
-                        mask=n_mask[:, None] & d_mask[None, :], other=0)
-            if INT8:  # codes * per (token, head) scale, in the activations' dtype
-                k = (k.to(tl.float32) * tl.load(KS + rows * stride_sr + kvh, mask=n_mask, other=0.0)[:, None])
-                v = (v.to(tl.float32) * tl.load(VS + rows * stride_sr + kvh, mask=n_mask, other=0.0)[:, None])
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
+            k, v = _gather_kv(K, V, KS, VS, Tables + s * stride_tb, pos, n_mask, kvh, offs_d, d_mask, block_size,
+                              stride_kr, stride_kh, stride_sr, q.dtype, INT8)
             scores = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_N]
             scores = tl.where(n_mask[None, :], scores, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -156,17 +163,8 @@ if triton is not None:
         for n0 in range(key_lo, key_hi, BLOCK_N):
             pos = n0 + tl.arange(0, BLOCK_N)
             n_mask = pos < key_hi
-            block = tl.load(Tables + s * stride_tb + pos // block_size, mask=n_mask, other=0)
-            rows = block.to(tl.int64) * block_size + pos % block_size
-            k = tl.load(K + rows[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :],
-                        mask=n_mask[:, None] & d_mask[None, :], other=0)
-            v = tl.load(V + rows[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :],
-                        mask=n_mask[:, None] & d_mask[None, :], other=0)
-            if INT8:
-                k = (k.to(tl.float32) * tl.load(KS + rows * stride_sr + kvh, mask=n_mask, other=0.0)[:, None])
-                v = (v.to(tl.float32) * tl.load(VS + rows * stride_sr + kvh, mask=n_mask, other=0.0)[:, None])
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
+            k, v = _gather_kv(K, V, KS, VS, Tables + s * stride_tb, pos, n_mask, kvh, offs_d, d_mask, block_size,
+                              stride_kr, stride_kh, stride_sr, q.dtype, INT8)
             scores = tl.dot(q, tl.trans(k)) * scale  # [rows, BLOCK_N]
             allowed = n_mask[None, :] & (pos[None, :] <= q_pos[:, None])
             if window > 0:
