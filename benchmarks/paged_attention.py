@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.decode import copy_bandwidth  # noqa: E402
+from benchmarks.gemv import graph_time  # noqa: E402
 from flux_infer import kernels  # noqa: E402
 from flux_infer.kernels import cuda, triton_paged_attention  # noqa: E402
 
@@ -45,23 +45,9 @@ def case(sequences: int, context: int, int8: bool) -> tuple[tuple, int]:
     return (q, k, v, tables, lens, starts, BLOCK, DIM**-0.5, 0, *scales), nbytes
 
 
-def time_us(args: tuple, repeats: int = 20) -> float:
-    """GPU time of one call: ``repeats`` calls captured in a CUDA graph (no launch overhead), median of 5."""
-    for _ in range(2):
-        kernels.paged_attention(*args)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(repeats):
-            kernels.paged_attention(*args)
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / repeats)
-    return statistics.median(times)
+def time_us(args: tuple) -> float:
+    """GPU time of one call, in microseconds: 20 calls captured in a CUDA graph (no launch overhead)."""
+    return graph_time(lambda _: kernels.paged_attention(*args), calls=20) * 1e6
 
 
 def main() -> int:

@@ -6,10 +6,18 @@ from plugin_helpers import forward_logits
 from tiny_models import tiny_inputs, tiny_model
 
 import flux_infer
-from flux_infer.adapters.base import ModelAdapter
 from flux_infer.patching import PatchRecorder
 from flux_infer.plugins.fuse_projections import FuseProjectionsPlugin
 from flux_infer.plugins.manager import get_plugin_manager
+
+
+def fuse(model):
+    """Apply the plugin directly (the planner schedules it only on CUDA); returns its context and recorder."""
+    recorder = PatchRecorder()
+    ctx = flux_infer.ApplyContext(flux_infer.InferenceConfig().resolved(), get_plugin_manager().adapter_for(model),
+                                  torch.device("cpu"), torch.float32, patch=recorder)
+    FuseProjectionsPlugin().apply(model, ctx)
+    return ctx, recorder
 
 
 def test_fusion_keeps_parameters_and_state_dict_and_rollback_separates_storage():
@@ -18,11 +26,7 @@ def test_fusion_keeps_parameters_and_state_dict_and_rollback_separates_storage()
     expected = forward_logits(model, inputs)
     params = dict(model.named_parameters())
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    adapter: ModelAdapter = get_plugin_manager().adapter_for(model)
-    recorder = PatchRecorder()
-    ctx = flux_infer.ApplyContext(flux_infer.InferenceConfig().resolved(), adapter, torch.device("cpu"),
-                                  torch.float32, patch=recorder)
-    FuseProjectionsPlugin().apply(model, ctx)
+    ctx, recorder = fuse(model)
     assert ctx.details == {"qkv": 2, "gate_up": 2}
     attention = model.model.layers[0].self_attn
     fused = attention.flux_fused_qkv
@@ -67,11 +71,7 @@ def test_quantized_projections_fuse_into_one_quantized_linear(quantization, tmp_
 
     expected = engine_tokens()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    adapter = get_plugin_manager().adapter_for(model)
-    recorder = PatchRecorder()
-    ctx = flux_infer.ApplyContext(flux_infer.InferenceConfig().resolved(), adapter, torch.device("cpu"),
-                                  torch.float32, patch=recorder)
-    FuseProjectionsPlugin().apply(model, ctx)
+    ctx, recorder = fuse(model)
     assert ctx.details == {"qkv": 2, "gate_up": 2}
     attention = model.model.layers[0].self_attn
     fused = attention.flux_fused_qkv
@@ -111,10 +111,7 @@ def test_fused_model_saves_and_loads_with_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = tiny_model("llama")
-    adapter = get_plugin_manager().adapter_for(model)
-    ctx = flux_infer.ApplyContext(flux_infer.InferenceConfig().resolved(), adapter, torch.device("cpu"),
-                                  torch.float32, patch=PatchRecorder())
-    FuseProjectionsPlugin().apply(model, ctx)
+    fuse(model)
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
     for name, tensor in model.state_dict().items():

@@ -151,9 +151,9 @@ class Engine:
                                   num_kv_heads=runner.num_kv_heads, head_dim=runner.head_dim, dtype=runner.dtype,
                                   device=runner.device, int8=int8_kv)
         self.blocks = BlockManager(num_blocks, block_size)
-        max_len = getattr(model.config, "max_position_embeddings", None) or num_blocks * block_size
-        self.max_positions = max_len  # the model's; a sequence the pool cannot hold ends with kv_cache_capacity
-        self.max_model_len = min(max_len, num_blocks * block_size)
+        # the model's limit ends a sequence with "length"; one the pool cannot hold ends with kv_cache_capacity
+        self.max_positions: int | None = getattr(model.config, "max_position_embeddings", None)
+        self.max_model_len = min(self.max_positions or num_blocks * block_size, num_blocks * block_size)
         runner.ensure_rope(self.max_model_len)
         if graph_decode is None:
             graph_decode = runner.device.type == "cuda"
@@ -199,10 +199,9 @@ class Engine:
             prompt_ids = [int(t) for t in prompt]
         if not prompt_ids:
             raise InvalidConfigError("empty prompt")
-        limit = getattr(self.runner.model.config, "max_position_embeddings", None)
-        if limit is not None and len(prompt_ids) >= limit:
-            raise InvalidConfigError(f"the prompt has {len(prompt_ids)} tokens; the model takes at most {limit} "
-                                     f"positions (prompt and output): shorten the prompt")
+        if self.max_positions is not None and len(prompt_ids) >= self.max_positions:
+            raise InvalidConfigError(f"the prompt has {len(prompt_ids)} tokens; the model takes at most "
+                                     f"{self.max_positions} positions (prompt and output): shorten the prompt")
         if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
             raise InvalidConfigError("need max_new_tokens >= 1, temperature >= 0 and 0 < top_p <= 1")
         request_id = request_id or f"req-{next(self._ids)}"
@@ -361,7 +360,7 @@ class Engine:
         if request.stop and any(s in request.text for s in request.stop):
             return "stop"
         if (len(request.output_ids) >= request.max_new_tokens
-                or len(request.prompt_ids) + len(request.output_ids) >= self.max_positions):
+                or len(request.prompt_ids) + len(request.output_ids) >= (self.max_positions or self.max_model_len)):
             return "length"
         return None
 

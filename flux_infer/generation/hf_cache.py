@@ -14,10 +14,13 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+from flux_infer import kernels
+
 
 def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = (x.float().abs().amax(-1, keepdim=True) / 127.0).clamp(min=1e-8)
-    return torch.round(x.float() / scale).clamp_(-127, 127).to(torch.int8), scale
+    """The paged pool's INT8 quantization, with the scale kept as a trailing dim for broadcasting."""
+    codes, scale = kernels.quantize_kv_int8(x)
+    return codes, scale[..., None]
 
 
 class Int8Layer(DynamicLayer):

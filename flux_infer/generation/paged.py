@@ -41,12 +41,8 @@ class PagedMetadata:
         contexts = np.asarray(context_lens, dtype=np.int64)
         starts = np.zeros(sequences + 1, dtype=np.int64)
         np.cumsum(counts, out=starts[1:])
-        width = max((len(t) for t in block_tables), default=1) or 1
-        flat: list[int] = []
-        for table in block_tables:
-            flat += table
-            flat += [0] * (width - len(table))
-        tables = np.asarray(flat, dtype=np.int64).reshape(sequences, width)
+        tables = padded_tables(block_tables, fill=0)
+        width = tables.shape[1]
         owner = np.repeat(np.arange(sequences), counts)  # sequence of each token
         positions = np.arange(starts[-1]) - starts[owner] + (contexts - counts)[owner]
         slots = tables[owner, positions // block_size] * block_size + positions % block_size
@@ -54,6 +50,16 @@ class PagedMetadata:
         _, (tables_t, contexts_t, starts_t) = _packed([tables.ravel(), contexts, starts], np.int32, device)
         return cls(positions=positions_t[None], slot_mapping=slots_t, block_tables=tables_t.view(sequences, width),
                    context_lens=contexts_t, query_start=starts_t, logits_index=logits_t)
+
+
+def padded_tables(block_tables: Sequence[Sequence[int]], *, fill: int) -> np.ndarray:
+    """Block tables as one int64 array ``[sequences, widest table]``, shorter ones padded with ``fill``."""
+    width = max((len(t) for t in block_tables), default=1) or 1
+    flat: list[int] = []
+    for table in block_tables:
+        flat += table
+        flat += [fill] * (width - len(table))
+    return np.asarray(flat, dtype=np.int64).reshape(len(block_tables), width)
 
 
 def _packed(arrays: list[np.ndarray], dtype: type, device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:

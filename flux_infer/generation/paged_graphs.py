@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flux_infer.generation.paged import PagedKVCache, PagedMetadata
+from flux_infer.generation.paged import PagedKVCache, PagedMetadata, padded_tables
 
 SMALL_BUCKETS = (1, 2, 4, 8, 16)
 BUCKET_STEP = 16  # above 16 sequences, batches are padded to a multiple of 16
@@ -62,18 +62,15 @@ class PagedDecodeGraphs:
 
     def _load(self, rows: int, token_ids: list[int], context_lens: list[int], tables: list[list[int]]) -> None:
         n, bs = len(token_ids), self.block_size
-        width = max(len(t) for t in tables)
-        flat: list[int] = []
-        for table in tables:
-            flat += table
-            flat += [self.scratch_block] * (width - len(table))
+        real = padded_tables(tables, fill=self.scratch_block)
+        width = real.shape[1]
         host_tables = np.full((rows, width), self.scratch_block, dtype=np.int32)
-        host_tables[:n] = np.asarray(flat, dtype=np.int32).reshape(n, width)
+        host_tables[:n] = real
         positions = np.asarray(context_lens, dtype=np.int64) - 1
         host_longs = np.zeros((3, rows), dtype=np.int64)
         host_longs[0, :n] = token_ids
         host_longs[1, :n] = positions
-        host_longs[2, :n] = host_tables[np.arange(n), positions // bs].astype(np.int64) * bs + positions % bs
+        host_longs[2, :n] = real[np.arange(n), positions // bs] * bs + positions % bs
         host_longs[2, n:] = self.scratch_slot
         host_lens = np.ones(rows, dtype=np.int32)
         host_lens[:n] = context_lens

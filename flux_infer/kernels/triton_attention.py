@@ -63,16 +63,10 @@ if triton is not None:
             n_mask = offs_n < hi
             k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :],
                         mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-            s = tl.dot(q, tl.trans(k)) * scale
-            s = tl.where(n_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
             v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :],
                         mask=n_mask[:, None] & d_mask[None, :], other=0.0)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            s = tl.where(n_mask[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc)
         part = (b * tl.num_programs(1) + kvh) * splits + split
         tl.store(PartO + (part * G + offs_g)[:, None] * D + offs_d[None, :], acc,
                  mask=g_mask[:, None] & d_mask[None, :])
@@ -80,16 +74,29 @@ if triton is not None:
         tl.store(PartL + part * G + offs_g, l_i, mask=g_mask)
 
     @triton.jit
-    def _merge_kernel(PartO, PartM, PartL, Out, stride_ob, stride_oh, splits,
-                      G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-        b = tl.program_id(0)
+    def online_softmax_step(scores, v, m_i, l_i, acc):
+        """One block of keys into a running softmax (flash attention): ``scores`` ``[rows, BLOCK_N]`` with
+        disallowed entries at -inf, ``v`` ``[BLOCK_N, D]``. A row with nothing allowed yet stays at zero."""
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(scores - m_use[:, None])
+        alpha = tl.exp(m_i - m_use)
+        return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+    @triton.jit(do_not_specialize=["splits"])
+    def _merge_kernel(PartO, PartM, PartL, Rows, Out, stride_on, stride_oh, splits,
+                      G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                      HAS_ROWS: tl.constexpr):
+        """Combine the split-K partials of (sequence, head) into its output row (``Rows[sequence]``, or the
+        sequence's own index)."""
+        seq = tl.program_id(0)
         h = tl.program_id(1)
         kvh = h // G
         g = h % G
         offs_s = tl.arange(0, BLOCK_S)
         offs_d = tl.arange(0, BLOCK_D)
         s_mask = offs_s < splits
-        part = (b * tl.num_programs(1) // G + kvh) * splits + offs_s
+        part = (seq * (tl.num_programs(1) // G) + kvh) * splits + offs_s
         m = tl.load(PartM + part * G + g, mask=s_mask, other=float("-inf"))
         l_part = tl.load(PartL + part * G + g, mask=s_mask, other=0.0)
         m_max = tl.max(m, 0)
@@ -97,17 +104,50 @@ if triton is not None:
         o = tl.load(PartO + (part * G + g)[:, None] * D + offs_d[None, :],
                     mask=s_mask[:, None] & (offs_d < D)[None, :], other=0.0)
         out = tl.sum(o * w[:, None], 0) / tl.sum(l_part * w, 0)
-        tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
+        if HAS_ROWS:
+            row = tl.load(Rows + seq)
+        else:
+            row = seq
+        tl.store(Out + row * stride_on + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
 
 
 _SM_COUNT: dict[int, int] = {}
 
 
-def _sm_count(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNT:
         _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SM_COUNT[index]
+
+
+def plan_splits(positions: int, programs: int, sms: int, block_n: int) -> tuple[int, int]:
+    """(splits, chunk): cut ``positions`` keys into chunks of whole ``block_n`` blocks so that ``programs``
+    (sequences x kv heads) times the splits give about two programs per SM."""
+    blocks = max(1, math.ceil(positions / block_n))
+    splits = max(1, min(blocks, math.ceil(2 * sms / max(1, programs))))
+    chunk = math.ceil(blocks / splits) * block_n
+    return max(1, math.ceil(positions / chunk)), chunk
+
+
+def split_partials(parts: int, dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-split output, running max and running sum buffers (float32) for ``parts`` (program, head) pairs."""
+    return (torch.empty(parts, dim, dtype=torch.float32, device=device),
+            torch.empty(parts, dtype=torch.float32, device=device),
+            torch.empty(parts, dtype=torch.float32, device=device))
+
+
+def merge_splits(partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: torch.Tensor,
+                 rows: torch.Tensor | None, sequences: int, heads: int, group: int, splits: int, stride_on: int,
+                 stride_oh: int) -> None:
+    """Write each (sequence, head)'s merged output into ``out`` at row ``rows[sequence]`` (or ``sequence``)."""
+    part_o, part_m, part_l = partials
+    dim = part_o.shape[1]
+    _merge_kernel[(sequences, heads)](
+        part_o, part_m, part_l, rows if rows is not None else part_m, out, stride_on, stride_oh, splits,
+        G=group, D=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=max(2, triton.next_power_of_2(splits)),
+        HAS_ROWS=rows is not None,
+    )
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_start: torch.Tensor,
@@ -117,26 +157,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
     q3 = q[:, 0]
-    blocks = math.ceil(slots / BLOCK_N)
-    splits = max(1, min(blocks, math.ceil(2 * _sm_count(q.device) / (batch * kv_heads))))
-    chunk = math.ceil(blocks / splits) * BLOCK_N
-    splits = math.ceil(slots / chunk)
-    part_o = torch.empty(batch * kv_heads * splits * group, dim, dtype=torch.float32, device=q.device)
-    part_m = torch.empty(batch * kv_heads * splits * group, dtype=torch.float32, device=q.device)
-    part_l = torch.empty_like(part_m)
-    block_d = triton.next_power_of_2(dim)
+    splits, chunk = plan_splits(slots, batch * kv_heads, sm_count(q.device), BLOCK_N)
+    part_o, part_m, part_l = partials = split_partials(batch * kv_heads * splits * group, dim, q.device)
     _chunk_kernel[(batch, kv_heads, splits)](
         q3, k_cache, v_cache, kv_start, kv_end, part_o, part_m, part_l,
         q3.stride(0), q3.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         scale, window, chunk, splits,
-        G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_D=block_d, BLOCK_N=BLOCK_N,
+        G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_D=triton.next_power_of_2(dim),
+        BLOCK_N=BLOCK_N,
     )
     out = torch.empty(batch, 1, heads, dim, dtype=q.dtype, device=q.device)
-    _merge_kernel[(batch, heads)](
-        part_o, part_m, part_l, out, out.stride(0), out.stride(2), splits,
-        G=group, D=dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
-    )
+    merge_splits(partials, out, None, batch, heads, group, splits, out.stride(0), out.stride(2))
     return out
 
 

@@ -13,11 +13,9 @@ tiles) is known without reading lengths back, and each program finds its sequenc
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from flux_infer.kernels import attention
+from flux_infer.kernels import attention, triton_attention
 
 try:
     import triton
@@ -35,6 +33,7 @@ def available() -> bool:
 
 
 if triton is not None:
+    from flux_infer.kernels.triton_attention import online_softmax_step
 
     @triton.jit
     def _gather_kv(K, V, KS, VS, table, pos, n_mask, kvh, offs_d, d_mask, block_size, stride_kr, stride_kh,
@@ -84,41 +83,13 @@ if triton is not None:
             n_mask = pos < hi
             k, v = _gather_kv(K, V, KS, VS, Tables + s * stride_tb, pos, n_mask, kvh, offs_d, d_mask, block_size,
                               stride_kr, stride_kh, stride_sr, q.dtype, INT8)
-            scores = tl.dot(q, tl.trans(k)) * scale  # [BLOCK_G, BLOCK_N]
-            scores = tl.where(n_mask[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            p = tl.exp(scores - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            scores = tl.where(n_mask[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
+            m_i, l_i, acc = online_softmax_step(scores, v, m_i, l_i, acc)
         part = (s * tl.num_programs(1) + kvh) * splits + split
         tl.store(PartO + (part * G + offs_g)[:, None] * D + offs_d[None, :], acc,
                  mask=g_mask[:, None] & d_mask[None, :])
         tl.store(PartM + part * G + offs_g, m_i, mask=g_mask)
         tl.store(PartL + part * G + offs_g, l_i, mask=g_mask)
-
-    @triton.jit(do_not_specialize=["splits"])
-    def _paged_merge_kernel(PartO, PartM, PartL, QStart, Out, stride_on, stride_oh, splits,
-                            G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-        s = tl.program_id(0)
-        h = tl.program_id(1)
-        kvh = h // G
-        g = h % G
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_d = tl.arange(0, BLOCK_D)
-        s_mask = offs_s < splits
-        part = (s * (tl.num_programs(1) // G) + kvh) * splits + offs_s
-        m = tl.load(PartM + part * G + g, mask=s_mask, other=float("-inf"))
-        l_part = tl.load(PartL + part * G + g, mask=s_mask, other=0.0)
-        m_max = tl.max(m, 0)
-        w = tl.where(s_mask & (l_part > 0), tl.exp(m - m_max), 0.0)
-        o = tl.load(PartO + (part * G + g)[:, None] * D + offs_d[None, :],
-                    mask=s_mask[:, None] & (offs_d < D)[None, :], other=0.0)
-        out = tl.sum(o * w[:, None], 0) / tl.sum(l_part * w, 0)
-        row = tl.load(QStart + s)
-        tl.store(Out + row * stride_on + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
-
 
     @triton.jit(do_not_specialize=["num_seqs"])
     def _paged_prefill_kernel(Q, K, V, KS, VS, Out, Tables, Lens, QStart, num_seqs,
@@ -170,13 +141,7 @@ if triton is not None:
             if window > 0:
                 allowed = allowed & (pos[None, :] > q_pos[:, None] - window)
             scores = tl.where(allowed, scores, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet stay zero
-            p = tl.exp(scores - m_use[:, None])
-            alpha = tl.exp(m_i - m_use)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(scores, v, m_i, l_i, acc)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(Out + (q_begin + qi)[:, None] * stride_on + head[:, None] * stride_oh + offs_d[None, :],
                  out.to(Out.dtype.element_ty), mask=m_valid[:, None] & d_mask[None, :])
@@ -269,41 +234,24 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     kv_heads = k_pool.shape[1]
     group = heads // kv_heads
     block_n = DECODE_CONFIG["block_n"]
-    blocks = max(1, math.ceil(max_context / block_n))
-    splits = max(1, min(blocks, math.ceil(2 * sm_count / max(1, sequences * kv_heads))))
-    chunk = math.ceil(blocks / splits) * block_n
-    splits = max(1, math.ceil(max_context / chunk))
-    parts = sequences * kv_heads * splits * group
-    part_o = torch.empty(parts, dim, dtype=torch.float32, device=q.device)
-    part_m = torch.empty(parts, dtype=torch.float32, device=q.device)
-    part_l = torch.empty(parts, dtype=torch.float32, device=q.device)
+    splits, chunk = triton_attention.plan_splits(max_context, sequences * kv_heads, sm_count, block_n)
+    part_o, part_m, part_l = partials = triton_attention.split_partials(sequences * kv_heads * splits * group, dim,
+                                                                        q.device)
     int8 = k_scale is not None
     scales_k = k_scale if int8 else part_m
     scales_v = v_scale if int8 else part_m
-    block_d = triton.next_power_of_2(dim)
     _paged_chunk_kernel[(sequences, kv_heads, splits)](
         q, k_pool, v_pool, scales_k, scales_v, block_tables, context_lens, query_start, part_o, part_m, part_l,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), scales_k.stride(0) if int8 else 0,
         block_tables.stride(0), block_size, scale, window, chunk, splits,
-        INT8=int8, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_D=block_d,
-        BLOCK_N=block_n, num_warps=DECODE_CONFIG["num_warps"], num_stages=DECODE_CONFIG["num_stages"],
+        INT8=int8, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim,
+        BLOCK_D=triton.next_power_of_2(dim), BLOCK_N=block_n, num_warps=DECODE_CONFIG["num_warps"],
+        num_stages=DECODE_CONFIG["num_stages"],
     )
     out = torch.empty_like(q)
-    _paged_merge_kernel[(sequences, heads)](
-        part_o, part_m, part_l, query_start, out, out.stride(0), out.stride(1), splits,
-        G=group, D=dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)),
-    )
+    triton_attention.merge_splits(partials, out, query_start, sequences, heads, group, splits, out.stride(0),
+                                  out.stride(1))
     return out
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
 
 
 def paged_attention_cuda(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,
@@ -319,6 +267,7 @@ def paged_attention_cuda(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
         # the block tables' width bounds every context without reading the lengths back (no host sync)
         max_context = block_tables.shape[1] * block_size
         return paged_decode_attention(q, k_pool, v_pool, block_tables, context_lens, query_start, block_size,
-                                      scale, window, k_scale, v_scale, max_context, _sm_count(q.device))
+                                      scale, window, k_scale, v_scale, max_context,
+                                      triton_attention.sm_count(q.device))
     return paged_prefill_attention(q, k_pool, v_pool, block_tables, context_lens, query_start, block_size, scale,
                                    window, k_scale, v_scale)
