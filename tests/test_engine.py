@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
 from flux_infer import kernels
 from flux_infer.engine import BlockManager, Engine, IncrementalDetokenizer
-from flux_infer.errors import InvalidConfigError
+from flux_infer.errors import InvalidConfigError, UnsupportedModelError
 
 TOPICS = ["the sea", "a mountain", "coffee", "rain", "a library", "winter", "a cat", "trains", "the moon", "bread",
           "music", "a garden", "fire", "clocks", "snow", "a bridge", "rivers", "stars", "a market", "paper",
@@ -197,6 +198,19 @@ def test_bad_requests(smollm2_base):
         engine.add_request([1, 2, 3], request_id="x")
     with pytest.raises(KeyError, match="unknown request id"):
         engine.abort("nope")
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0)):
+        with pytest.raises(InvalidConfigError, match="need max_new_tokens >= 1"):
+            engine.add_request([1, 2], **bad)
+
+
+def test_bad_engine_settings_and_unsupported_models(smollm2_base):
+    model, _ = smollm2_base
+    with pytest.raises(InvalidConfigError, match="must be positive"):
+        Engine(model, None, num_blocks=8, block_size=0)
+    with pytest.raises(InvalidConfigError, match="holds no block"):
+        Engine(model, None, kv_cache_bytes=1000)
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
+        Engine(tiny_model("mixtral"), None, num_blocks=8)
 
 
 def test_int8_kv_cache_perplexity_within_one_percent(smollm2_base):
