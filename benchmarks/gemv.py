@@ -2,7 +2,8 @@
 bandwidth measured in the same run. Each timing is a CUDA graph of 32 calls over weights rotated through more
 memory than the L2 cache holds.
 
-    python benchmarks/gemv.py
+    python benchmarks/gemv.py                    # bf16: cuBLAS vs flux's GEMV
+    python benchmarks/gemv.py --quant [--sweep]  # INT8 / INT4 weight-only kernels vs bf16 cuBLAS
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ def graph_time(fn, calls: int = 32) -> float:
     return sorted(times)[2]
 
 
-def quantized(bandwidth: float) -> None:
-    """Weight-only INT8 / INT4 (group 128) linear layers against bf16 cuBLAS, same shapes."""
+def quantized(bandwidth: float, sweep: bool) -> None:
+    """Weight-only INT8 / INT4 (group 128) linear layers against bf16 cuBLAS, same shapes. With ``sweep``, every
+    warp count / row tiling of the tensor-core kernel too (the launcher's heuristic picks one of them)."""
     from flux_infer.quantization.modules import QuantizedLinear
 
+    module = cuda._state["module"]
     print(f"{'shape':>14} {'rows':>4} {'bf16 us':>8} {'int8 us':>8} {'%bw':>5} {'int4 us':>8} {'%bw':>5} "
           f"{'int4 speedup':>12}")
     for name, (n, k) in SHAPES.items():
@@ -63,14 +66,25 @@ def quantized(bandwidth: float) -> None:
         int4 = [QuantizedLinear.from_weight(w, None, bits=4, group_size=128) for w in dense]
         nbytes8 = n * k + n * 2
         nbytes4 = n * k // 2 + 2 * n * (k // 128) * 2
+        pct = lambda b, t: 100 * b / t / 1e9 / bandwidth  # noqa: E731
         for rows in (1, 4, 8, 16, 32):
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             t16 = graph_time(lambda i: F.linear(x, dense[i % copies]))
             t8 = graph_time(lambda i: int8[i % copies](x))
             t4 = graph_time(lambda i: int4[i % copies](x))
-            pct = lambda b, t: 100 * b / t / 1e9 / bandwidth  # noqa: E731
             print(f"{name:>14} {rows:>4} {t16 * 1e6:>8.1f} {t8 * 1e6:>8.1f} {pct(nbytes8, t8):>5.1f} "
                   f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f} {t16 / t4:>12.2f}", flush=True)
+            if not sweep:
+                continue
+            for warps in (4, 8):
+                for tiles in (1, 2):
+                    t8 = graph_time(lambda i: module.quant_mma(x, int8[i % copies].qweight, int8[i % copies].scale,
+                                                               None, 0, None, warps, tiles))
+                    t4 = graph_time(lambda i: module.quant_mma(x, int4[i % copies].qweight, int4[i % copies].scales,
+                                                               int4[i % copies].mins, 128, None, warps, tiles))
+                    print(f"{'  warps ' + str(warps) + ' tiles ' + str(tiles):>14} {rows:>4} {'':>8} "
+                          f"{t8 * 1e6:>8.1f} {pct(nbytes8, t8):>5.1f} {t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f}",
+                          flush=True)
         del dense, int8, int4
         torch.cuda.empty_cache()
 
@@ -80,7 +94,7 @@ def main() -> int:
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  copy {bandwidth:.0f} GB/s")
     if "--quant" in sys.argv:
-        quantized(bandwidth)
+        quantized(bandwidth, sweep="--sweep" in sys.argv)
         return 0
     print(f"{'shape':>14} {'rows':>4} {'cuBLAS us':>10} {'%bw':>5} {'flux us':>9} {'%bw':>5} {'speedup':>7}")
     for name, (n, k) in SHAPES.items():

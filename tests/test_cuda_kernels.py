@@ -154,23 +154,59 @@ def test_opcheck_on_cuda():
                            kc.clone(), torch.tensor([4, 5, 6], device="cuda")))
 
 
-@pytest.mark.parametrize("bits, group", [(8, None), (4, 32), (4, 64), (4, 128)])
-@pytest.mark.parametrize("rows, n, k", [  # 1-2 rows and >= 8192 outputs: the staged INT4 kernel
-    (1, 8197, 14336), (1, 1031, 1024), (2, 8197, 4096), (2, 1031, 1024), (3, 1031, 1024), (8, 1031, 1024),
-    (16, 1031, 1024), (33, 1031, 1024)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_quantized_linear_against_its_reference(bits, group, rows, n, k, dtype):
+def quantized_case(bits, group, n, k, dtype, bias=True):
     from flux_infer.quantization.modules import QuantizedLinear
 
     w = (torch.randn(n, k, device="cuda") / k**0.5).to(dtype)
-    module = QuantizedLinear.from_weight(w, torch.randn(n, device="cuda").to(dtype), bits=bits, group_size=group)
+    b = torch.randn(n, device="cuda").to(dtype) if bias else None
+    return QuantizedLinear.from_weight(w, b, bits=bits, group_size=group)
+
+
+def assert_quantized_close(out, module, x):
+    """Within twice the error of the PyTorch reference (dequantize, F.linear) against float64."""
+    bias = module.bias.double() if module.bias is not None else None
+    truth = torch.nn.functional.linear(x.double(), module.dequantize().double(), bias)
+    reference = (kernels.int8_linear_ref(x, module.qweight, module.scale, module.bias) if module.bits == 8 else
+                 kernels.int4_linear_ref(x, module.qweight, module.scales, module.mins, module.group_size,
+                                         module.bias))
+    assert out.shape == reference.shape
+    assert rel_err(out, truth) <= 2 * rel_err(reference, truth) + ULP[x.dtype]
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 32), (4, 64), (4, 128)])
+@pytest.mark.parametrize("rows, n, k", [  # K not a multiple of a 4-slice step, N not of 16, 1-32 rows and above
+    (1, 8197, 14336), (1, 1031, 1024), (2, 8197, 4096), (2, 1031, 1024), (3, 1031, 1024), (8, 1031, 1024),
+    (9, 1031, 1024), (16, 1031, 1024), (24, 1031, 1024), (32, 1031, 1024), (33, 1031, 1024), (1, 577, 1152),
+    (5, 40, 1152), (17, 577, 1152)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantized_linear_against_its_reference(bits, group, rows, n, k, dtype):
+    module = quantized_case(bits, group, n, k, dtype)
     assert kernels.implementation(f"int{bits}_linear", "cuda") == "cuda"
     x = torch.randn(rows, k, device="cuda").to(dtype)
-    out = module(x)
-    truth = torch.nn.functional.linear(x.double(), module.dequantize().double(), module.bias.double())
-    reference = (kernels.int8_linear_ref(x, module.qweight, module.scale, module.bias) if bits == 8 else
-                 kernels.int4_linear_ref(x, module.qweight, module.scales, module.mins, group, module.bias))
-    assert rel_err(out, truth) <= 2 * rel_err(reference, truth) + ULP[dtype]
+    assert_quantized_close(module(x), module, x)
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 64)])
+@pytest.mark.parametrize("warps, row_tiles", [(1, 1), (3, 2), (8, 1), (8, 2)])
+@pytest.mark.parametrize("rows", [1, 7, 12, 32])
+def test_quantized_mma_launch_shapes(bits, group, warps, row_tiles, rows):
+    """Every warp count and row tiling the launcher accepts, not only the ones its heuristic picks."""
+    module = quantized_case(bits, group, 1031, 1088, torch.bfloat16, bias=rows % 2 == 0)
+    x = torch.randn(rows, 1088, device="cuda").to(torch.bfloat16)
+    mins = module.mins if bits == 4 else None
+    scales = module.scales if bits == 4 else module.scale
+    out = cuda_kernels._state["module"].quant_mma(x, module.qweight, scales, mins, group or 0, module.bias, warps,
+                                                  row_tiles)
+    assert_quantized_close(out, module, x)
+
+
+def test_quantized_mma_int4_weights_are_the_references_bit_for_bit():
+    """An identity input reads back each dequantized weight: INT4 dequantization is exact (one rounding, as the
+    reference's), so the kernel's columns equal the reference weight exactly."""
+    module = quantized_case(4, 32, 96, 256, torch.bfloat16, bias=False)
+    eye = torch.eye(256, device="cuda", dtype=torch.bfloat16)
+    columns = torch.cat([module(eye[i:i + 32]) for i in range(0, 256, 32)])  # 32 rows per call: the MMA path
+    assert torch.equal(columns.T, module.dequantize())
 
 
 def paged_pool(lengths, kv_heads, dim, block_size, int8):

@@ -1,29 +1,20 @@
-// flux_infer CUDA kernels: RMSNorm (+ residual add), gated activations, rotary embedding.
+// flux_infer CUDA kernels: RMSNorm (+ residual add), gated activations, rotary embedding, single-row GEMV, and the
+// Python bindings of every kernel (the quantized linear layers live in quant_linear.cu).
 //
 // Every kernel reproduces the rounding points of its PyTorch reference (flux_infer/kernels/*.py), which mirror
 // transformers: in bf16/fp16 the intermediate results the reference rounds are rounded here too, so outputs
 // agree with the reference except for the order of the RMS reduction. Arithmetic is float32.
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#include "common.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+using flux::check_cuda;
+using flux::from_float;
+using flux::rnd;
+using flux::to_float;
+using flux::warp_sum;
 
 namespace {
 
-template <typename T> __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v) { return static_cast<T>(v); }
-// round to the storage type and back: the value the reference's intermediate tensor would hold
-template <typename T> __device__ __forceinline__ float rnd(float v) { return to_float<T>(from_float<T>(v)); }
-
 constexpr int kMaxThreads = 1024;
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
-  return v;
-}
 
 __device__ float block_sum(float v) {
   __shared__ float partial[32];
@@ -199,12 +190,7 @@ __global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const T* __r
 // out[m, n] = x[m, :] . w[n, :] (+ bias[n]) for M <= 8 rows of x. Memory-bound: every weight byte is read once,
 // 16 bytes per load, streamed past L1 (ld.global.nc.L1::no_allocate); kLoads independent loads in flight per lane
 // before the first is used. One warp per output row; x rows are re-read from L1/L2 by every warp.
-__device__ __forceinline__ uint4 load_stream(const uint4* p) {
-  uint4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-  return r;
-}
+using flux::load_stream;
 
 template <typename T> __device__ __forceinline__ void unpack8(const uint4& v, float* f);
 template <> __device__ __forceinline__ void unpack8<at::BFloat16>(const uint4& v, float* f) {
@@ -504,10 +490,6 @@ int threads_for(int64_t work) {
   return t;
 }
 
-void check_cuda(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-}
-
 }  // namespace
 
 // x [rows, hidden] with unit stride in the last dim; returns out (and the new residual when given one)
@@ -722,10 +704,14 @@ torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor s
   return out;
 }
 
+torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
+                        int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
   m.def("act_mul", &act_mul, "act(gate) * up (0 = silu, 1 = gelu_tanh)");
   m.def("rotary_embedding", &rotary_embedding, "rotary embedding of q and k in place (+ KV cache write)");
   m.def("gemv", &gemv, "x @ w.T (+ bias) for up to 8 rows of x");
   m.def("quant_gemv", &quant_gemv, "weight-only INT8/INT4 linear for up to 8 rows of x");
+  m.def("quant_mma", &quant_mma, "weight-only INT8/INT4 linear for up to 32 rows of x, on the tensor cores");
 }

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 ENV_BUILD_DIR = "FLUX_INFER_BUILD_DIR"
 ENV_DISABLE = "FLUX_INFER_DISABLE_CUDA_KERNELS"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
+QUANT_MMA_MAX_ROWS = 32  # quantized linear layers: tensor-core kernel up to here, Triton above
 MAX_SHARED_HIDDEN = 12288  # rms_norm stages a row of float32 in 48 KiB of shared memory
 
 _lock = threading.Lock()
@@ -77,6 +78,7 @@ def load() -> bool:
             return False
         _register(module)
         _state["loaded"] = True
+        _state["module"] = module
         return True
 
 
@@ -88,7 +90,7 @@ def _build() -> Any:
     target.mkdir(parents=True, exist_ok=True)
     return load_extension(
         name="flux_infer_kernels",
-        sources=[str(CSRC / "flux_kernels.cu")],
+        sources=[str(CSRC / "flux_kernels.cu"), str(CSRC / "quant_linear.cu")],
         build_directory=str(target),
         extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
         extra_cflags=["-O3"],
@@ -151,7 +153,7 @@ def _register(module: Any) -> None:
 
     def quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                   group: int, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """GEMV for up to 8 rows, Triton above; None when the shapes need the reference."""
+        """Tensor-core kernel for up to 32 rows, Triton above; None when the shapes need the reference."""
         from flux_infer.kernels import triton_quant
 
         if x.dtype not in (torch.bfloat16, torch.float16) or scales.dtype != x.dtype or x.numel() == 0:
@@ -160,8 +162,12 @@ def _register(module: Any) -> None:
         x2 = x.reshape(rows, x.shape[-1])
         if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
             x2 = x2.contiguous()
-        if rows <= 8:
+        if qweight.data_ptr() % 16:
+            return None
+        if rows <= 8 and os.environ.get("FLUX_INFER_QUANT_KERNEL") == "gemv":
             out = module.quant_gemv(x2, qweight, scales, mins, group, bias)
+        elif rows <= QUANT_MMA_MAX_ROWS:
+            out = module.quant_mma(x2, qweight, scales, mins, group, bias, 0, 0)
         elif triton_quant.available():
             out = triton_quant.quant_matmul(x2, qweight, scales, mins, group, bias)
         else:
