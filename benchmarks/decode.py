@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -31,9 +30,7 @@ FLUX_MODES = {
     "flux_int8": flux_infer.InferenceConfig(optimization_level="O1", quantization="int8", quantize_lm_head=True),
     "flux_int4": flux_infer.InferenceConfig(optimization_level="O1", quantization="int4", quantize_lm_head=True),
 }
-# the same, with 1-8 row quantized layers on the previous CUDA-core GEMV instead of the tensor-core kernel
-FLUX_MODES["flux_int8_gemv"] = FLUX_MODES["flux_int8"]
-FLUX_MODES["flux_int4_gemv"] = FLUX_MODES["flux_int4"]
+
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
@@ -145,8 +142,6 @@ def main() -> int:
         elif mode in FLUX_MODES:
             # flux_cublas: O1 with every linear layer left on cuBLAS (isolates the GEMV kernel's effect)
             linear_module.GEMV_MAX_ROWS = 0 if mode == "flux_cublas" else default_gemv_rows
-            if mode.endswith("_gemv"):
-                os.environ["FLUX_INFER_QUANT_KERNEL"] = "gemv"
             flux_infer.optimize(model, config=FLUX_MODES[mode])
             print(model.flux_report, flush=True)
             info[f"{mode}_model_gb"] = model.flux_report.memory_after.model_bytes / 1e9
@@ -171,7 +166,6 @@ def main() -> int:
         elif mode in FLUX_MODES:
             flux_infer.revert(model)
             linear_module.GEMV_MAX_ROWS = default_gemv_rows
-            os.environ.pop("FLUX_INFER_QUANT_KERNEL", None)
             torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}
     for r in results:  # greedy on random weights: report agreement with eager, do not assert it

@@ -76,15 +76,17 @@ def quantized(bandwidth: float, sweep: bool) -> None:
                   f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f} {t16 / t4:>12.2f}", flush=True)
             if not sweep:
                 continue
-            for warps in (4, 8):
-                for tiles in (1, 2):
-                    t8 = graph_time(lambda i: module.quant_mma(x, int8[i % copies].qweight, int8[i % copies].scale,
-                                                               None, 0, None, warps, tiles))
-                    t4 = graph_time(lambda i: module.quant_mma(x, int4[i % copies].qweight, int4[i % copies].scales,
-                                                               int4[i % copies].mins, 128, None, warps, tiles))
-                    print(f"{'  warps ' + str(warps) + ' tiles ' + str(tiles):>14} {rows:>4} {'':>8} "
-                          f"{t8 * 1e6:>8.1f} {pct(nbytes8, t8):>5.1f} {t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f}",
-                          flush=True)
+            for mode in (1, 2):  # INT4 biased codes, scales applied per weight
+                for warps in (4, 8):
+                    for tiles in (1, 2):
+                        t8 = graph_time(lambda i: module.quant_mma(x, int8[i % copies].qweight, int8[i % copies].scale,
+                                                                   None, 0, None, warps, tiles, mode))
+                        t4 = graph_time(lambda i: module.quant_mma(x, int4[i % copies].qweight,
+                                                                   int4[i % copies].scales, int4[i % copies].mins,
+                                                                   128, None, warps, tiles, mode))
+                        label = f"m{mode} w{warps} t{tiles}"
+                        print(f"{label:>14} {rows:>4} {'':>8} {t8 * 1e6:>8.1f} {pct(nbytes8, t8):>5.1f} "
+                              f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f}", flush=True)
         del dense, int8, int4
         torch.cuda.empty_cache()
 

@@ -1,6 +1,6 @@
 """Where a flux O1 decode step spends its GPU time: the top kernels of 32 decode steps (torch.profiler).
 
-    python benchmarks/profile_decode.py --batch 1 --layers 32
+    python benchmarks/profile_decode.py --batch 1 --layers 32 [--graphs] [--quantization int4]
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--graphs", action=argparse.BooleanOptionalAction, default=False,
                         help="profile the graph replays (kernels only) instead of the eager step")
+    parser.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                        help="weight-only quantization (lm_head included), as benchmarks/decode.py's flux_int8/int4")
     args = parser.parse_args()
     model = build_model(args.layers)
-    config = flux_infer.InferenceConfig(optimization_level="O1", use_cuda_graphs=args.graphs)
+    config = flux_infer.InferenceConfig(optimization_level="O1", use_cuda_graphs=args.graphs,
+                                        quantization=args.quantization, quantize_lm_head=args.quantization is not None)
     flux_infer.optimize(model, config=config)
     ids = torch.randint(100, 120000, (args.batch, 128), device="cuda")
     kwargs = dict(max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False, temperature=None,

@@ -186,17 +186,19 @@ def test_quantized_linear_against_its_reference(bits, group, rows, n, k, dtype):
     assert_quantized_close(module(x), module, x)
 
 
-@pytest.mark.parametrize("bits, group", [(8, None), (4, 64)])
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 64), (4, 128)])
 @pytest.mark.parametrize("warps, row_tiles", [(1, 1), (3, 2), (8, 1), (8, 2)])
 @pytest.mark.parametrize("rows", [1, 7, 12, 32])
-def test_quantized_mma_launch_shapes(bits, group, warps, row_tiles, rows):
-    """Every warp count and row tiling the launcher accepts, not only the ones its heuristic picks."""
-    module = quantized_case(bits, group, 1031, 1088, torch.bfloat16, bias=rows % 2 == 0)
-    x = torch.randn(rows, 1088, device="cuda").to(torch.bfloat16)
+@pytest.mark.parametrize("int4_mode", [0, 1, 2])
+def test_quantized_mma_launch_shapes(bits, group, warps, row_tiles, rows, int4_mode):
+    """Every warp count, row tiling and INT4 form the launcher accepts, not only the ones its heuristic picks."""
+    k = 1152 if group == 128 else 1088  # 1088: K not a multiple of a 4-slice step
+    module = quantized_case(bits, group, 1031, k, torch.bfloat16, bias=rows % 2 == 0)
+    x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
     mins = module.mins if bits == 4 else None
     scales = module.scales if bits == 4 else module.scale
     out = cuda_kernels._state["module"].quant_mma(x, module.qweight, scales, mins, group or 0, module.bias, warps,
-                                                  row_tiles)
+                                                  row_tiles, int4_mode)
     assert_quantized_close(out, module, x)
 
 

@@ -261,13 +261,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(T* __restrict__ o
   }
 }
 
-// ---- weight-only quantized GEMV (M <= 8) ---------------------------------------------------------------------
+// ---- weight-only INT8 GEMV (one row of x) ------------------------------------------------------------------------
+// The tensor-core kernel (quant_linear.cu) serves every other quantized case; for a single row this CUDA-core
+// GEMV measured 2% faster end to end (benchmarks/results/2026-11-26-h100-decode-quant-mma.json).
 // Integer codes become floats through the exponent trick (OR the code into the mantissa of 2^23, subtract 2^23):
-// one logic op and one add instead of an int-to-float conversion, whose throughput would cap the kernel near half
-// the memory bandwidth.
-// INT8: 16 weights per 16-byte load, per-row scale applied once at the end.
-// INT4: 32 weights per 16-byte load (four int32 of 8 nibbles, lowest first), all in one group (group % 32 == 0):
-// each chunk contributes scale * (x . q) + min * sum(x) of its group.
+// one logic op and one add instead of an int-to-float conversion. 16 weights per 16-byte load, the per-row scale
+// applied once at the end.
 __device__ __forceinline__ float code_to_float(uint32_t code) {  // code < 2^23
   return __uint_as_float(0x4B000000u | code) - 8388608.f;
 }
@@ -318,160 +317,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(
   for (int m = 0; m < M; ++m) {
     const float total = warp_sum(acc[m]);
     if (lane == 0) out[m * out_stride + n] = from_float<T>(total * s + (bias != nullptr ? to_float(bias[n]) : 0.f));
-  }
-}
-
-template <typename T, int M>
-__global__ void __launch_bounds__(kGemvWarps * 32) int4_gemv_kernel(
-    T* __restrict__ out, const T* __restrict__ x, const int32_t* __restrict__ w, const T* __restrict__ scales,
-    const T* __restrict__ mins, const T* __restrict__ bias, int n_rows, int k, int group, int64_t x_stride,
-    int64_t out_stride) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int n = blockIdx.x * kGemvWarps + warp;
-  if (n >= n_rows) return;
-  const int chunks = k >> 5;  // 32 weights per chunk
-  const int groups = k / group;
-  const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(n) * (k >> 3));
-  const T* srow = scales + static_cast<int64_t>(n) * groups;
-  const T* mrow = mins + static_cast<int64_t>(n) * groups;
-  float acc[M];
-#pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = 0.f;
-  for (int base = lane; base < chunks; base += 32 * kLoads) {
-    uint4 wv[kLoads];
-#pragma unroll
-    for (int u = 0; u < kLoads; ++u) {
-      const int c = base + u * 32;
-      wv[u] = c < chunks ? load_stream(wrow + c) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < kLoads; ++u) {
-      const int c = base + u * 32;
-      if (c >= chunks) break;
-      const int g = (c << 5) / group;
-      const float s = to_float(srow[g]), mn = to_float(mrow[g]);
-      const uint32_t* words = reinterpret_cast<const uint32_t*>(&wv[u]);
-      float q[32];
-#pragma unroll
-      for (int word = 0; word < 4; ++word)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) q[word * 8 + j] = code_to_float((words[word] >> (4 * j)) & 0xFu);
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const uint4* xp = reinterpret_cast<const uint4*>(x + m * x_stride) + 4 * c;
-        float dot = 0.f, sum = 0.f;
-#pragma unroll
-        for (int part = 0; part < 4; ++part) {
-          float xf[8];
-          unpack8<T>(__ldg(xp + part), xf);
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            dot = fmaf(q[part * 8 + j], xf[j], dot);
-            sum += xf[j];
-          }
-        }
-        acc[m] = fmaf(s, dot, fmaf(mn, sum, acc[m]));
-      }
-    }
-  }
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const float total = warp_sum(acc[m]);
-    if (lane == 0) out[m * out_stride + n] = from_float<T>(total + (bias != nullptr ? to_float(bias[n]) : 0.f));
-  }
-}
-
-// INT4 for 1-2 rows: activations staged once per block in shared memory as float, with their per-group sums, and
-// blocks that stay resident and walk many rows (so the staging is paid a few times per SM, not once per 8 rows).
-// Codes become floats in pairs: (word >> 4p) & 0x000F000F | 0x64006400 is the half2 (1024 + q_p, 1024 + q_p+4);
-// the 1024 offset is taken out once per group through the group sum of x.
-template <typename T, int M>
-__global__ void __launch_bounds__(kGemvWarps * 32) int4_gemv_staged_kernel(
-    T* __restrict__ out, const T* __restrict__ x, const int32_t* __restrict__ w, const T* __restrict__ scales,
-    const T* __restrict__ mins, const T* __restrict__ bias, int n_rows, int k, int group, int64_t x_stride,
-    int64_t out_stride) {
-  // x as float [M][padded k], then group sums [M][groups]. Every 32 floats (one lane's chunk) are followed by 4
-  // of padding: lanes read chunks 144 bytes apart, which spreads their 16-byte reads over all banks.
-  extern __shared__ float staged[];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int groups = k / group;
-  const int kp = k + (k >> 5) * 4;
-  float* sums = staged + M * kp;
-  for (int i = threadIdx.x * 8; i < M * k; i += blockDim.x * 8) {
-    const int m = i / k, c = i - m * k;
-    float xf[8];
-    unpack8<T>(*reinterpret_cast<const uint4*>(x + m * x_stride + c), xf);
-    float* dst = staged + m * kp + c + (c >> 5) * 4;
-    *reinterpret_cast<float4*>(dst) = make_float4(xf[0], xf[1], xf[2], xf[3]);
-    *reinterpret_cast<float4*>(dst + 4) = make_float4(xf[4], xf[5], xf[6], xf[7]);
-  }
-  __syncthreads();
-  for (int pair = warp; pair < M * groups; pair += kGemvWarps) {
-    const int m = pair / groups, g = pair - m * groups;
-    float total = 0.f;
-    for (int j = lane; j < group; j += 32) {
-      const int c = g * group + j;
-      total += staged[m * kp + c + (c >> 5) * 4];
-    }
-    total = warp_sum(total);
-    if (lane == 0) sums[pair] = total;
-  }
-  __syncthreads();
-  const int chunks = k >> 5;  // 32 codes per 16-byte chunk
-  const int chunks_per_group = group >> 5;
-  for (int n = blockIdx.x * kGemvWarps + warp; n < n_rows; n += gridDim.x * kGemvWarps) {
-    const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(n) * (k >> 3));
-    const T* srow = scales + static_cast<int64_t>(n) * groups;
-    const T* mrow = mins + static_cast<int64_t>(n) * groups;
-    float acc[M];
-#pragma unroll
-    for (int m = 0; m < M; ++m) acc[m] = 0.f;
-    for (int base = lane; base < chunks; base += 32 * kLoads) {
-      uint4 wv[kLoads];
-#pragma unroll
-      for (int u = 0; u < kLoads; ++u) {
-        const int c = base + u * 32;
-        wv[u] = c < chunks ? load_stream(wrow + c) : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int u = 0; u < kLoads; ++u) {
-        const int c = base + u * 32;
-        if (c >= chunks) break;
-        const int g = c / chunks_per_group;
-        const float s = to_float(srow[g]);
-        const uint32_t* words = reinterpret_cast<const uint32_t*>(&wv[u]);
-        float dot[M];
-#pragma unroll
-        for (int m = 0; m < M; ++m) dot[m] = 0.f;
-#pragma unroll
-        for (int word = 0; word < 4; ++word) {
-          float q[8];  // 1024 + code, for the 8 codes of this word
-#pragma unroll
-          for (int p = 0; p < 4; ++p) {
-            const uint32_t h = ((words[word] >> (4 * p)) & 0x000F000Fu) | 0x64006400u;
-            const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
-            q[p] = f.x;
-            q[p + 4] = f.y;
-          }
-#pragma unroll
-          for (int m = 0; m < M; ++m) {
-            const float4* xs = reinterpret_cast<const float4*>(staged + m * kp + c * 36 + word * 8);
-            const float4 a = xs[0], b = xs[1];
-            dot[m] = fmaf(q[0], a.x, fmaf(q[1], a.y, fmaf(q[2], a.z, fmaf(q[3], a.w, dot[m]))));
-            dot[m] = fmaf(q[4], b.x, fmaf(q[5], b.y, fmaf(q[6], b.z, fmaf(q[7], b.w, dot[m]))));
-          }
-        }
-        const bool first = c - g * chunks_per_group == 0;
-        const float correction = first ? to_float(mrow[g]) - 1024.f * s : 0.f;
-#pragma unroll
-        for (int m = 0; m < M; ++m) acc[m] = fmaf(s, dot[m], fmaf(correction, sums[m * groups + g], acc[m]));
-      }
-    }
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      const float total = warp_sum(acc[m]);
-      if (lane == 0) out[m * out_stride + n] = from_float<T>(total + (bias != nullptr ? to_float(bias[n]) : 0.f));
-    }
   }
 }
 
@@ -644,74 +489,37 @@ torch::Tensor gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor
 }
 
 
-// weight-only quantized linear for M <= 8 rows of x: INT8 (qweight int8 [N, K], scale [N]) or INT4 (qweight
-// int32 [N, K / 8], scales/mins [N, K / group])
-torch::Tensor quant_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
-                         int64_t group, c10::optional<torch::Tensor> bias) {
+// weight-only INT8 linear for one row of x: qweight int8 [N, K], scale [N]
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor scale, c10::optional<torch::Tensor> bias) {
   check_cuda(x, "x");
-  const bool int4 = qweight.scalar_type() == at::kInt;
   const int64_t k = x.size(1), n = qweight.size(0);
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(0) >= 1 && x.size(0) <= 8 && x.stride(0) % 8 == 0,
-              "quant_gemv: x must be [1..8, K] with a contiguous last dim");
-  TORCH_CHECK(qweight.is_contiguous() && scales.is_contiguous() && scales.scalar_type() == x.scalar_type(),
-              "quant_gemv: contiguous qweight, scales in x's dtype");
-  TORCH_CHECK(int4 ? (qweight.size(1) * 8 == k && mins && mins->is_contiguous() && group % 32 == 0 && k % group == 0)
-                   : (qweight.scalar_type() == at::kChar && qweight.size(1) == k && k % 16 == 0),
-              "quant_gemv: unsupported quantized layout");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.size(0) == 1 && flux::aligned16(x),
+              "int8_gemv: x must be [1, K], 16-byte aligned with a contiguous last dim");
+  TORCH_CHECK(qweight.is_contiguous() && flux::aligned16(qweight) && qweight.scalar_type() == at::kChar &&
+                  qweight.size(1) == k && k % 16 == 0 && scale.is_contiguous() && scale.scalar_type() == x.scalar_type(),
+              "int8_gemv: contiguous int8 qweight [N, K] (K a multiple of 16), scale in x's dtype");
   const c10::cuda::CUDAGuard guard(x.device());
-  auto out = torch::empty({x.size(0), n}, x.options());
+  auto out = torch::empty({1, n}, x.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int blocks = (n + kGemvWarps - 1) / kGemvWarps;
-  AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "quant_gemv", [&] {
-    const scalar_t* b = bias ? bias->data_ptr<scalar_t>() : nullptr;
-    auto launch = [&](auto rows) {
-      constexpr int R = decltype(rows)::value;
-      const size_t staged = (R * (k + (k / 32) * 4) + R * (k / group)) * sizeof(float);
-      // staging pays off when each resident block walks many rows: wide outputs (gate/up, lm_head)
-      if (int4 && R <= 2 && n >= 8192 && staged <= 200 * 1024) {
-        auto* kernel = int4_gemv_staged_kernel<scalar_t, (R <= 2 ? R : 1)>;
-        static int sms = 0;  // set once per kernel instance (not a stream operation: safe outside and in capture)
-        if (sms == 0) {
-          C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024));
-          C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x.get_device()));
-        }
-        const int resident = std::min(blocks, 2 * sms);
-        kernel<<<resident, kGemvWarps * 32, staged, stream>>>(
-            out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qweight.data_ptr<int32_t>(),
-            scales.data_ptr<scalar_t>(), mins->data_ptr<scalar_t>(), b, n, k, group, x.stride(0), out.stride(0));
-      } else if (int4) {
-        int4_gemv_kernel<scalar_t, R><<<blocks, kGemvWarps * 32, 0, stream>>>(
-            out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qweight.data_ptr<int32_t>(),
-            scales.data_ptr<scalar_t>(), mins->data_ptr<scalar_t>(), b, n, k, group, x.stride(0), out.stride(0));
-      } else {
-        int8_gemv_kernel<scalar_t, R><<<blocks, kGemvWarps * 32, 0, stream>>>(
-            out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qweight.data_ptr<int8_t>(),
-            scales.data_ptr<scalar_t>(), b, n, k, x.stride(0), out.stride(0));
-      }
-    };
-    switch (x.size(0)) {
-      case 1: launch(std::integral_constant<int, 1>{}); break;
-      case 2: launch(std::integral_constant<int, 2>{}); break;
-      case 3: launch(std::integral_constant<int, 3>{}); break;
-      case 4: launch(std::integral_constant<int, 4>{}); break;
-      case 5: launch(std::integral_constant<int, 5>{}); break;
-      case 6: launch(std::integral_constant<int, 6>{}); break;
-      case 7: launch(std::integral_constant<int, 7>{}); break;
-      default: launch(std::integral_constant<int, 8>{}); break;
-    }
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "int8_gemv", [&] {
+    int8_gemv_kernel<scalar_t, 1><<<blocks, kGemvWarps * 32, 0, stream>>>(
+        out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qweight.data_ptr<int8_t>(), scale.data_ptr<scalar_t>(),
+        bias ? bias->data_ptr<scalar_t>() : nullptr, n, k, x.stride(0), out.stride(0));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
-                        int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles);
+                        int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles,
+                        int64_t int4_mode);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
   m.def("act_mul", &act_mul, "act(gate) * up (0 = silu, 1 = gelu_tanh)");
   m.def("rotary_embedding", &rotary_embedding, "rotary embedding of q and k in place (+ KV cache write)");
   m.def("gemv", &gemv, "x @ w.T (+ bias) for up to 8 rows of x");
-  m.def("quant_gemv", &quant_gemv, "weight-only INT8/INT4 linear for up to 8 rows of x");
+  m.def("int8_gemv", &int8_gemv, "weight-only INT8 linear for one row of x");
   m.def("quant_mma", &quant_mma, "weight-only INT8/INT4 linear for up to 32 rows of x, on the tensor cores");
 }

@@ -153,7 +153,8 @@ def _register(module: Any) -> None:
 
     def quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                   group: int, bias: torch.Tensor | None) -> torch.Tensor | None:
-        """Tensor-core kernel for up to 32 rows, Triton above; None when the shapes need the reference."""
+        """Tensor-core kernel for up to 32 rows (INT8 single rows: the CUDA-core GEMV), Triton above; None when the
+        shapes need the reference."""
         from flux_infer.kernels import triton_quant
 
         if x.dtype not in (torch.bfloat16, torch.float16) or scales.dtype != x.dtype or x.numel() == 0:
@@ -164,10 +165,10 @@ def _register(module: Any) -> None:
             x2 = x2.contiguous()
         if qweight.data_ptr() % 16:
             return None
-        if rows <= 8 and os.environ.get("FLUX_INFER_QUANT_KERNEL") == "gemv":
-            out = module.quant_gemv(x2, qweight, scales, mins, group, bias)
+        if rows == 1 and mins is None:
+            out = module.int8_gemv(x2, qweight, scales, bias)
         elif rows <= QUANT_MMA_MAX_ROWS:
-            out = module.quant_mma(x2, qweight, scales, mins, group, bias, 0, 0)
+            out = module.quant_mma(x2, qweight, scales, mins, group, bias, 0, 0, 0)
         elif triton_quant.available():
             out = triton_quant.quant_matmul(x2, qweight, scales, mins, group, bias)
         else:
