@@ -30,6 +30,8 @@ FLUX_MODES = {
     "flux_int8": flux_infer.InferenceConfig(optimization_level="O1", quantization="int8", quantize_lm_head=True),
     "flux_int4": flux_infer.InferenceConfig(optimization_level="O1", quantization="int4", quantize_lm_head=True),
 }
+# the same with flux's kernels launched without programmatic dependent launch (an A/B of that launch mode)
+FLUX_MODES.update({f"{mode}_nopdl": config for mode, config in list(FLUX_MODES.items()) if mode != "flux_cublas"})
 
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -98,6 +100,13 @@ def measure(model, batch: int, prompt: int, new: int, repeats: int) -> dict:
     }
 
 
+def set_programmatic_launch(enabled: bool) -> None:
+    from flux_infer.kernels import cuda
+
+    if cuda.load():
+        cuda._state["module"].set_programmatic_launch(enabled)
+
+
 def weight_bytes(model) -> tuple[int, int]:
     """(bytes of all parameters, bytes a decode step must read: everything but the embedding table)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -142,6 +151,7 @@ def main() -> int:
         elif mode in FLUX_MODES:
             # flux_cublas: O1 with every linear layer left on cuBLAS (isolates the GEMV kernel's effect)
             linear_module.GEMV_MAX_ROWS = 0 if mode == "flux_cublas" else default_gemv_rows
+            set_programmatic_launch(not mode.endswith("_nopdl"))
             flux_infer.optimize(model, config=FLUX_MODES[mode])
             print(model.flux_report, flush=True)
             info[f"{mode}_model_gb"] = model.flux_report.memory_after.model_bytes / 1e9
@@ -166,6 +176,7 @@ def main() -> int:
         elif mode in FLUX_MODES:
             flux_infer.revert(model)
             linear_module.GEMV_MAX_ROWS = default_gemv_rows
+            set_programmatic_launch(True)
             torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}
     for r in results:  # greedy on random weights: report agreement with eager, do not assert it

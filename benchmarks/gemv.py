@@ -58,7 +58,7 @@ def quantized(bandwidth: float, sweep: bool) -> None:
     print(f"{'shape':>14} {'rows':>4} {'bf16 us':>8} {'int8 us':>8} {'%bw':>5} {'int4 us':>8} {'%bw':>5} "
           f"{'int4 speedup':>12}")
     for name, (n, k) in SHAPES.items():
-        if name in ("k_proj/v_proj", "q_proj/o_proj"):
+        if name == "k_proj/v_proj":
             continue
         copies = max(1, -(-(512 * 2**20) // (n * k * 2)))
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]

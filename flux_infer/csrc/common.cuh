@@ -8,6 +8,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cstdlib>
+#include <utility>
+
 namespace flux {
 
 template <typename T> __device__ __forceinline__ float to_float(T v) { return static_cast<float>(v); }
@@ -34,5 +37,51 @@ inline void check_cuda(const torch::Tensor& t, const char* name) {
 }
 
 inline bool aligned16(const torch::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// ---- programmatic dependent launch (Hopper and later) ----------------------------------------------------------
+// Every flux kernel is launched with programmatic stream serialization: it may start while the kernel before it
+// in the stream is finishing, once all of that kernel's blocks have called pdl_trigger() (or exited). It must call
+// pdl_wait() before it reads anything the earlier kernels write (and before it writes anything): pdl_wait()
+// returns when the previous kernel has completed and its memory is visible. Reads of immutable data (weights) may
+// come first: a linear layer streams its first weights while the norm before it runs. A kernel that some thread
+// reaches the end of only after pdl_wait() completes after its predecessor, so completion stays transitive.
+// Kernels from elsewhere (Triton, cuBLAS) are launched normally and wait as usual.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+inline bool& pdl_enabled() {  // FLUX_INFER_DISABLE_PDL=1 turns it off; set_programmatic_launch() at run time
+  static bool enabled = std::getenv("FLUX_INFER_DISABLE_PDL") == nullptr;
+  return enabled;
+}
+
+inline bool pdl_supported(int device) {
+  static int major[64] = {};
+  if (device < 0 || device >= 64) return false;
+  if (major[device] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device));
+  return major[device] >= 9;
+}
+
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute;
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &attribute;
+  config.numAttrs = pdl_enabled() && pdl_supported(c10::cuda::current_device()) ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
 
 }  // namespace flux

@@ -39,6 +39,8 @@ __global__ void rms_norm_kernel(T* __restrict__ out, T* __restrict__ residual_ou
                                 const T* __restrict__ residual, const T* __restrict__ weight, int hidden,
                                 int64_t x_stride, int64_t res_stride, float eps, float weight_offset) {
   extern __shared__ float row[];
+  flux::pdl_wait();
+  flux::pdl_trigger();
   const int64_t r = blockIdx.x;
   const T* xr = x + r * x_stride;
   float sq = 0.f;
@@ -68,6 +70,8 @@ template <typename T, bool kResidual>
 __global__ void rms_norm_vec_kernel(T* __restrict__ out, T* __restrict__ residual_out, const T* __restrict__ x,
                                     const T* __restrict__ residual, const T* __restrict__ weight, int hidden,
                                     int64_t x_stride, int64_t res_stride, float eps, float weight_offset) {
+  flux::pdl_wait();
+  flux::pdl_trigger();
   const int64_t r = blockIdx.x;
   const int i = threadIdx.x * 8;
   const bool active = i < hidden;
@@ -117,6 +121,8 @@ __device__ __forceinline__ float activation(float g, int kind) {
 template <typename T>
 __global__ void act_mul_kernel(T* __restrict__ out, const T* __restrict__ gate, const T* __restrict__ up,
                                int64_t rows, int width, int64_t gate_stride, int64_t up_stride, int kind) {
+  flux::pdl_wait();
+  flux::pdl_trigger();
   const int64_t n = rows * width;
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t r = idx / width;
@@ -139,6 +145,8 @@ __global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const T* __r
                               int64_t v_token_stride, int64_t q_head_stride, int64_t k_head_stride,
                               int64_t v_head_stride, int64_t cache_row_stride, int64_t cache_head_stride,
                               int64_t cache_slot_stride) {
+  flux::pdl_wait();
+  flux::pdl_trigger();
   const int64_t token = blockIdx.x;
   const int half = rot / 2;
   const int64_t pos = positions[token];
@@ -235,6 +243,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(T* __restrict__ o
       const int c = base + u * 32;
       wv[u] = c < chunks ? load_stream(wrow + c) : make_uint4(0, 0, 0, 0);
     }
+    if (base == lane) flux::pdl_wait();  // the first weights are on their way; x comes from the previous kernel
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
       const int c = base + u * 32;
@@ -251,6 +260,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(T* __restrict__ o
       }
     }
   }
+  flux::pdl_trigger();
 #pragma unroll
   for (int m = 0; m < M; ++m) {
     const float total = warp_sum(acc[m]);
@@ -290,6 +300,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(
       const int c = base + u * 32;
       wv[u] = c < chunks ? load_stream(wrow + c) : make_uint4(0, 0, 0, 0);
     }
+    if (base == lane) flux::pdl_wait();  // the first weights are on their way; x comes from the previous kernel
 #pragma unroll
     for (int u = 0; u < kLoads; ++u) {
       const int c = base + u * 32;
@@ -312,6 +323,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(
       }
     }
   }
+  flux::pdl_trigger();
   const float s = to_float(scale[n]);
 #pragma unroll
   for (int m = 0; m < M; ++m) {
@@ -325,8 +337,8 @@ void launch_gemv(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor
                  cudaStream_t stream) {
   const int n = w.size(0), k = w.size(1);
   const int blocks = (n + kGemvWarps - 1) / kGemvWarps;
-  gemv_kernel<T, M><<<blocks, kGemvWarps * 32, 0, stream>>>(
-      out.data_ptr<T>(), x.data_ptr<T>(), w.data_ptr<T>(), bias, n, k, x.stride(0), out.stride(0));
+  flux::launch(gemv_kernel<T, M>, blocks, kGemvWarps * 32, 0, stream, out.data_ptr<T>(), x.data_ptr<T>(),
+               w.data_ptr<T>(), bias, n, k, x.stride(0), out.stride(0));
 }
 
 int threads_for(int64_t work) {
@@ -365,14 +377,14 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor
     const int vthreads = ((hidden / 8 + 31) / 32) * 32;
     AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "rms_norm_vec", [&] {
       if (residual) {
-        rms_norm_vec_kernel<scalar_t, true><<<rows, vthreads, 0, stream>>>(
-            out.data_ptr<scalar_t>(), res_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-            residual->data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), hidden, x.stride(0), residual->stride(0),
-            (float)eps, (float)weight_offset);
+        flux::launch(rms_norm_vec_kernel<scalar_t, true>, rows, vthreads, 0, stream, out.data_ptr<scalar_t>(),
+                     res_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), residual->data_ptr<scalar_t>(),
+                     weight.data_ptr<scalar_t>(), hidden, x.stride(0), residual->stride(0), (float)eps,
+                     (float)weight_offset);
       } else {
-        rms_norm_vec_kernel<scalar_t, false><<<rows, vthreads, 0, stream>>>(
-            out.data_ptr<scalar_t>(), nullptr, x.data_ptr<scalar_t>(), nullptr, weight.data_ptr<scalar_t>(), hidden,
-            x.stride(0), 0, (float)eps, (float)weight_offset);
+        flux::launch(rms_norm_vec_kernel<scalar_t, false>, rows, vthreads, 0, stream, out.data_ptr<scalar_t>(),
+                     nullptr, x.data_ptr<scalar_t>(), nullptr, weight.data_ptr<scalar_t>(), hidden, x.stride(0),
+                     int64_t{0}, (float)eps, (float)weight_offset);
       }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -381,14 +393,14 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
     if (residual) {
-      rms_norm_kernel<scalar_t, true><<<rows, threads, smem, stream>>>(
-          out.data_ptr<scalar_t>(), res_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-          residual->data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), hidden, x.stride(0), residual->stride(0),
-          (float)eps, (float)weight_offset);
+      flux::launch(rms_norm_kernel<scalar_t, true>, rows, threads, smem, stream, out.data_ptr<scalar_t>(),
+                   res_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), residual->data_ptr<scalar_t>(),
+                   weight.data_ptr<scalar_t>(), hidden, x.stride(0), residual->stride(0), (float)eps,
+                   (float)weight_offset);
     } else {
-      rms_norm_kernel<scalar_t, false><<<rows, threads, smem, stream>>>(
-          out.data_ptr<scalar_t>(), nullptr, x.data_ptr<scalar_t>(), nullptr, weight.data_ptr<scalar_t>(), hidden,
-          x.stride(0), 0, (float)eps, (float)weight_offset);
+      flux::launch(rms_norm_kernel<scalar_t, false>, rows, threads, smem, stream, out.data_ptr<scalar_t>(), nullptr,
+                   x.data_ptr<scalar_t>(), nullptr, weight.data_ptr<scalar_t>(), hidden, x.stride(0), int64_t{0},
+                   (float)eps, (float)weight_offset);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -409,9 +421,9 @@ torch::Tensor act_mul(torch::Tensor gate, torch::Tensor up, int64_t kind) {
   const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 65535);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "act_mul", [&] {
-    act_mul_kernel<scalar_t><<<blocks, threads, 0, stream>>>(
-        out.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(), up.data_ptr<scalar_t>(), gate.size(0), gate.size(1),
-        gate.stride(0), up.stride(0), (int)kind);
+    flux::launch(act_mul_kernel<scalar_t>, blocks, threads, 0, stream, out.data_ptr<scalar_t>(),
+                 gate.data_ptr<scalar_t>(), up.data_ptr<scalar_t>(), gate.size(0), static_cast<int>(gate.size(1)),
+                 gate.stride(0), up.stride(0), (int)kind);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -449,8 +461,8 @@ void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch
   const dim3 grid(tokens, std::min<int64_t>(16, std::max<int64_t>(1, (pairs + threads - 1) / threads)));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rotary_embedding", [&] {
-    rotary_kernel<scalar_t><<<grid, threads, 0, stream>>>(
-        q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), write ? v->data_ptr<scalar_t>() : nullptr,
+    flux::launch(rotary_kernel<scalar_t>, grid, threads, 0, stream, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+        write ? v->data_ptr<scalar_t>() : nullptr,
         write ? k_cache->data_ptr<scalar_t>() : nullptr, write ? v_cache->data_ptr<scalar_t>() : nullptr,
         cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
         write ? slots->data_ptr<int64_t>() : nullptr, tokens_per_row, q.size(1), k.size(1), q.size(2), rot,
@@ -503,9 +515,10 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int blocks = (n + kGemvWarps - 1) / kGemvWarps;
   AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "int8_gemv", [&] {
-    int8_gemv_kernel<scalar_t, 1><<<blocks, kGemvWarps * 32, 0, stream>>>(
-        out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), qweight.data_ptr<int8_t>(), scale.data_ptr<scalar_t>(),
-        bias ? bias->data_ptr<scalar_t>() : nullptr, n, k, x.stride(0), out.stride(0));
+    flux::launch(int8_gemv_kernel<scalar_t, 1>, blocks, kGemvWarps * 32, 0, stream, out.data_ptr<scalar_t>(),
+                 x.data_ptr<scalar_t>(), qweight.data_ptr<int8_t>(), scale.data_ptr<scalar_t>(),
+                 bias ? bias->data_ptr<scalar_t>() : nullptr, static_cast<int>(n), static_cast<int>(k), x.stride(0),
+                 out.stride(0));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -522,4 +535,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "x @ w.T (+ bias) for up to 8 rows of x");
   m.def("int8_gemv", &int8_gemv, "weight-only INT8 linear for one row of x");
   m.def("quant_mma", &quant_mma, "weight-only INT8/INT4 linear for up to 32 rows of x, on the tensor cores");
+  m.def("set_programmatic_launch", [](bool enabled) { flux::pdl_enabled() = enabled; },
+        "launch flux kernels with programmatic dependent launch (Hopper and later; on by default)");
 }

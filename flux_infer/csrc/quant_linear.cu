@@ -295,29 +295,32 @@ __global__ void __launch_bounds__(256) quant_mma_kernel(
           }
         }
     }
+    if (step0 == warp) pdl_wait();  // the first weights are on their way; x comes from the previous kernel
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int s = (step0 + u * warps) * 4 + t;
       mma_step<T, F, MT, RT>(acc, code[u], s2[u], m2[u], x, x_stride, m_rows, g, t, s, s < slices);
     }
   }
+  pdl_wait();  // (a warp without steps)
+  pdl_trigger();
   extern __shared__ float partial[];  // [warps][RT * MT * 4][32]
   reduce_tile<T, F, MT, RT>(acc, partial, out, scales, bias, n0, m_rows, n_rows, out_stride);
 }
 
 template <typename T, int F, int MT, int RT>
-void launch(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
             const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias, int group,
             int warps, cudaStream_t stream) {
   constexpr int U = RT == 1 ? 4 : 2;
   const int n = qweight.size(0), k = x.size(1);
   const int blocks = (n + kFeatures<F> * RT - 1) / (kFeatures<F> * RT);
   const size_t smem = static_cast<size_t>(warps) * RT * MT * 4 * 32 * sizeof(float);
-  quant_mma_kernel<T, F, MT, RT, U><<<blocks, warps * 32, smem, stream>>>(
-      out.data_ptr<T>(), x.data_ptr<T>(), reinterpret_cast<const uint4*>(qweight.data_ptr()),
-      reinterpret_cast<const uint16_t*>(scales.data_ptr()),
-      F == kInt8 ? nullptr : reinterpret_cast<const uint16_t*>(mins->data_ptr()),
-      bias ? bias->data_ptr<T>() : nullptr, x.size(0), n, k, group, x.stride(0), out.stride(0));
+  flux::launch(quant_mma_kernel<T, F, MT, RT, U>, blocks, warps * 32, smem, stream, out.data_ptr<T>(), x.data_ptr<T>(),
+               reinterpret_cast<const uint4*>(qweight.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
+               F == kInt8 ? nullptr : reinterpret_cast<const uint16_t*>(mins->data_ptr()),
+               bias ? bias->data_ptr<T>() : nullptr, static_cast<int>(x.size(0)), n, k, group, x.stride(0),
+               out.stride(0));
 }
 
 }  // namespace
@@ -345,10 +348,10 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
               "quant_mma: bias must be [N] in x's dtype");
   TORCH_CHECK(int4_mode >= 0 && int4_mode <= 2, "quant_mma: int4_mode 0 (choose), 1 (biased) or 2 (per weight)");
   // Choices measured on H100 (benchmarks/gemv.py --quant --sweep, Llama-3-8B shapes, 1-32 rows): INT4 biased codes
-  // for up to 8 rows of layers at least as wide as deep (groups of 128), per-weight scales otherwise; two row tiles
+  // for up to 8 rows of layers wider than deep (groups of 128), per-weight scales otherwise; two row tiles
   // per block except INT8 up to 16 rows and per-weight INT4 up to 8; 4 warps for outputs of 14336 and wider when
   // there are two row tiles or more than 8 rows, else 8.
-  const bool biased = int4 && group % 128 == 0 && (int4_mode == 1 || (int4_mode == 0 && rows <= 8 && n >= k));
+  const bool biased = int4 && group % 128 == 0 && (int4_mode == 1 || (int4_mode == 0 && rows <= 8 && n > k));
   const int format = !int4 ? flux::kInt8 : biased ? flux::kInt4Biased : flux::kInt4;
   const int rt = row_tiles > 0 ? static_cast<int>(row_tiles)
                                : (int4 ? (biased || rows > 8 ? 2 : 1) : (rows > 16 ? 2 : 1));
@@ -362,8 +365,8 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
     auto pick = [&](auto format_c) {
       constexpr int F = decltype(format_c)::value;
       auto go = [&](auto mt_c, auto rt_c) {
-        flux::launch<scalar_t, F, decltype(mt_c)::value, decltype(rt_c)::value>(out, x, qweight, scales, mins, bias,
-                                                                                 group, w, stream);
+        flux::launch_quant<scalar_t, F, decltype(mt_c)::value, decltype(rt_c)::value>(out, x, qweight, scales, mins,
+                                                                                       bias, group, w, stream);
       };
       using C1 = std::integral_constant<int, 1>;
       using C2 = std::integral_constant<int, 2>;
