@@ -174,3 +174,15 @@ def test_generate_on_the_paged_and_int8_caches(smollm2_base, switches, layout):
         assert torch.equal(got, expected)  # a different layout of the same numbers
     else:
         assert (got == expected).float().mean() > 0.9  # lossy, but barely (perplexity: tests/test_engine.py)
+
+
+@pytest.mark.parametrize("vocab", [128256, 49152, 32001, 1000])
+def test_two_pass_argmax_is_torch_argmax_including_ties(vocab):
+    from flux_infer.generation.sampling import argmax_last
+
+    scores = torch.randn(4, vocab, generator=torch.Generator().manual_seed(vocab))
+    scores[1] = scores[1].mul(2).round()  # many equal values, the maximum among them
+    scores[2, 3::97] = scores[2].max() + 1  # tied maxima in many chunks: the first one wins
+    scores[3, -1] = float("inf")
+    assert torch.equal(argmax_last(scores), scores.argmax(dim=-1))
+    assert torch.equal(argmax_last(scores[0]), scores[0].argmax(dim=-1))

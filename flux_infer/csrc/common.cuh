@@ -32,6 +32,15 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   return r;
 }
 
+// 16 bytes the previous kernel wrote (activations): a coherent load, ordered after pdl_wait(). An __ldg of a
+// const __restrict__ pointer counts as invariant to the compiler, which may then hoist it above the wait.
+__device__ __forceinline__ uint4 load_activation(const void* p) {
+  uint4 r;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p) : "memory");
+  return r;
+}
+
 inline void check_cuda(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
 }

@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(T* __restrict__ o
       unpack8<T>(wv[u], wf);
 #pragma unroll
       for (int m = 0; m < M; ++m) {
-        const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + m * x_stride) + c);
+        const uint4 xv = flux::load_activation(reinterpret_cast<const uint4*>(x + m * x_stride) + c);
         float xf[8];
         unpack8<T>(xv, xf);
 #pragma unroll
@@ -316,8 +316,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(
       for (int m = 0; m < M; ++m) {
         const uint4* xp = reinterpret_cast<const uint4*>(x + m * x_stride) + 2 * c;
         float xf[16];
-        unpack8<T>(__ldg(xp), xf);
-        unpack8<T>(__ldg(xp + 1), xf + 8);
+        unpack8<T>(flux::load_activation(xp), xf);
+        unpack8<T>(flux::load_activation(xp + 1), xf + 8);
 #pragma unroll
         for (int j = 0; j < 16; ++j) acc[m] = fmaf(wf[j], xf[j], acc[m]);
       }

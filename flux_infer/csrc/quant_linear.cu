@@ -118,7 +118,7 @@ __device__ __forceinline__ uint32_t interleave_lo(uint32_t a, uint32_t b) { retu
 __device__ __forceinline__ uint32_t interleave_hi(uint32_t a, uint32_t b) { return __byte_perm(a, b, 0x7632); }
 
 __device__ __forceinline__ uint4 load_x(const uint4* p, bool valid) {
-  return valid ? __ldg(p) : make_uint4(0, 0, 0, 0);
+  return valid ? load_activation(p) : make_uint4(0, 0, 0, 0);
 }
 
 // One lane's share of one 4-slice step: its two features' 16-byte slices per row tile (code), their groups' scale

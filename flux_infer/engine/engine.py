@@ -23,7 +23,7 @@ from flux_infer.generation.paged import BlockManager, PagedKVCache, PagedMetadat
 from flux_infer.generation.paged_graphs import PagedDecodeGraphs
 from flux_infer.errors import InvalidConfigError, UnsupportedModelError
 from flux_infer.generation.runner import DecoderRunner, runner_support
-from flux_infer.generation.sampling import SamplingParams, TokenSelector
+from flux_infer.generation.sampling import SamplingParams, TokenSelector, argmax_last
 
 DEFAULT_BLOCK_SIZE = 16
 CPU_KV_BUDGET = 1 << 30  # bytes of KV cache on the CPU when no budget is given
@@ -345,7 +345,7 @@ class Engine:
     def _sample(logits: torch.Tensor, sampled: list[tuple[int, Request]]) -> list[int]:
         """Next token of each ``(row, request)``: one argmax for all greedy rows, each other row through its own
         selector (its parameters and generator), and a single read back to the host."""
-        tokens = logits.argmax(dim=-1)
+        tokens = argmax_last(logits)
         for row, request in sampled:
             if not request.selector.plain_greedy:
                 token, _ = request.selector(logits[row:row + 1], suppress_eos=False)

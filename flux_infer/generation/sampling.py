@@ -12,6 +12,22 @@ import dataclasses
 import torch
 
 _NEG_INF = float("-inf")
+_ARGMAX_CHUNKS = 64
+
+
+def argmax_last(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(dim=-1)`` (first maximum on ties), in two passes over a large vocabulary: the maximum of each
+    of up to 64 chunks, then the best chunk. PyTorch's single-pass argmax reduces a row in one block: 27 us for a
+    128K vocabulary on an H100, about 1% of a batch-1 decode step."""
+    vocab = scores.shape[-1]
+    chunks = _ARGMAX_CHUNKS
+    while chunks > 1 and vocab % chunks:
+        chunks //= 2
+    if chunks < 8 or vocab < 16384:
+        return scores.argmax(dim=-1)
+    values, index = scores.unflatten(-1, (chunks, vocab // chunks)).max(dim=-1)
+    best = values.argmax(dim=-1, keepdim=True)  # the first chunk holding the maximum
+    return (best * (vocab // chunks) + index.gather(-1, best)).squeeze(-1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +68,7 @@ class TokenSelector:
         if suppress_eos and self.eos_ids is not None:
             scores = scores.index_fill(-1, self.eos_ids, _NEG_INF)
         if not p.do_sample:
-            return scores.argmax(dim=-1), scores
+            return argmax_last(scores), scores
         if p.temperature != 1.0:
             scores = scores / p.temperature
         if p.top_k:

@@ -17,12 +17,9 @@ import torch.nn.functional as F
 
 from flux_infer.kernels.registry import KernelOp
 
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
-
-
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """int32 ``[N, K // 8]`` -> int32 values 0..15 ``[N, K]``."""
-    shifts = _SHIFTS.to(qweight.device)
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight.device)  # made there: CUDA-graph safe
     return ((qweight[..., None] >> shifts) & 0xF).reshape(*qweight.shape[:-1], qweight.shape[-1] * 8)
 
 
