@@ -3,7 +3,7 @@ bandwidth measured in the same run. Each timing is a CUDA graph of 32 calls over
 memory than the L2 cache holds.
 
     python benchmarks/gemv.py                    # bf16: cuBLAS vs flux's GEMV
-    python benchmarks/gemv.py --quant [--sweep]  # INT8 / INT4 weight-only kernels vs bf16 cuBLAS
+    python benchmarks/gemv.py --quant [--sweep] [--rows 8,16]  # INT8 / INT4 kernels vs bf16 cuBLAS
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ SHAPES = {  # name: (out_features, in_features)
     "k_proj/v_proj": (1024, 4096), "q_proj/o_proj": (4096, 4096), "qkv fused": (6144, 4096),
     "gate/up": (14336, 4096), "gate_up fused": (28672, 4096), "down": (4096, 14336), "lm_head": (128256, 4096),
 }
+
+
+ROWS = (1, 4, 8, 16, 32)  # --rows 8,16 narrows a sweep
 
 
 def graph_time(fn, calls: int = 32) -> float:
@@ -67,7 +70,7 @@ def quantized(bandwidth: float, sweep: bool) -> None:
         nbytes8 = n * k + n * 2
         nbytes4 = n * k // 2 + 2 * n * (k // 128) * 2
         pct = lambda b, t: 100 * b / t / 1e9 / bandwidth  # noqa: E731
-        for rows in (1, 4, 8, 16, 32):
+        for rows in ROWS:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             t16 = graph_time(lambda i: F.linear(x, dense[i % copies]))
             t8 = graph_time(lambda i: int8[i % copies](x))
@@ -78,7 +81,7 @@ def quantized(bandwidth: float, sweep: bool) -> None:
                 continue
             for mode in (1, 2):  # INT4 biased codes, scales applied per weight
                 for warps in (4, 8):
-                    for tiles in (1, 2):
+                    for tiles in (1, 2, 4):
                         t8 = graph_time(lambda i: module.quant_mma(x, int8[i % copies].qweight, int8[i % copies].scale,
                                                                    None, 0, None, warps, tiles, mode))
                         t4 = graph_time(lambda i: module.quant_mma(x, int4[i % copies].qweight,
@@ -95,6 +98,9 @@ def main() -> int:
     assert cuda.load(), cuda.status()
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  copy {bandwidth:.0f} GB/s")
+    if "--rows" in sys.argv:
+        global ROWS
+        ROWS = tuple(int(r) for r in sys.argv[sys.argv.index("--rows") + 1].split(","))
     if "--quant" in sys.argv:
         quantized(bandwidth, sweep="--sweep" in sys.argv)
         return 0

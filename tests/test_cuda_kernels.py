@@ -55,8 +55,9 @@ def test_rms_norm_non_contiguous_rows():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-@pytest.mark.parametrize("shape", [(1, 14336), (5, 3, 1537), (33, 5125)])
+@pytest.mark.parametrize("shape", [(1, 14336), (16, 14336), (5, 3, 1537), (33, 5125), (3, 1000)])
 def test_act_mul_including_strided_views(dtype, activation, shape):
+    """Widths divisible by 8 take the 16-byte kernel, the others the scalar one."""
     fused = torch.randn(*shape[:-1], 2 * shape[-1], device="cuda").to(dtype)
     gate, up = fused.chunk(2, dim=-1)
     close(kernels.act_mul(gate, up, activation), kernels.act_mul_ref(gate, up, activation), dtype)
@@ -76,6 +77,29 @@ def test_rotary_is_bitwise_the_reference(dtype, heads, kv_heads, dim, rot):
     kernels.rotary_embedding_ref(q_ref, k_ref, cos, sin, positions)
     kernels.rotary_embedding_(q, k, cos, sin, positions)
     assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rotary_on_views_of_a_fused_projection(dtype):
+    """q, k, v split from one q/k/v output (the layout decode uses, no copies): rotated and cached in place."""
+    batch, heads, kv_heads, dim, slots = 4, 8, 2, 64, 16
+    qkv = torch.randn(batch, 1, (heads + 2 * kv_heads) * dim, device="cuda").to(dtype)
+    table = torch.randn(32, dim, device="cuda")
+    positions = torch.randint(0, 32, (batch, 1), device="cuda")
+    where = torch.tensor([3], device="cuda")
+
+    def split(t):
+        q, k, v = t.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        return (q.view(batch, 1, heads, dim), k.view(batch, 1, kv_heads, dim), v.view(batch, 1, kv_heads, dim))
+
+    expected, got = qkv.clone(), qkv.clone()
+    caches = [torch.zeros(batch, kv_heads, slots, dim, device="cuda").to(dtype) for _ in range(4)]
+    kernels.rotary_cache_write_ref(*split(expected), table, table.flip(0), positions, caches[0], caches[1], where)
+    q, k, v = split(got)
+    assert not q.is_contiguous()
+    kernels.rotary_cache_write_(q, k, v, table, table.flip(0), positions, caches[2], caches[3], where)
+    assert torch.equal(got, expected) and torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+    assert caches[2].abs().sum() > 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -187,7 +211,7 @@ def test_quantized_linear_against_its_reference(bits, group, rows, n, k, dtype):
 
 
 @pytest.mark.parametrize("bits, group", [(8, None), (4, 64), (4, 128)])
-@pytest.mark.parametrize("warps, row_tiles", [(1, 1), (3, 2), (8, 1), (8, 2)])
+@pytest.mark.parametrize("warps, row_tiles", [(1, 1), (3, 2), (8, 1), (8, 2), (5, 4), (8, 4)])
 @pytest.mark.parametrize("rows", [1, 7, 12, 32])
 @pytest.mark.parametrize("int4_mode", [0, 1, 2])
 def test_quantized_mma_launch_shapes(bits, group, warps, row_tiles, rows, int4_mode):

@@ -261,7 +261,8 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
 
 // One block per RT row tiles of output features; its warps split K in 4-slice steps, U steps' loads in flight per
 // lane before their math. (Issuing the next U steps' loads before this U's math, in a second register buffer,
-// measured slower: benchmarks/results/2026-11-26-h100-gemv-quant-mma-sweep.txt.)
+// measured slower: benchmarks/results/2026-11-26-h100-gemv-quant-mma-sweep.txt; so did keeping the block's next
+// rounds of weights on their way into L2 with bulk prefetches, ...-gemv-quant-l2-prefetch-rejected.txt.)
 template <typename T, int F, int MT, int RT, int U>
 __global__ void __launch_bounds__(256) quant_mma_kernel(
     T* __restrict__ out, const T* __restrict__ x, const uint4* __restrict__ w, const uint16_t* __restrict__ scales,
@@ -312,10 +313,13 @@ template <typename T, int F, int MT, int RT>
 void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
             const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias, int group,
             int warps, cudaStream_t stream) {
-  constexpr int U = RT == 1 ? 4 : 2;
+  constexpr int U = 4 / RT;  // 16-byte weight loads in flight per lane: 2 U RT = 8
   const int n = qweight.size(0), k = x.size(1);
   const int blocks = (n + kFeatures<F> * RT - 1) / (kFeatures<F> * RT);
   const size_t smem = static_cast<size_t>(warps) * RT * MT * 4 * 32 * sizeof(float);
+  if (smem > 48 * 1024)  // above the default dynamic shared memory limit (4 row tiles x 32 rows x 8 warps)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(quant_mma_kernel<T, F, MT, RT, U>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   flux::launch(quant_mma_kernel<T, F, MT, RT, U>, blocks, warps * 32, smem, stream, out.data_ptr<T>(), x.data_ptr<T>(),
                reinterpret_cast<const uint4*>(qweight.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
                F == kInt8 ? nullptr : reinterpret_cast<const uint16_t*>(mins->data_ptr()),
@@ -347,16 +351,19 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   TORCH_CHECK(!bias || (bias->is_contiguous() && bias->scalar_type() == x.scalar_type() && bias->numel() == n),
               "quant_mma: bias must be [N] in x's dtype");
   TORCH_CHECK(int4_mode >= 0 && int4_mode <= 2, "quant_mma: int4_mode 0 (choose), 1 (biased) or 2 (per weight)");
-  // Choices measured on H100 (benchmarks/gemv.py --quant --sweep, Llama-3-8B shapes, 1-32 rows): INT4 biased codes
-  // for up to 8 rows of layers wider than deep (groups of 128), per-weight scales otherwise; two row tiles
-  // per block except INT8 up to 16 rows and per-weight INT4 up to 8; 4 warps for outputs of 14336 and wider when
-  // there are two row tiles or more than 8 rows, else 8.
+  // Choices measured on H100 (benchmarks/gemv.py --quant --sweep, Llama-3-8B shapes, 1-32 rows,
+  // benchmarks/results/2026-11-26-h100-gemv-quant-sweep-rt4.txt): INT4 biased codes for up to 8 rows of layers
+  // wider than deep (groups of 128), per-weight scales otherwise. Every block re-reads all of x, so wider blocks
+  // pay off as rows grow: for layers wider than deep, 4 row tiles above 16 rows (INT8: 2 above 8 rows); INT4
+  // otherwise 2 row tiles for biased codes or more than 8 rows, INT8 1. 4 warps for outputs of 14336 and wider
+  // when there are two row tiles or more than 8 rows, else 8.
   const bool biased = int4 && group % 128 == 0 && (int4_mode == 1 || (int4_mode == 0 && rows <= 8 && n > k));
   const int format = !int4 ? flux::kInt8 : biased ? flux::kInt4Biased : flux::kInt4;
+  const int wide_rt = n > k ? (rows > 16 ? 4 : rows > 8 ? 2 : 1) : 1;
   const int rt = row_tiles > 0 ? static_cast<int>(row_tiles)
-                               : (int4 ? (biased || rows > 8 ? 2 : 1) : (rows > 16 ? 2 : 1));
+                 : int4 ? (rows > 16 && n > k ? 4 : biased || rows > 8 ? 2 : 1) : wide_rt;
   const int w = warps > 0 ? static_cast<int>(warps) : (n >= 14336 && (rt == 2 || rows > 8) ? 4 : 8);
-  TORCH_CHECK(w >= 1 && w <= 8 && (rt == 1 || rt == 2), "quant_mma: 1..8 warps, 1 or 2 row tiles");
+  TORCH_CHECK(w >= 1 && w <= 8 && (rt == 1 || rt == 2 || rt == 4), "quant_mma: 1..8 warps, 1, 2 or 4 row tiles");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({rows, n}, x.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -371,12 +378,14 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
       using C1 = std::integral_constant<int, 1>;
       using C2 = std::integral_constant<int, 2>;
       using C4 = std::integral_constant<int, 4>;
-      if (mt == 1 && rt == 1) go(C1{}, C1{});
-      else if (mt == 1) go(C1{}, C2{});
-      else if (mt == 2 && rt == 1) go(C2{}, C1{});
-      else if (mt == 2) go(C2{}, C2{});
-      else if (rt == 1) go(C4{}, C1{});
-      else go(C4{}, C2{});
+      auto with_rt = [&](auto mt_c) {
+        if (rt == 1) go(mt_c, C1{});
+        else if (rt == 2) go(mt_c, C2{});
+        else go(mt_c, C4{});
+      };
+      if (mt == 1) with_rt(C1{});
+      else if (mt == 2) with_rt(C2{});
+      else with_rt(C4{});
     };
     if (format == flux::kInt8) pick(std::integral_constant<int, flux::kInt8>{});
     else if (format == flux::kInt4) pick(std::integral_constant<int, flux::kInt4>{});

@@ -104,6 +104,17 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def _token_heads(t: torch.Tensor) -> torch.Tensor | None:
+    """``t [..., heads, head_dim]`` as a ``[tokens, heads, head_dim]`` view with a unit stride in head_dim (q and k
+    may be views into a fused q/k/v projection's output), or None when no such view exists."""
+    if t.stride(-1) != 1:
+        return None
+    try:
+        return t.view(-1, *t.shape[-2:])
+    except RuntimeError:
+        return None
+
+
 def _register(module: Any) -> None:
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float) -> torch.Tensor:
         if x.shape[-1] > MAX_SHARED_HIDDEN or weight.dtype != x.dtype:
@@ -127,19 +138,19 @@ def _register(module: Any) -> None:
 
     def rotary_embedding_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                           positions: torch.Tensor) -> None:
-        if cos.dtype != torch.float32 or not (q.is_contiguous() and k.is_contiguous()):
+        q3, k3 = _token_heads(q), _token_heads(k)
+        if cos.dtype != torch.float32 or q3 is None or k3 is None:
             return rotary.rotary_embedding_ref(q, k, cos, sin, positions)
-        module.rotary_embedding(q.view(-1, *q.shape[-2:]), k.view(-1, *k.shape[-2:]), cos, sin,
-                                positions.reshape(-1).contiguous(), None, None, None, None)
+        module.rotary_embedding(q3, k3, cos, sin, positions.reshape(-1).contiguous(), None, None, None, None)
 
     def rotary_cache_write_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                             sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             slots: torch.Tensor) -> None:
-        if (cos.dtype != torch.float32 or not (q.is_contiguous() and k.is_contiguous()) or v.stride(-1) != 1
+        q3, k3, v3 = _token_heads(q), _token_heads(k), _token_heads(v)
+        if (cos.dtype != torch.float32 or q3 is None or k3 is None or v3 is None
                 or k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1):
             return rotary.rotary_cache_write_ref(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
-        module.rotary_embedding(q.view(-1, *q.shape[-2:]), k.view(-1, *k.shape[-2:]), cos, sin,
-                                positions.reshape(-1).contiguous(), v.reshape(-1, *v.shape[-2:]), k_cache, v_cache,
+        module.rotary_embedding(q3, k3, cos, sin, positions.reshape(-1).contiguous(), v3, k_cache, v_cache,
                                 slots.contiguous())
 
     def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
