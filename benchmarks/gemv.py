@@ -52,6 +52,17 @@ def graph_time(fn, calls: int = 32) -> float:
     return sorted(times)[2]
 
 
+def sweep_configs(rows: int):
+    """(INT4 form, launch shape, warps, row tiles) of the tensor-core kernel: INT4 biased codes (1) or per-weight
+    scales (2); launch shape 0 (up to 8 warps), 1 (three blocks per SM, fewer loads in flight per warp) or 2 (up
+    to 16 warps), the last two for up to 16 rows."""
+    for mode in (1, 2):
+        for shape in (0, 1, 2) if rows <= 16 else (0,):
+            for warps in (8, 16) if shape == 2 else (4, 8):
+                for tiles in (1, 2, 4):
+                    yield mode, shape, warps, tiles
+
+
 def quantized(bandwidth: float, sweep: bool) -> None:
     """Weight-only INT8 / INT4 (group 128) linear layers against bf16 cuBLAS, same shapes. With ``sweep``, every
     warp count / row tiling of the tensor-core kernel too (the launcher's heuristic picks one of them)."""
@@ -79,17 +90,15 @@ def quantized(bandwidth: float, sweep: bool) -> None:
                   f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f} {t16 / t4:>12.2f}", flush=True)
             if not sweep:
                 continue
-            for mode in (1, 2):  # INT4 biased codes, scales applied per weight
-                for warps in (4, 8):
-                    for tiles in (1, 2, 4):
-                        t8 = graph_time(lambda i: module.quant_mma(x, int8[i % copies].qweight, int8[i % copies].scale,
-                                                                   None, 0, None, warps, tiles, mode))
-                        t4 = graph_time(lambda i: module.quant_mma(x, int4[i % copies].qweight,
-                                                                   int4[i % copies].scales, int4[i % copies].mins,
-                                                                   128, None, warps, tiles, mode))
-                        label = f"m{mode} w{warps} t{tiles}"
-                        print(f"{label:>14} {rows:>4} {'':>8} {t8 * 1e6:>8.1f} {pct(nbytes8, t8):>5.1f} "
-                              f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f}", flush=True)
+            for mode, shape, warps, tiles in sweep_configs(rows):
+                t8 = graph_time(lambda i: module.quant_mma(x, int8[i % copies].qweight, int8[i % copies].scale,
+                                                           None, 0, None, warps, tiles, mode, shape))
+                t4 = graph_time(lambda i: module.quant_mma(x, int4[i % copies].qweight, int4[i % copies].scales,
+                                                           int4[i % copies].mins, 128, None, warps, tiles, mode,
+                                                           shape))
+                label = f"m{mode} l{shape} w{warps} t{tiles}"
+                print(f"{label:>14} {rows:>4} {'':>8} {t8 * 1e6:>8.1f} {pct(nbytes8, t8):>5.1f} "
+                      f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f}", flush=True)
         del dense, int8, int4
         torch.cuda.empty_cache()
 

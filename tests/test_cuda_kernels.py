@@ -201,7 +201,7 @@ def assert_quantized_close(out, module, x):
 @pytest.mark.parametrize("rows, n, k", [  # K not a multiple of a 4-slice step, N not of 16, 1-32 rows and above
     (1, 8197, 14336), (1, 1031, 1024), (2, 8197, 4096), (2, 1031, 1024), (3, 1031, 1024), (8, 1031, 1024),
     (9, 1031, 1024), (16, 1031, 1024), (24, 1031, 1024), (32, 1031, 1024), (33, 1031, 1024), (1, 577, 1152),
-    (5, 40, 1152), (17, 577, 1152)])
+    (5, 40, 1152), (17, 577, 1152), (3, 14343, 1024), (12, 14343, 1024)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_quantized_linear_against_its_reference(bits, group, rows, n, k, dtype):
     module = quantized_case(bits, group, n, k, dtype)
@@ -211,19 +211,24 @@ def test_quantized_linear_against_its_reference(bits, group, rows, n, k, dtype):
 
 
 @pytest.mark.parametrize("bits, group", [(8, None), (4, 64), (4, 128)])
-@pytest.mark.parametrize("warps, row_tiles", [(1, 1), (3, 2), (8, 1), (8, 2), (5, 4), (8, 4)])
+@pytest.mark.parametrize("warps, row_tiles, launch_shape", [
+    (1, 1, 0), (3, 2, 0), (8, 1, 0), (8, 2, 0), (5, 4, 0), (8, 4, 0), (8, 2, 1), (4, 4, 1), (16, 2, 2), (7, 4, 2)])
 @pytest.mark.parametrize("rows", [1, 7, 12, 32])
 @pytest.mark.parametrize("int4_mode", [0, 1, 2])
-def test_quantized_mma_launch_shapes(bits, group, warps, row_tiles, rows, int4_mode):
-    """Every warp count, row tiling and INT4 form the launcher accepts, not only the ones its heuristic picks."""
+def test_quantized_mma_launch_shapes(bits, group, warps, row_tiles, launch_shape, rows, int4_mode):
+    """Every warp count, row tiling, register budget and INT4 form the launcher accepts, not only the ones its
+    heuristic picks (launch shapes 1 and 2 serve up to 16 rows)."""
     k = 1152 if group == 128 else 1088  # 1088: K not a multiple of a 4-slice step
     module = quantized_case(bits, group, 1031, k, torch.bfloat16, bias=rows % 2 == 0)
     x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
     mins = module.mins if bits == 4 else None
     scales = module.scales if bits == 4 else module.scale
-    out = cuda_kernels._state["module"].quant_mma(x, module.qweight, scales, mins, group or 0, module.bias, warps,
-                                                  row_tiles, int4_mode)
-    assert_quantized_close(out, module, x)
+    args = (x, module.qweight, scales, mins, group or 0, module.bias, warps, row_tiles, int4_mode, launch_shape)
+    if launch_shape and rows > 16:
+        with pytest.raises(RuntimeError, match="launch shape 0, 1 or 2"):
+            cuda_kernels._state["module"].quant_mma(*args)
+        return
+    assert_quantized_close(cuda_kernels._state["module"].quant_mma(*args), module, x)
 
 
 def test_quantized_mma_int4_weights_are_the_references_bit_for_bit():

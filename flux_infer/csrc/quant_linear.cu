@@ -263,8 +263,13 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
 // lane before their math. (Issuing the next U steps' loads before this U's math, in a second register buffer,
 // measured slower: benchmarks/results/2026-11-26-h100-gemv-quant-mma-sweep.txt; so did keeping the block's next
 // rounds of weights on their way into L2 with bulk prefetches, ...-gemv-quant-l2-prefetch-rejected.txt.)
-template <typename T, int F, int MT, int RT, int U>
-__global__ void __launch_bounds__(256) quant_mma_kernel(
+// L: the launch shape the registers are budgeted for. 0: up to 8 warps; 1: up to 8 warps, three blocks per SM
+// (at most 85 registers); 2: up to 16 warps.
+template <int L> constexpr int kMaxThreads = L == 2 ? 512 : 256;
+template <int L> constexpr int kMinBlocks = L == 1 ? 3 : 1;
+
+template <typename T, int F, int MT, int RT, int U, int L>
+__global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kernel(
     T* __restrict__ out, const T* __restrict__ x, const uint4* __restrict__ w, const uint16_t* __restrict__ scales,
     const uint16_t* __restrict__ mins, const T* __restrict__ bias, int m_rows, int n_rows, int k, int group,
     int64_t x_stride, int64_t out_stride) {
@@ -309,18 +314,43 @@ __global__ void __launch_bounds__(256) quant_mma_kernel(
   reduce_tile<T, F, MT, RT>(acc, partial, out, scales, bias, n0, m_rows, n_rows, out_stride);
 }
 
-template <typename T, int F, int MT, int RT>
+// How a layer runs: INT4 as biased codes or with per-weight scales, row tiles per block, warps per block, launch
+// shape (L above).
+struct Plan {
+  bool biased;
+  int row_tiles, warps, shape;
+};
+
+// Choices measured on H100 (benchmarks/gemv.py --quant --sweep, Llama-3-8B shapes; raw in benchmarks/results/
+// 2026-11-26-h100-gemv-quant-sweep-shapes.txt for 1-16 rows, ...-sweep-rt4.txt for 17-32). Up to 16 rows the
+// kernels are latency bound (two to four warps per scheduler, each waiting on its own dependent chain), so layers
+// deeper than wide (q/o, down: few blocks) take 16 warps per block, and wider ones fewer registers for more blocks
+// per SM (launch shape 1) or, for outputs of 14336 and more above 8 rows, 16-warp-capable blocks of 4 row tiles
+// (every block re-reads all of x, so wider blocks pay off as rows grow). Above 16 rows: 4 row tiles for layers
+// wider than deep, else 2 (INT4) or 1 (INT8); 4 warps for outputs of 14336 and wider.
+inline Plan choose_plan(bool int4, bool biased_ok, int rows, int n, int k) {
+  const bool wide = n > k, big = n >= 14336;
+  if (rows <= 16) {
+    if (!wide) return int4 || rows > 8 ? Plan{false, 2, 16, 2} : Plan{false, 1, 8, 0};
+    if (!int4) return {false, 1, 8, 1};
+    if (rows <= 8) return biased_ok ? Plan{true, 2, 8, 1} : Plan{false, 2, big ? 4 : 8, 0};
+    return big ? Plan{false, 4, 8, 2} : Plan{false, 2, 8, 1};
+  }
+  return {false, wide ? 4 : int4 ? 2 : 1, big ? 4 : 8, 0};
+}
+
+template <typename T, int F, int MT, int RT, int L>
 void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
             const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias, int group,
             int warps, cudaStream_t stream) {
-  constexpr int U = 4 / RT;  // 16-byte weight loads in flight per lane: 2 U RT = 8
+  constexpr int U = L == 1 ? (RT == 1 ? 2 : 1) : 4 / RT;  // 16-byte weight loads in flight per lane: 2 U RT
   const int n = qweight.size(0), k = x.size(1);
   const int blocks = (n + kFeatures<F> * RT - 1) / (kFeatures<F> * RT);
   const size_t smem = static_cast<size_t>(warps) * RT * MT * 4 * 32 * sizeof(float);
   if (smem > 48 * 1024)  // above the default dynamic shared memory limit (4 row tiles x 32 rows x 8 warps)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(quant_mma_kernel<T, F, MT, RT, U>,
+    C10_CUDA_CHECK(cudaFuncSetAttribute(quant_mma_kernel<T, F, MT, RT, U, L>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  flux::launch(quant_mma_kernel<T, F, MT, RT, U>, blocks, warps * 32, smem, stream, out.data_ptr<T>(), x.data_ptr<T>(),
+  flux::launch(quant_mma_kernel<T, F, MT, RT, U, L>, blocks, warps * 32, smem, stream, out.data_ptr<T>(), x.data_ptr<T>(),
                reinterpret_cast<const uint4*>(qweight.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
                F == kInt8 ? nullptr : reinterpret_cast<const uint16_t*>(mins->data_ptr()),
                bias ? bias->data_ptr<T>() : nullptr, static_cast<int>(x.size(0)), n, k, group, x.stride(0),
@@ -332,10 +362,11 @@ void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tenso
 
 // weight-only quantized linear for 1..32 rows of x: INT8 (qweight int8 [N, K], scale [N]) or INT4 (qweight int32
 // [N, K / 8], scales/mins [N, K / group]). warps (the K split inside a block), row_tiles (16-row tiles per block)
-// and int4_mode: 0 = chosen from the shape.
+// and int4_mode (1 = biased codes, 2 = per-weight scales): 0 = chosen from the shape; launch_shape (0, 1, 2: the
+// kernel's register budget, see quant_mma_kernel): -1 = chosen.
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                         int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles,
-                        int64_t int4_mode) {
+                        int64_t int4_mode, int64_t launch_shape) {
   using flux::aligned16;
   flux::check_cuda(x, "x");
   const bool int4 = qweight.scalar_type() == at::kInt;
@@ -351,19 +382,17 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   TORCH_CHECK(!bias || (bias->is_contiguous() && bias->scalar_type() == x.scalar_type() && bias->numel() == n),
               "quant_mma: bias must be [N] in x's dtype");
   TORCH_CHECK(int4_mode >= 0 && int4_mode <= 2, "quant_mma: int4_mode 0 (choose), 1 (biased) or 2 (per weight)");
-  // Choices measured on H100 (benchmarks/gemv.py --quant --sweep, Llama-3-8B shapes, 1-32 rows,
-  // benchmarks/results/2026-11-26-h100-gemv-quant-sweep-rt4.txt): INT4 biased codes for up to 8 rows of layers
-  // wider than deep (groups of 128), per-weight scales otherwise. Every block re-reads all of x, so wider blocks
-  // pay off as rows grow: for layers wider than deep, 4 row tiles above 16 rows (INT8: 2 above 8 rows); INT4
-  // otherwise 2 row tiles for biased codes or more than 8 rows, INT8 1. 4 warps for outputs of 14336 and wider
-  // when there are two row tiles or more than 8 rows, else 8.
-  const bool biased = int4 && group % 128 == 0 && (int4_mode == 1 || (int4_mode == 0 && rows <= 8 && n > k));
-  const int format = !int4 ? flux::kInt8 : biased ? flux::kInt4Biased : flux::kInt4;
-  const int wide_rt = n > k ? (rows > 16 ? 4 : rows > 8 ? 2 : 1) : 1;
-  const int rt = row_tiles > 0 ? static_cast<int>(row_tiles)
-                 : int4 ? (rows > 16 && n > k ? 4 : biased || rows > 8 ? 2 : 1) : wide_rt;
-  const int w = warps > 0 ? static_cast<int>(warps) : (n >= 14336 && (rt == 2 || rows > 8) ? 4 : 8);
-  TORCH_CHECK(w >= 1 && w <= 8 && (rt == 1 || rt == 2 || rt == 4), "quant_mma: 1..8 warps, 1, 2 or 4 row tiles");
+  const bool biased_ok = int4 && group % 128 == 0;
+  flux::Plan plan = flux::choose_plan(int4, biased_ok, static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k));
+  if (int4_mode > 0) plan.biased = int4_mode == 1 && biased_ok;
+  if (row_tiles > 0) plan.row_tiles = static_cast<int>(row_tiles);
+  if (warps > 0) plan.warps = static_cast<int>(warps);
+  if (launch_shape >= 0) plan.shape = static_cast<int>(launch_shape);
+  const int format = !int4 ? flux::kInt8 : plan.biased ? flux::kInt4Biased : flux::kInt4;
+  const int rt = plan.row_tiles, w = plan.warps, shape = plan.shape;
+  TORCH_CHECK(shape >= 0 && shape <= 2 && (shape == 0 || rows <= 16), "quant_mma: launch shape 0, 1 or 2 (<= 16 rows)");
+  TORCH_CHECK(w >= 1 && w <= (shape == 2 ? 16 : 8) && (rt == 1 || rt == 2 || rt == 4),
+              "quant_mma: 1..8 warps (16 with launch shape 2), 1, 2 or 4 row tiles");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({rows, n}, x.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -372,8 +401,12 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
     auto pick = [&](auto format_c) {
       constexpr int F = decltype(format_c)::value;
       auto go = [&](auto mt_c, auto rt_c) {
-        flux::launch_quant<scalar_t, F, decltype(mt_c)::value, decltype(rt_c)::value>(out, x, qweight, scales, mins,
-                                                                                       bias, group, w, stream);
+        constexpr int MT = decltype(mt_c)::value, RT = decltype(rt_c)::value;
+        if constexpr (MT <= 2) {
+          if (shape == 1) return flux::launch_quant<scalar_t, F, MT, RT, 1>(out, x, qweight, scales, mins, bias, group, w, stream);
+          if (shape == 2) return flux::launch_quant<scalar_t, F, MT, RT, 2>(out, x, qweight, scales, mins, bias, group, w, stream);
+        }
+        flux::launch_quant<scalar_t, F, MT, RT, 0>(out, x, qweight, scales, mins, bias, group, w, stream);
       };
       using C1 = std::integral_constant<int, 1>;
       using C2 = std::integral_constant<int, 2>;

@@ -179,7 +179,7 @@ def _register(module: Any) -> None:
         if rows == 1 and mins is None:
             out = module.int8_gemv(x2, qweight, scales, bias)
         elif rows <= QUANT_MMA_MAX_ROWS:
-            out = module.quant_mma(x2, qweight, scales, mins, group, bias, 0, 0, 0)
+            out = module.quant_mma(x2, qweight, scales, mins, group, bias, 0, 0, 0, -1)
         elif triton_quant.available():
             out = triton_quant.quant_matmul(x2, qweight, scales, mins, group, bias)
         else:
