@@ -575,6 +575,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv, "x @ w.T (+ bias) for up to 8 rows of x");
   m.def("int8_gemv", &int8_gemv, "weight-only INT8 linear for one row of x");
   m.def("quant_mma", &quant_mma, "weight-only INT8/INT4 linear for up to 32 rows of x, on the tensor cores");
+  m.def("programmatic_launch", [] { return flux::pdl_enabled() && flux::pdl_supported(c10::cuda::current_device()); },
+        "whether flux kernels launch with programmatic dependent launch on the current device");
   m.def("set_programmatic_launch", [](bool enabled) { flux::pdl_enabled() = enabled; },
         "launch flux kernels with programmatic dependent launch (Hopper and later; on by default)");
 }

@@ -104,6 +104,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def programmatic_launch() -> bool:
+    """Whether flux's CUDA kernels are launched with programmatic dependent launch on the current device."""
+    return bool(_state["loaded"]) and _state["module"].programmatic_launch()
+
+
 def _token_heads(t: torch.Tensor) -> torch.Tensor | None:
     """``t [..., heads, head_dim]`` as a ``[tokens, heads, head_dim]`` view with a unit stride in head_dim (q and k
     may be views into a fused q/k/v projection's output), or None when no such view exists."""

@@ -21,6 +21,9 @@ except ImportError:  # pragma: no cover (CPU-only installs)
     triton = None
 
 BLOCK_N = 64
+# Programmatic dependent launch (Hopper): the kernels may start while the rotary kernel before them finishes and
+# let the next kernel start while they finish (both still wait for their inputs with griddepcontrol.wait).
+GDC = triton is not None and hasattr(tl.extra.cuda, "gdc_wait") and hasattr(tl.extra.cuda, "gdc_launch_dependents")
 
 
 def available() -> bool:
@@ -34,7 +37,9 @@ if triton is not None:
                       stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                       scale, window, chunk, splits,
                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
+                      BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr):
+        if USE_GDC:  # every input comes from earlier kernels: wait for them before the first load
+            tl.extra.cuda.gdc_wait()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -67,6 +72,8 @@ if triton is not None:
                         mask=n_mask[:, None] & d_mask[None, :], other=0.0)
             s = tl.where(n_mask[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
             m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc)
+        if USE_GDC:
+            tl.extra.cuda.gdc_launch_dependents()
         part = (b * tl.num_programs(1) + kvh) * splits + split
         tl.store(PartO + (part * G + offs_g)[:, None] * D + offs_d[None, :], acc,
                  mask=g_mask[:, None] & d_mask[None, :])
@@ -86,9 +93,11 @@ if triton is not None:
     @triton.jit(do_not_specialize=["splits"])
     def _merge_kernel(PartO, PartM, PartL, Rows, Out, stride_on, stride_oh, splits,
                       G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                      HAS_ROWS: tl.constexpr):
+                      HAS_ROWS: tl.constexpr, USE_GDC: tl.constexpr):
         """Combine the split-K partials of (sequence, head) into its output row (``Rows[sequence]``, or the
         sequence's own index)."""
+        if USE_GDC:
+            tl.extra.cuda.gdc_wait()
         seq = tl.program_id(0)
         h = tl.program_id(1)
         kvh = h // G
@@ -104,6 +113,8 @@ if triton is not None:
         o = tl.load(PartO + (part * G + g)[:, None] * D + offs_d[None, :],
                     mask=s_mask[:, None] & (offs_d < D)[None, :], other=0.0)
         out = tl.sum(o * w[:, None], 0) / tl.sum(l_part * w, 0)
+        if USE_GDC:
+            tl.extra.cuda.gdc_launch_dependents()
         if HAS_ROWS:
             row = tl.load(Rows + seq)
         else:
@@ -137,16 +148,24 @@ def split_partials(parts: int, dim: int, device: torch.device) -> tuple[torch.Te
             torch.empty(parts, dtype=torch.float32, device=device))
 
 
+def programmatic_launch() -> bool:
+    """Launch the decode kernels with programmatic dependent launch: when flux's CUDA kernels do (Hopper and
+    later, not turned off by FLUX_INFER_DISABLE_PDL) and this Triton has the grid-dependency intrinsics."""
+    from flux_infer.kernels import cuda
+
+    return GDC and cuda.programmatic_launch()
+
+
 def merge_splits(partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: torch.Tensor,
                  rows: torch.Tensor | None, sequences: int, heads: int, group: int, splits: int, stride_on: int,
-                 stride_oh: int) -> None:
+                 stride_oh: int, pdl: bool = False) -> None:
     """Write each (sequence, head)'s merged output into ``out`` at row ``rows[sequence]`` (or ``sequence``)."""
     part_o, part_m, part_l = partials
     dim = part_o.shape[1]
     _merge_kernel[(sequences, heads)](
         part_o, part_m, part_l, rows if rows is not None else part_m, out, stride_on, stride_oh, splits,
         G=group, D=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=max(2, triton.next_power_of_2(splits)),
-        HAS_ROWS=rows is not None,
+        HAS_ROWS=rows is not None, USE_GDC=pdl, **({"launch_pdl": True} if pdl else {}),
     )
 
 
@@ -159,16 +178,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     q3 = q[:, 0]
     splits, chunk = plan_splits(slots, batch * kv_heads, sm_count(q.device), BLOCK_N)
     part_o, part_m, part_l = partials = split_partials(batch * kv_heads * splits * group, dim, q.device)
+    pdl = programmatic_launch()
     _chunk_kernel[(batch, kv_heads, splits)](
         q3, k_cache, v_cache, kv_start, kv_end, part_o, part_m, part_l,
         q3.stride(0), q3.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         scale, window, chunk, splits,
         G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_D=triton.next_power_of_2(dim),
-        BLOCK_N=BLOCK_N,
+        BLOCK_N=BLOCK_N, USE_GDC=pdl, **({"launch_pdl": True} if pdl else {}),
     )
     out = torch.empty(batch, 1, heads, dim, dtype=q.dtype, device=q.device)
-    merge_splits(partials, out, None, batch, heads, group, splits, out.stride(0), out.stride(2))
+    merge_splits(partials, out, None, batch, heads, group, splits, out.stride(0), out.stride(2), pdl)
     return out
 
 

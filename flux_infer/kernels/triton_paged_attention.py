@@ -57,7 +57,9 @@ if triton is not None:
                             stride_qn, stride_qh, stride_kr, stride_kh, stride_sr, stride_tb,
                             block_size, scale, window, chunk, splits,
                             INT8: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr):
+        if USE_GDC:  # programmatic dependent launch: every input comes from earlier kernels
+            tl.extra.cuda.gdc_wait()
         s = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -85,6 +87,8 @@ if triton is not None:
                               stride_kr, stride_kh, stride_sr, q.dtype, INT8)
             scores = tl.where(n_mask[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
             m_i, l_i, acc = online_softmax_step(scores, v, m_i, l_i, acc)
+        if USE_GDC:
+            tl.extra.cuda.gdc_launch_dependents()
         part = (s * tl.num_programs(1) + kvh) * splits + split
         tl.store(PartO + (part * G + offs_g)[:, None] * D + offs_d[None, :], acc,
                  mask=g_mask[:, None] & d_mask[None, :])
@@ -238,6 +242,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
     part_o, part_m, part_l = partials = triton_attention.split_partials(sequences * kv_heads * splits * group, dim,
                                                                         q.device)
     int8 = k_scale is not None
+    pdl = triton_attention.programmatic_launch()
     scales_k = k_scale if int8 else part_m
     scales_v = v_scale if int8 else part_m
     _paged_chunk_kernel[(sequences, kv_heads, splits)](
@@ -246,11 +251,11 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         block_tables.stride(0), block_size, scale, window, chunk, splits,
         INT8=int8, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim,
         BLOCK_D=triton.next_power_of_2(dim), BLOCK_N=block_n, num_warps=DECODE_CONFIG["num_warps"],
-        num_stages=DECODE_CONFIG["num_stages"],
+        num_stages=DECODE_CONFIG["num_stages"], USE_GDC=pdl, **({"launch_pdl": True} if pdl else {}),
     )
     out = torch.empty_like(q)
     triton_attention.merge_splits(partials, out, query_start, sequences, heads, group, splits, out.stride(0),
-                                  out.stride(1))
+                                  out.stride(1), pdl)
     return out
 
 
