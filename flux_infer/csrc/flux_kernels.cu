@@ -307,18 +307,16 @@ __device__ __forceinline__ float code_to_float(uint32_t code) {  // code < 2^23
   return __uint_as_float(0x4B000000u | code) - 8388608.f;
 }
 
-template <typename T, int M>
+template <typename T>
 __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(
     T* __restrict__ out, const T* __restrict__ x, const int8_t* __restrict__ w, const T* __restrict__ scale,
-    const T* __restrict__ bias, int n_rows, int k, int64_t x_stride, int64_t out_stride) {
+    const T* __restrict__ bias, int n_rows, int k) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n = blockIdx.x * kGemvWarps + warp;
   if (n >= n_rows) return;
   const int chunks = k >> 4;  // 16 weights per chunk
   const uint4* wrow = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(n) * k);
-  float acc[M];
-#pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  float acc = 0.f;
   for (int base = lane; base < chunks; base += 32 * kLoads) {
     uint4 wv[kLoads];
 #pragma unroll
@@ -338,24 +336,17 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(
 #pragma unroll
         for (int j = 0; j < 4; ++j)  // signed byte b -> (b + 128) as an unsigned code, then subtract 128
           wf[word * 4 + j] = code_to_float(((words[word] >> (8 * j)) & 0xFFu) ^ 0x80u) - 128.f;
+      const uint4* xp = reinterpret_cast<const uint4*>(x) + 2 * c;
+      float xf[16];
+      unpack8<T>(flux::load_activation(xp), xf);
+      unpack8<T>(flux::load_activation(xp + 1), xf + 8);
 #pragma unroll
-      for (int m = 0; m < M; ++m) {
-        const uint4* xp = reinterpret_cast<const uint4*>(x + m * x_stride) + 2 * c;
-        float xf[16];
-        unpack8<T>(flux::load_activation(xp), xf);
-        unpack8<T>(flux::load_activation(xp + 1), xf + 8);
-#pragma unroll
-        for (int j = 0; j < 16; ++j) acc[m] = fmaf(wf[j], xf[j], acc[m]);
-      }
+      for (int j = 0; j < 16; ++j) acc = fmaf(wf[j], xf[j], acc);
     }
   }
   flux::pdl_trigger();
-  const float s = to_float(scale[n]);
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-    const float total = warp_sum(acc[m]);
-    if (lane == 0) out[m * out_stride + n] = from_float<T>(total * s + (bias != nullptr ? to_float(bias[n]) : 0.f));
-  }
+  const float total = warp_sum(acc);
+  if (lane == 0) out[n] = from_float<T>(total * to_float(scale[n]) + (bias != nullptr ? to_float(bias[n]) : 0.f));
 }
 
 template <typename T, int M>
@@ -555,10 +546,9 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int blocks = (n + kGemvWarps - 1) / kGemvWarps;
   AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "int8_gemv", [&] {
-    flux::launch(int8_gemv_kernel<scalar_t, 1>, blocks, kGemvWarps * 32, 0, stream, out.data_ptr<scalar_t>(),
+    flux::launch(int8_gemv_kernel<scalar_t>, blocks, kGemvWarps * 32, 0, stream, out.data_ptr<scalar_t>(),
                  x.data_ptr<scalar_t>(), qweight.data_ptr<int8_t>(), scale.data_ptr<scalar_t>(),
-                 bias ? bias->data_ptr<scalar_t>() : nullptr, static_cast<int>(n), static_cast<int>(k), x.stride(0),
-                 out.stride(0));
+                 bias ? bias->data_ptr<scalar_t>() : nullptr, static_cast<int>(n), static_cast<int>(k));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

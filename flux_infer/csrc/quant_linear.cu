@@ -30,30 +30,18 @@ namespace {
 
 enum Format : int { kInt8 = 0, kInt4 = 1, kInt4Biased = 2 };
 
-template <typename T> struct Pair;  // packed 2 x 16-bit arithmetic on raw 32-bit registers
-template <> struct Pair<at::Half> {
-  static constexpr uint32_t kInt4Magic = 0x64006400u;  // (1024, 1024)
-  static constexpr float kBias = 1024.f;
+// packed 2 x 16-bit arithmetic on raw 32-bit registers; B is the exponent bias the INT4 magic number encodes
+template <typename T> struct Pair {
+  using Vec = std::conditional_t<std::is_same_v<T, at::Half>, __half2, __nv_bfloat162>;
+  static constexpr bool kHalf = std::is_same_v<T, at::Half>;
+  static constexpr uint32_t kInt4Magic = kHalf ? 0x64006400u : 0x43004300u;  // (1024, 1024) / (128, 128)
+  static constexpr float kBias = kHalf ? 1024.f : 128.f;
   static __device__ __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
-    __half2 r = __hfma2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b),
-                        *reinterpret_cast<__half2*>(&c));
+    Vec r = __hfma2(*reinterpret_cast<Vec*>(&a), *reinterpret_cast<Vec*>(&b), *reinterpret_cast<Vec*>(&c));
     return *reinterpret_cast<uint32_t*>(&r);
   }
   static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
-    __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-};
-template <> struct Pair<at::BFloat16> {
-  static constexpr uint32_t kInt4Magic = 0x43004300u;  // (128, 128)
-  static constexpr float kBias = 128.f;
-  static __device__ __forceinline__ uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
-    __nv_bfloat162 r = __hfma2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b),
-                               *reinterpret_cast<__nv_bfloat162*>(&c));
-    return *reinterpret_cast<uint32_t*>(&r);
-  }
-  static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
-    __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&b));
+    Vec r = __hsub2(*reinterpret_cast<Vec*>(&a), *reinterpret_cast<Vec*>(&b));
     return *reinterpret_cast<uint32_t*>(&r);
   }
 };
