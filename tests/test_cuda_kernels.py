@@ -57,10 +57,15 @@ def test_rms_norm_non_contiguous_rows():
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 @pytest.mark.parametrize("shape", [(1, 14336), (16, 14336), (5, 3, 1537), (33, 5125), (3, 1000)])
 def test_act_mul_including_strided_views(dtype, activation, shape):
-    """Widths divisible by 8 take the 16-byte kernel, the others the scalar one."""
+    """Widths divisible by 8 take the 16-byte kernel (14336, 1000), the others the scalar one (1537, 5125)."""
     fused = torch.randn(*shape[:-1], 2 * shape[-1], device="cuda").to(dtype)
     gate, up = fused.chunk(2, dim=-1)
     close(kernels.act_mul(gate, up, activation), kernels.act_mul_ref(gate, up, activation), dtype)
+
+
+def test_act_mul_in_float64_takes_the_scalar_kernel():
+    gate, up = torch.randn(2, 3, 64, device="cuda", dtype=torch.float64).unbind(0)
+    torch.testing.assert_close(kernels.act_mul(gate, up, "silu"), kernels.act_mul_ref(gate, up, "silu"))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -229,6 +234,17 @@ def test_quantized_mma_launch_shapes(bits, group, warps, row_tiles, launch_shape
             cuda_kernels._state["module"].quant_mma(*args)
         return
     assert_quantized_close(cuda_kernels._state["module"].quant_mma(*args), module, x)
+
+
+@pytest.mark.parametrize("n, k, rows", [(1031, 1024, 12), (577, 1152, 3), (1031, 1024, 5)])
+@pytest.mark.parametrize("warps, launch_shape", [(0, 0), (0, 1), (0, 2), (12, -1), (4, -1)])
+def test_quantized_mma_overrides_stay_consistent(n, k, rows, warps, launch_shape):
+    """One of warps / launch shape given, the other chosen: the launcher keeps them compatible."""
+    module = quantized_case(4, 128, n, k, torch.bfloat16)
+    x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
+    out = cuda_kernels._state["module"].quant_mma(x, module.qweight, module.scales, module.mins, 128, None, warps, 0,
+                                                  0, launch_shape)
+    assert_quantized_close(out, module, x)
 
 
 def test_quantized_mma_int4_weights_are_the_references_bit_for_bit():

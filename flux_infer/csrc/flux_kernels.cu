@@ -437,9 +437,9 @@ torch::Tensor act_mul(torch::Tensor gate, torch::Tensor up, int64_t kind) {
   const int threads = 256;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t width = gate.size(1);
-  const bool vec = gate.scalar_type() != at::kFloat && width % 8 == 0 && gate.stride(0) % 8 == 0 &&
-                   up.stride(0) % 8 == 0 && flux::aligned16(gate) && flux::aligned16(up) &&
-                   gate.size(0) * std::max(gate.stride(0), up.stride(0)) < (int64_t(1) << 31);
+  const bool vec = (gate.scalar_type() == at::kHalf || gate.scalar_type() == at::kBFloat16) && width % 8 == 0 &&
+                   gate.stride(0) % 8 == 0 && up.stride(0) % 8 == 0 && flux::aligned16(gate) &&
+                   flux::aligned16(up) && n < (int64_t(1) << 30);  // 32-bit element and loop indices
   if (vec) {
     const int64_t blocks = std::min<int64_t>((n / 8 + threads - 1) / threads, 65535);
     AT_DISPATCH_REDUCED_FLOATING_TYPES(gate.scalar_type(), "act_mul", [&] {

@@ -376,6 +376,10 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   if (row_tiles > 0) plan.row_tiles = static_cast<int>(row_tiles);
   if (warps > 0) plan.warps = static_cast<int>(warps);
   if (launch_shape >= 0) plan.shape = static_cast<int>(launch_shape);
+  // an override of one of warps / launch shape keeps the other consistent: more than 8 warps need shape 2, and a
+  // chosen warp count is capped to what an explicit shape allows
+  if (launch_shape < 0 && plan.warps > 8) plan.shape = 2;
+  if (warps <= 0 && plan.shape != 2) plan.warps = std::min(plan.warps, 8);
   const int format = !int4 ? flux::kInt8 : plan.biased ? flux::kInt4Biased : flux::kInt4;
   const int rt = plan.row_tiles, w = plan.warps, shape = plan.shape;
   TORCH_CHECK(shape >= 0 && shape <= 2 && (shape == 0 || rows <= 16), "quant_mma: launch shape 0, 1 or 2 (<= 16 rows)");
