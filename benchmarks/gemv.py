@@ -26,9 +26,6 @@ SHAPES = {  # name: (out_features, in_features)
 }
 
 
-ROWS = (1, 4, 8, 16, 32)  # --rows 8,16 narrows a sweep
-
-
 def graph_time(fn, calls: int = 32) -> float:
     """Seconds per call of ``fn(i)`` captured in one CUDA graph of ``calls`` calls (median of 5 replays)."""
     stream = torch.cuda.Stream()
@@ -63,7 +60,7 @@ def sweep_configs(rows: int):
                     yield mode, shape, warps, tiles
 
 
-def quantized(bandwidth: float, sweep: bool) -> None:
+def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...]) -> None:
     """Weight-only INT8 / INT4 (group 128) linear layers against bf16 cuBLAS, same shapes. With ``sweep``, every
     warp count / row tiling of the tensor-core kernel too (the launcher's heuristic picks one of them)."""
     from flux_infer.quantization.modules import QuantizedLinear
@@ -81,7 +78,7 @@ def quantized(bandwidth: float, sweep: bool) -> None:
         nbytes8 = n * k + n * 2
         nbytes4 = n * k // 2 + 2 * n * (k // 128) * 2
         pct = lambda b, t: 100 * b / t / 1e9 / bandwidth  # noqa: E731
-        for rows in ROWS:
+        for rows in rows_measured:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             t16 = graph_time(lambda i: F.linear(x, dense[i % copies]))
             t8 = graph_time(lambda i: int8[i % copies](x))
@@ -107,11 +104,11 @@ def main() -> int:
     assert cuda.load(), cuda.status()
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  copy {bandwidth:.0f} GB/s")
-    if "--rows" in sys.argv:
-        global ROWS
-        ROWS = tuple(int(r) for r in sys.argv[sys.argv.index("--rows") + 1].split(","))
     if "--quant" in sys.argv:
-        quantized(bandwidth, sweep="--sweep" in sys.argv)
+        rows = (1, 4, 8, 16, 32)  # --rows 8,16 narrows a sweep
+        if "--rows" in sys.argv:
+            rows = tuple(int(r) for r in sys.argv[sys.argv.index("--rows") + 1].split(","))
+        quantized(bandwidth, sweep="--sweep" in sys.argv, rows_measured=rows)
         return 0
     print(f"{'shape':>14} {'rows':>4} {'cuBLAS us':>10} {'%bw':>5} {'flux us':>9} {'%bw':>5} {'speedup':>7}")
     for name, (n, k) in SHAPES.items():

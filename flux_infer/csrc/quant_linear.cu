@@ -338,7 +338,8 @@ void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tenso
   if (smem > 48 * 1024)  // above the default dynamic shared memory limit (4 row tiles x 32 rows x 8 warps)
     C10_CUDA_CHECK(cudaFuncSetAttribute(quant_mma_kernel<T, F, MT, RT, U, L>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  flux::launch(quant_mma_kernel<T, F, MT, RT, U, L>, blocks, warps * 32, smem, stream, out.data_ptr<T>(), x.data_ptr<T>(),
+  flux::launch(quant_mma_kernel<T, F, MT, RT, U, L>, blocks, warps * 32, smem, stream, out.data_ptr<T>(),
+               x.data_ptr<T>(),
                reinterpret_cast<const uint4*>(qweight.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
                F == kInt8 ? nullptr : reinterpret_cast<const uint16_t*>(mins->data_ptr()),
                bias ? bias->data_ptr<T>() : nullptr, static_cast<int>(x.size(0)), n, k, group, x.stride(0),
@@ -371,7 +372,8 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
               "quant_mma: bias must be [N] in x's dtype");
   TORCH_CHECK(int4_mode >= 0 && int4_mode <= 2, "quant_mma: int4_mode 0 (choose), 1 (biased) or 2 (per weight)");
   const bool biased_ok = int4 && group % 128 == 0;
-  flux::Plan plan = flux::choose_plan(int4, biased_ok, static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k));
+  flux::Plan plan =
+      flux::choose_plan(int4, biased_ok, static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k));
   if (int4_mode > 0) plan.biased = int4_mode == 1 && biased_ok;
   if (row_tiles > 0) plan.row_tiles = static_cast<int>(row_tiles);
   if (warps > 0) plan.warps = static_cast<int>(warps);
@@ -382,7 +384,8 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   if (warps <= 0 && plan.shape != 2) plan.warps = std::min(plan.warps, 8);
   const int format = !int4 ? flux::kInt8 : plan.biased ? flux::kInt4Biased : flux::kInt4;
   const int rt = plan.row_tiles, w = plan.warps, shape = plan.shape;
-  TORCH_CHECK(shape >= 0 && shape <= 2 && (shape == 0 || rows <= 16), "quant_mma: launch shape 0, 1 or 2 (<= 16 rows)");
+  TORCH_CHECK(shape >= 0 && shape <= 2 && (shape == 0 || rows <= 16),
+              "quant_mma: launch shape 0, 1 or 2 (<= 16 rows)");
   TORCH_CHECK(w >= 1 && w <= (shape == 2 ? 16 : 8) && (rt == 1 || rt == 2 || rt == 4),
               "quant_mma: 1..8 warps (16 with launch shape 2), 1, 2 or 4 row tiles");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -394,11 +397,15 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
       constexpr int F = decltype(format_c)::value;
       auto go = [&](auto mt_c, auto rt_c) {
         constexpr int MT = decltype(mt_c)::value, RT = decltype(rt_c)::value;
-        if constexpr (MT <= 2) {
-          if (shape == 1) return flux::launch_quant<scalar_t, F, MT, RT, 1>(out, x, qweight, scales, mins, bias, group, w, stream);
-          if (shape == 2) return flux::launch_quant<scalar_t, F, MT, RT, 2>(out, x, qweight, scales, mins, bias, group, w, stream);
+        auto with_shape = [&](auto l_c) {
+          flux::launch_quant<scalar_t, F, MT, RT, decltype(l_c)::value>(out, x, qweight, scales, mins, bias, group,
+                                                                         w, stream);
+        };
+        if constexpr (MT <= 2) {  // launch shapes 1 and 2 exist for up to 16 rows
+          if (shape == 1) return with_shape(std::integral_constant<int, 1>{});
+          if (shape == 2) return with_shape(std::integral_constant<int, 2>{});
         }
-        flux::launch_quant<scalar_t, F, MT, RT, 0>(out, x, qweight, scales, mins, bias, group, w, stream);
+        with_shape(std::integral_constant<int, 0>{});
       };
       using C1 = std::integral_constant<int, 1>;
       using C2 = std::integral_constant<int, 2>;

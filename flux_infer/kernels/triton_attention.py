@@ -156,6 +156,12 @@ def programmatic_launch() -> bool:
     return GDC and cuda.programmatic_launch()
 
 
+def gdc_options(pdl: bool) -> dict:
+    """Keyword arguments of a decode kernel launch: its USE_GDC switch and, with it, Triton's PDL launch flag
+    (the two always agree: a kernel launched with PDL must wait before its first load)."""
+    return {"USE_GDC": True, "launch_pdl": True} if pdl else {"USE_GDC": False}
+
+
 def merge_splits(partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: torch.Tensor,
                  rows: torch.Tensor | None, sequences: int, heads: int, group: int, splits: int, stride_on: int,
                  stride_oh: int, pdl: bool = False) -> None:
@@ -165,7 +171,7 @@ def merge_splits(partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out:
     _merge_kernel[(sequences, heads)](
         part_o, part_m, part_l, rows if rows is not None else part_m, out, stride_on, stride_oh, splits,
         G=group, D=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=max(2, triton.next_power_of_2(splits)),
-        HAS_ROWS=rows is not None, USE_GDC=pdl, **({"launch_pdl": True} if pdl else {}),
+        HAS_ROWS=rows is not None, **gdc_options(pdl),
     )
 
 
@@ -185,7 +191,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         scale, window, chunk, splits,
         G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_D=triton.next_power_of_2(dim),
-        BLOCK_N=BLOCK_N, USE_GDC=pdl, **({"launch_pdl": True} if pdl else {}),
+        BLOCK_N=BLOCK_N, **gdc_options(pdl),
     )
     out = torch.empty(batch, 1, heads, dim, dtype=q.dtype, device=q.device)
     merge_splits(partials, out, None, batch, heads, group, splits, out.stride(0), out.stride(2), pdl)
