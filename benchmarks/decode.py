@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flux_infer  # noqa: E402
 from flux_infer.kernels import matmul as linear_module  # noqa: E402
+from flux_infer.plugins.fused_kernels import FluxGatedMLP  # noqa: E402
 
 FLUX_MODES = {
     "flux": flux_infer.InferenceConfig(optimization_level="O1"),
@@ -32,6 +33,8 @@ FLUX_MODES = {
 }
 # the same with flux's kernels launched without programmatic dependent launch (an A/B of that launch mode)
 FLUX_MODES.update({f"{mode}_nopdl": config for mode, config in list(FLUX_MODES.items()) if mode != "flux_cublas"})
+# quantized, with the gate/up layer and act_mul as two kernels (an A/B of the gated epilogue)
+FLUX_MODES.update({f"{mode}_unfused": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
 
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -152,6 +155,7 @@ def main() -> int:
             # flux_cublas: O1 with every linear layer left on cuBLAS (isolates the GEMV kernel's effect)
             linear_module.GEMV_MAX_ROWS = 0 if mode == "flux_cublas" else default_gemv_rows
             set_programmatic_launch(not mode.endswith("_nopdl"))
+            FluxGatedMLP.gated_epilogue = not mode.endswith("_unfused")
             flux_infer.optimize(model, config=FLUX_MODES[mode])
             print(model.flux_report, flush=True)
             info[f"{mode}_model_gb"] = model.flux_report.memory_after.model_bytes / 1e9
@@ -177,6 +181,7 @@ def main() -> int:
             flux_infer.revert(model)
             linear_module.GEMV_MAX_ROWS = default_gemv_rows
             set_programmatic_launch(True)
+            FluxGatedMLP.gated_epilogue = True
             torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}
     for r in results:  # greedy on random weights: report agreement with eager, do not assert it

@@ -89,10 +89,10 @@ def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...]) -> 
                 continue
             for mode, shape, warps, tiles in sweep_configs(rows):
                 t8 = graph_time(lambda i: module.quant_mma(x, int8[i % copies].qweight, int8[i % copies].scale,
-                                                           None, 0, None, warps, tiles, mode, shape))
+                                                           None, 0, None, warps, tiles, mode, shape, -1))
                 t4 = graph_time(lambda i: module.quant_mma(x, int4[i % copies].qweight, int4[i % copies].scales,
                                                            int4[i % copies].mins, 128, None, warps, tiles, mode,
-                                                           shape))
+                                                           shape, -1))
                 label = f"m{mode} l{shape} w{warps} t{tiles}"
                 print(f"{label:>14} {rows:>4} {'':>8} {t8 * 1e6:>8.1f} {pct(nbytes8, t8):>5.1f} "
                       f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f}", flush=True)

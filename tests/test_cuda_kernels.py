@@ -178,6 +178,9 @@ def test_opcheck_on_cuda():
                           (q[:, :1], kc, kc.clone(), start, end, 0.125, 0))
     torch.library.opcheck(torch.ops.flux.linear.default, (x[0], torch.randn(32, 64, device="cuda",
                                                                            dtype=torch.bfloat16), None))
+    gate_up = quantized_case(4, 64, 96, 128, torch.bfloat16)
+    torch.library.opcheck(torch.ops.flux.quantized_gated_linear.default,
+                          (x[0, :2, :].repeat(1, 2), *gated_inputs(gate_up), "silu"))
     torch.library.opcheck(torch.ops.flux.rotary_cache_write_.default,
                           (q, k, k.clone(), table, table, torch.randint(0, 16, (2, 3), device="cuda"), kc.clone(),
                            kc.clone(), torch.tensor([4, 5, 6], device="cuda")))
@@ -228,7 +231,7 @@ def test_quantized_mma_launch_shapes(bits, group, warps, row_tiles, launch_shape
     x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
     mins = module.mins if bits == 4 else None
     scales = module.scales if bits == 4 else module.scale
-    args = (x, module.qweight, scales, mins, group or 0, module.bias, warps, row_tiles, int4_mode, launch_shape)
+    args = (x, module.qweight, scales, mins, group or 0, module.bias, warps, row_tiles, int4_mode, launch_shape, -1)
     if launch_shape and rows > 16:
         with pytest.raises(RuntimeError, match="launch shape 0, 1 or 2"):
             cuda_kernels._state["module"].quant_mma(*args)
@@ -242,9 +245,58 @@ def test_quantized_mma_overrides_stay_consistent(n, k, rows, warps, launch_shape
     """One of warps / launch shape given, the other chosen: the launcher keeps them compatible."""
     module = quantized_case(4, 128, n, k, torch.bfloat16)
     x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
-    out = cuda_kernels._state["module"].quant_mma(x, module.qweight, module.scales, module.mins, 128, None, warps, 0,
-                                                  0, launch_shape)
+    out = cuda_kernels._state["module"].quant_mma(x, module.qweight, module.scales, module.mins, 128, module.bias,
+                                                  warps, 0, 0, launch_shape)
     assert_quantized_close(out, module, x)
+
+
+def gated_inputs(module):
+    return (module.qweight, module.scale if module.bits == 8 else module.scales,
+            module.mins if module.bits == 4 else None, module.group_size or 0, module.bias)
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 32), (4, 64), (4, 128)])
+@pytest.mark.parametrize("rows, half, k", [  # half: gate (= up) width, not a multiple of a tile's 7 or 8 outputs
+    (1, 14343, 1024), (1, 515, 1152), (2, 515, 1024), (8, 515, 1024), (9, 515, 1024), (16, 7177, 1024),
+    (17, 515, 1024), (32, 515, 1152), (33, 515, 1024)])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_quantized_gated_linear_equals_the_layer_then_act_mul(bits, group, rows, half, k, activation):
+    """act(gate) * up in the matmul's epilogue: bit for bit the separate layer followed by act_mul (the epilogue
+    rounds where they do and the launch plan is the whole [gate; up] layer's, so every sum is the same)."""
+    module = quantized_case(bits, group, 2 * half, k, torch.bfloat16, bias=rows % 2 == 1)
+    x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
+    fused = kernels.quantized_gated_linear(x, *gated_inputs(module), activation)
+    gate, up = module(x).chunk(2, dim=-1)
+    assert fused.shape == (rows, half)
+    assert torch.equal(fused, kernels.act_mul(gate, up, activation))
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 64), (4, 128)])
+@pytest.mark.parametrize("warps, row_tiles, launch_shape", [(3, 1, 0), (8, 4, 0), (4, 2, 1), (16, 2, 2), (7, 4, 2)])
+@pytest.mark.parametrize("rows", [1, 12, 32])
+@pytest.mark.parametrize("int4_mode", [1, 2])
+def test_quantized_gated_launch_shapes(bits, group, warps, row_tiles, launch_shape, rows, int4_mode):
+    """Every launch the gated epilogue can take, against act(gate) * up computed in float64."""
+    if launch_shape and rows > 16:
+        return
+    k = 1152 if group == 128 else 1088
+    module = quantized_case(bits, group, 2 * 515, k, torch.float16, bias=True)
+    x = torch.randn(rows, k, device="cuda").to(torch.float16)
+    qweight, scales, mins, group_size, bias = gated_inputs(module)
+    out = cuda_kernels._state["module"].quant_mma(x, qweight, scales, mins, group_size, bias, warps, row_tiles,
+                                                  int4_mode, launch_shape, 0)
+    full = torch.nn.functional.linear(x.double(), module.dequantize().double(), bias.double())
+    truth = kernels.act_mul_ref(*full.chunk(2, dim=-1), "silu")
+    reference = kernels.quantized_gated_linear_ref(x, qweight, scales, mins, group_size, bias, "silu")
+    assert out.shape == reference.shape
+    assert rel_err(out, truth) <= 2 * rel_err(reference, truth) + ULP[x.dtype]
+
+
+def test_quantized_gated_linear_rejects_an_odd_layer():
+    module = quantized_case(4, 64, 515, 1024, torch.bfloat16)
+    x = torch.randn(3, 1024, device="cuda").to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match="even N"):
+        cuda_kernels._state["module"].quant_mma(x, *gated_inputs(module), 0, 0, 0, -1, 0)
 
 
 def test_quantized_mma_int4_weights_are_the_references_bit_for_bit():

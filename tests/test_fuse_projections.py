@@ -80,6 +80,10 @@ def test_quantized_projections_fuse_into_one_quantized_linear(quantization, tmp_
     x = torch.randn(3, 64)
     separate = torch.cat([attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)], dim=-1)
     torch.testing.assert_close(fused(x), separate, rtol=1e-5, atol=1e-5)
+    mlp = model.model.layers[0].mlp  # [gate; up] rows: gated() is act(gate) * up of the separate layers
+    gated = mlp.flux_fused_gate_up.quantized.gated(x, "silu")
+    torch.testing.assert_close(gated, torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x), rtol=1e-5,
+                               atol=1e-5)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, state[name]), name
     assert engine_tokens() == expected  # the runner's fused path gives the same greedy tokens

@@ -96,6 +96,10 @@ def test_opcheck_quantized_ops(dtype):
     x = torch.randn(2, 3, 64, dtype=dtype)
     torch.library.opcheck(torch.ops.flux.int8_linear.default, (x, int8.qweight, int8.scale, int8.bias))
     torch.library.opcheck(torch.ops.flux.int4_linear.default, (x, int4.qweight, int4.scales, int4.mins, 32, None))
+    torch.library.opcheck(torch.ops.flux.quantized_gated_linear.default,
+                          (x, int4.qweight, int4.scales, int4.mins, 32, None, "silu"))
+    torch.library.opcheck(torch.ops.flux.quantized_gated_linear.default,
+                          (x, int8.qweight, int8.scale, None, 0, int8.bias, "gelu_tanh"))
 
 
 def test_revert_after_awq_restores_norms_and_linears_exactly(smollm2):

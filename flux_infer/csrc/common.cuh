@@ -19,6 +19,13 @@ template <typename T> __device__ __forceinline__ T from_float(float v) { return 
 // round to the storage type and back: the value the reference's intermediate tensor would hold
 template <typename T> __device__ __forceinline__ float rnd(float v) { return to_float<T>(from_float<T>(v)); }
 
+// the gated MLPs' activations (0 = silu, 1 = tanh-approximated gelu), as transformers computes them in float32
+__device__ __forceinline__ float activation(float g, int kind) {
+  if (kind == 0) return g / (1.f + expf(-g));
+  const float c = 0.7978845608028654f;  // sqrt(2/pi)
+  return 0.5f * g * (1.f + tanhf(c * (g + 0.044715f * g * g * g)));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);

@@ -112,13 +112,6 @@ __global__ void rms_norm_vec_kernel(T* __restrict__ out, T* __restrict__ residua
 }
 
 template <typename T>
-__device__ __forceinline__ float activation(float g, int kind) {
-  if (kind == 0) return g / (1.f + expf(-g));  // silu
-  const float c = 0.7978845608028654f;          // sqrt(2/pi); tanh-approximated gelu
-  return 0.5f * g * (1.f + tanhf(c * (g + 0.044715f * g * g * g)));
-}
-
-template <typename T>
 __global__ void act_mul_kernel(T* __restrict__ out, const T* __restrict__ gate, const T* __restrict__ up,
                                int64_t rows, int width, int64_t gate_stride, int64_t up_stride, int kind) {
   flux::pdl_wait();
@@ -127,7 +120,7 @@ __global__ void act_mul_kernel(T* __restrict__ out, const T* __restrict__ gate, 
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t r = idx / width;
     const int c = idx - r * width;
-    const float a = rnd<T>(activation<T>(to_float(gate[r * gate_stride + c]), kind));
+    const float a = rnd<T>(flux::activation(to_float(gate[r * gate_stride + c]), kind));
     out[idx] = from_float<T>(a * to_float(up[r * up_stride + c]));
   }
 }
@@ -151,7 +144,7 @@ __global__ void act_mul_vec_kernel(T* __restrict__ out, const T* __restrict__ ga
     T* o = reinterpret_cast<T*>(&result);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const float a = rnd<T>(activation<T>(to_float(gv[j]), kind));
+      const float a = rnd<T>(flux::activation(to_float(gv[j]), kind));
       o[j] = from_float<T>(a * to_float(uv[j]));
     }
     *reinterpret_cast<uint4*>(out + static_cast<int64_t>(r) * width + c) = result;
@@ -556,7 +549,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
 
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                         int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles,
-                        int64_t int4_mode, int64_t launch_shape);
+                        int64_t int4_mode, int64_t launch_shape, int64_t activation);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
@@ -564,7 +557,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_embedding", &rotary_embedding, "rotary embedding of q and k in place (+ KV cache write)");
   m.def("gemv", &gemv, "x @ w.T (+ bias) for up to 8 rows of x");
   m.def("int8_gemv", &int8_gemv, "weight-only INT8 linear for one row of x");
-  m.def("quant_mma", &quant_mma, "weight-only INT8/INT4 linear for up to 32 rows of x, on the tensor cores");
+  m.def("quant_mma", &quant_mma, "weight-only INT8/INT4 linear (optionally gated: act(gate) * up) for up to 32 rows of x, on the tensor cores");
   m.def("programmatic_launch", [] { return flux::pdl_enabled() && flux::pdl_supported(c10::cuda::current_device()); },
         "whether flux kernels launch with programmatic dependent launch on the current device");
   m.def("set_programmatic_launch", [](bool enabled) { flux::pdl_enabled() = enabled; },

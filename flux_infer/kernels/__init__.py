@@ -19,7 +19,14 @@ from flux_infer.kernels.attention import (
     quantize_kv_int8,
 )
 from flux_infer.kernels.matmul import linear, linear_ref
-from flux_infer.kernels.quant import int4_linear, int4_linear_ref, int8_linear, int8_linear_ref
+from flux_infer.kernels.quant import (
+    int4_linear,
+    int4_linear_ref,
+    int8_linear,
+    int8_linear_ref,
+    quantized_gated_linear,
+    quantized_gated_linear_ref,
+)
 from flux_infer.kernels.norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from flux_infer.kernels.registry import implementation
 from flux_infer.kernels.rotary import (
@@ -51,6 +58,8 @@ __all__ = [
     "paged_kv_write_",
     "paged_kv_write_ref",
     "quantize_kv_int8",
+    "quantized_gated_linear",
+    "quantized_gated_linear_ref",
     "rms_norm",
     "rms_norm_ref",
     "rotary_cache_write_",

@@ -90,7 +90,7 @@ def _build() -> Any:
     target.mkdir(parents=True, exist_ok=True)
     return load_extension(
         name="flux_infer_kernels",
-        sources=[str(CSRC / "flux_kernels.cu"), str(CSRC / "quant_linear.cu")],
+        sources=[str(CSRC / name) for name in ("flux_kernels.cu", "quant_linear.cu", "quant_linear_gated.cu")],
         build_directory=str(target),
         extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
         extra_cflags=["-O3"],
@@ -168,14 +168,18 @@ def _register(module: Any) -> None:
         return matmul.linear_ref(x, weight, bias)
 
     def quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                  group: int, bias: torch.Tensor | None) -> torch.Tensor | None:
+                  group: int, bias: torch.Tensor | None, activation: int = -1) -> torch.Tensor | None:
         """Tensor-core kernel for up to 32 rows (INT8 single rows: the CUDA-core GEMV), Triton above; None when the
-        shapes need the reference."""
+        shapes need the reference. ``activation`` >= 0: a gated ``[gate; up]`` layer, only on the tensor-core
+        kernel (None otherwise: the caller runs the layer and ``act_mul`` apart)."""
         from flux_infer.kernels import triton_quant
 
         if x.dtype not in (torch.bfloat16, torch.float16) or scales.dtype != x.dtype or x.numel() == 0:
             return None
         rows = x.numel() // x.shape[-1]
+        gated = activation >= 0
+        if gated and (rows > QUANT_MMA_MAX_ROWS or (rows == 1 and mins is None)):
+            return None
         x2 = x.reshape(rows, x.shape[-1])
         if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
             x2 = x2.contiguous()
@@ -184,12 +188,12 @@ def _register(module: Any) -> None:
         if rows == 1 and mins is None:
             out = module.int8_gemv(x2, qweight, scales, bias)
         elif rows <= QUANT_MMA_MAX_ROWS:
-            out = module.quant_mma(x2, qweight, scales, mins, group, bias, 0, 0, 0, -1)
+            out = module.quant_mma(x2, qweight, scales, mins, group, bias, 0, 0, 0, -1, activation)
         elif triton_quant.available():
             out = triton_quant.quant_matmul(x2, qweight, scales, mins, group, bias)
         else:
             return None
-        return out.view(*x.shape[:-1], qweight.shape[0])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                     bias: torch.Tensor | None) -> torch.Tensor:
@@ -201,7 +205,25 @@ def _register(module: Any) -> None:
         out = quantized(x, qweight, scales, mins, group_size, bias) if group_size % 32 == 0 else None
         return out if out is not None else quant.int4_linear_ref(x, qweight, scales, mins, group_size, bias)
 
+    def quantized_gated_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                               mins: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
+                               activation_kind: str) -> torch.Tensor:
+        """act(gate) * up in the tensor-core kernel's epilogue (up to 32 rows); above, or where it cannot run, the
+        layer and act_mul apart (the same values)."""
+        usable = (activation_kind in activation.ACTIVATIONS and qweight.shape[0] % 2 == 0
+                  and (x.shape[-1] % 16 == 0 if mins is None else group_size % 32 == 0))
+        if usable:
+            out = quantized(x, qweight, scales, mins, group_size, bias,
+                            activation.ACTIVATIONS.index(activation_kind))
+            if out is not None:
+                return out
+        full = (int8_linear(x, qweight, scales, bias) if mins is None
+                else int4_linear(x, qweight, scales, mins, group_size, bias))
+        gate, up = full.chunk(2, dim=-1)
+        return act_mul(gate, up, activation_kind)
+
     quant.int8_linear.register("cuda", int8_linear, "cuda")
+    quant.quantized_gated_linear.register("cuda", quantized_gated_linear, "cuda")
     quant.int4_linear.register("cuda", int4_linear, "cuda")
     norm.rms_norm.register("cuda", rms_norm, "cuda")
     norm.add_rms_norm.register("cuda", add_rms_norm, "cuda")

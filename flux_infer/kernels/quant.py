@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flux_infer.kernels.activation import act_mul_ref
 from flux_infer.kernels.registry import KernelOp
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
@@ -79,5 +80,33 @@ def _(x, qweight, scales, mins, group_size, bias):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
+def quantized_gated_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                               mins: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
+                               activation: str) -> torch.Tensor:
+    """A gated MLP's first half on one quantized ``[gate; up]`` weight: ``act(gate) * up``, each half rounded to
+    ``x``'s dtype first, as the separate layer and ``act_mul`` produce it. INT8 when ``mins`` is None."""
+    if mins is None:
+        out = int8_linear_ref(x, qweight, scales, bias)
+    else:
+        out = int4_linear_ref(x, qweight, scales, mins, group_size, bias)
+    gate, up = out.chunk(2, dim=-1)
+    return act_mul_ref(gate, up, activation)
+
+
+@torch.library.custom_op("flux::quantized_gated_linear", mutates_args=())
+def _quantized_gated_linear_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                               mins: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
+                               activation: str) -> torch.Tensor:
+    """``act(gate) * up`` of a quantized ``[gate; up]`` linear layer."""
+    return quantized_gated_linear_ref(x, qweight, scales, mins, group_size, bias, activation)
+
+
+@_quantized_gated_linear_op.register_fake
+def _(x, qweight, scales, mins, group_size, bias, activation):
+    torch._check(qweight.shape[0] % 2 == 0, lambda: "quantized_gated_linear: [gate; up] has an even number of rows")
+    return x.new_empty((*x.shape[:-1], qweight.shape[0] // 2))
+
+
 int8_linear = KernelOp("int8_linear", _int8_linear_op, int8_linear_ref)
 int4_linear = KernelOp("int4_linear", _int4_linear_op, int4_linear_ref)
+quantized_gated_linear = KernelOp("quantized_gated_linear", _quantized_gated_linear_op, quantized_gated_linear_ref)

@@ -52,7 +52,10 @@ class FluxLinear(torch.nn.Linear):
 
 
 class FluxGatedMLP(torch.nn.Module):
-    """``down(act(gate(x)) * up(x))`` with the activation and the product in one flux kernel."""
+    """``down(act(gate(x)) * up(x))`` with the activation and the product in one flux kernel: the epilogue of a fused
+    quantized gate/up layer's matmul, else ``act_mul``."""
+
+    gated_epilogue = True  # False: quantized gate/up and act_mul as two kernels (benchmarks/decode.py's *_unfused)
 
     def __init__(self, projections: dict[str, torch.nn.Module], activation: str, fused_gate_up: bool) -> None:
         super().__init__()
@@ -63,6 +66,9 @@ class FluxGatedMLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = getattr(self, "flux_fused_gate_up", None)  # set by the fuse_projections plugin
+        if (fused is not None and fused.quantized is not None and fused.sizes[0] == fused.sizes[1]
+                and self.gated_epilogue):
+            return self.down_proj(fused.quantized.gated(x, self.activation))  # the product in the matmul
         if fused is not None:
             gate, up = fused(x).split(fused.sizes, dim=-1)
         elif self.fused_gate_up:

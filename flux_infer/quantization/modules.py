@@ -73,6 +73,16 @@ class QuantizedLinear(torch.nn.Module):
             return kernels.int8_linear(x, self.qweight, self.scale, self.bias)
         return kernels.int4_linear(x, self.qweight, self.scales, self.mins, self.group_size, self.bias)
 
+    def gated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        """``act(gate) * up`` for a layer whose rows are ``[gate; up]`` (a fused gate/up projection): on CUDA the
+        product is the matmul kernel's epilogue, one launch and half the output written."""
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)
+        mins = self.mins if self.bits == 4 else None
+        scales = self.scales if self.bits == 4 else self.scale
+        return kernels.quantized_gated_linear(x, self.qweight, scales, mins, self.group_size or 0, self.bias,
+                                              activation)
+
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
