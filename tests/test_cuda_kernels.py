@@ -384,3 +384,39 @@ def test_paged_kv_write_matches_reference_exactly(int8, dtype):
     for got, want in zip(fast, ref):
         if want is not None:
             assert torch.equal(got, want)
+
+
+def test_early_trigger_changes_no_result():
+    """Linear layers and decode attention let the next kernel launch from their start (it still waits for their
+    results before reading them): a graph of dependent launches gives the same bits with the trigger early or late."""
+    layers = [quantized_case(4, 128, 1024, 1024, torch.bfloat16), quantized_case(8, None, 1024, 1024, torch.bfloat16),
+              quantized_case(4, 64, 1024, 1024, torch.bfloat16)]
+    dense = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16) / 32
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 8, 300, 128, device="cuda", dtype=torch.bfloat16)
+    start = torch.zeros(1, dtype=torch.int32, device="cuda")
+    end = torch.full((1,), 300, dtype=torch.int32, device="cuda")
+
+    def chain():
+        h = x
+        for layer in layers:
+            h = layer(h)
+            h = kernels.linear(h, dense, None)
+            h = kernels.cache_attention(h.view(1, 1, 8, 128), k, k, start, end, 0.1, 0).view(1, 1024)
+        return h
+
+    results = []
+    try:
+        for early in (True, False):
+            cuda_kernels.set_early_trigger(early)
+            assert cuda_kernels.early_trigger() == early
+            chain()  # Triton compiles both variants outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = chain()
+            graph.replay()
+            torch.cuda.synchronize()
+            results.append(out.clone())
+    finally:
+        cuda_kernels.set_early_trigger(True)
+    assert torch.equal(results[0], results[1]) and torch.isfinite(results[0]).all()

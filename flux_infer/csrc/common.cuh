@@ -74,6 +74,15 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// Where the linear-layer kernels signal their dependents (pdl_trigger): at their start ("early", the default: the
+// next kernel's blocks launch once every block of this one has started, so a linear layer among them streams its
+// first weights during this kernel's tail instead of after it) or after their main loop. A run-time switch
+// (set_early_trigger) for A/B runs; it is read when a kernel is launched (or captured into a graph).
+inline bool& early_trigger() {
+  static bool enabled = true;
+  return enabled;
+}
+
 inline bool& pdl_enabled() {  // FLUX_INFER_DISABLE_PDL=1 turns it off; set_programmatic_launch() at run time
   static bool enabled = std::getenv("FLUX_INFER_DISABLE_PDL") == nullptr;
   return enabled;

@@ -246,7 +246,8 @@ template <typename T, int M>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(T* __restrict__ out, const T* __restrict__ x,
                                                                const T* __restrict__ w, const T* __restrict__ bias,
                                                                int n_rows, int k, int64_t x_stride,
-                                                               int64_t out_stride) {
+                                                               int64_t out_stride, bool early) {
+  if (early) flux::pdl_trigger();  // see flux::early_trigger()
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n = blockIdx.x * kGemvWarps + warp;
   if (n >= n_rows) return;
@@ -279,7 +280,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(T* __restrict__ o
       }
     }
   }
-  flux::pdl_trigger();
+  if (!early) flux::pdl_trigger();
 #pragma unroll
   for (int m = 0; m < M; ++m) {
     const float total = warp_sum(acc[m]);
@@ -303,7 +304,8 @@ __device__ __forceinline__ float code_to_float(uint32_t code) {  // code < 2^23
 template <typename T>
 __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(
     T* __restrict__ out, const T* __restrict__ x, const int8_t* __restrict__ w, const T* __restrict__ scale,
-    const T* __restrict__ bias, int n_rows, int k) {
+    const T* __restrict__ bias, int n_rows, int k, bool early) {
+  if (early) flux::pdl_trigger();  // see flux::early_trigger()
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n = blockIdx.x * kGemvWarps + warp;
   if (n >= n_rows) return;
@@ -337,7 +339,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) int8_gemv_kernel(
       for (int j = 0; j < 16; ++j) acc = fmaf(wf[j], xf[j], acc);
     }
   }
-  flux::pdl_trigger();
+  if (!early) flux::pdl_trigger();
   const float total = warp_sum(acc);
   if (lane == 0) out[n] = from_float<T>(total * to_float(scale[n]) + (bias != nullptr ? to_float(bias[n]) : 0.f));
 }
@@ -348,7 +350,7 @@ void launch_gemv(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor
   const int n = w.size(0), k = w.size(1);
   const int blocks = (n + kGemvWarps - 1) / kGemvWarps;
   flux::launch(gemv_kernel<T, M>, blocks, kGemvWarps * 32, 0, stream, out.data_ptr<T>(), x.data_ptr<T>(),
-               w.data_ptr<T>(), bias, n, k, x.stride(0), out.stride(0));
+               w.data_ptr<T>(), bias, n, k, x.stride(0), out.stride(0), flux::early_trigger());
 }
 
 int threads_for(int64_t work) {
@@ -541,7 +543,8 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "int8_gemv", [&] {
     flux::launch(int8_gemv_kernel<scalar_t>, blocks, kGemvWarps * 32, 0, stream, out.data_ptr<scalar_t>(),
                  x.data_ptr<scalar_t>(), qweight.data_ptr<int8_t>(), scale.data_ptr<scalar_t>(),
-                 bias ? bias->data_ptr<scalar_t>() : nullptr, static_cast<int>(n), static_cast<int>(k));
+                 bias ? bias->data_ptr<scalar_t>() : nullptr, static_cast<int>(n), static_cast<int>(k),
+                 flux::early_trigger());
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -562,4 +565,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether flux kernels launch with programmatic dependent launch on the current device");
   m.def("set_programmatic_launch", [](bool enabled) { flux::pdl_enabled() = enabled; },
         "launch flux kernels with programmatic dependent launch (Hopper and later; on by default)");
+  m.def("early_trigger", [] { return flux::early_trigger(); },
+        "whether the linear-layer kernels let their dependents launch from their start (else after their main loop)");
+  m.def("set_early_trigger", [](bool enabled) { flux::early_trigger() = enabled; },
+        "linear-layer kernels let their dependents launch from their start (on by default) or after their main loop");
 }

@@ -287,7 +287,8 @@ template <typename T, int F, int MT, int RT, int U, int L, bool G>
 __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kernel(
     T* __restrict__ out, const T* __restrict__ x, const uint4* __restrict__ w, const uint16_t* __restrict__ scales,
     const uint16_t* __restrict__ mins, const T* __restrict__ bias, int m_rows, int n_out, int k, int group,
-    int64_t x_stride, int64_t out_stride, int act) {
+    int64_t x_stride, int64_t out_stride, int act, bool early) {
+  if (early) pdl_trigger();
   constexpr int kCodes = F == kInt8 ? 16 : 32;  // codes per 16-byte slice
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
@@ -324,7 +325,7 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
     }
   }
   pdl_wait();  // (a warp without steps)
-  pdl_trigger();
+  if (!early) pdl_trigger();
   extern __shared__ float partial[];  // [warps][RT * MT * 4][32]
   reduce_tile<T, F, MT, RT, G>(acc, partial, out, scales, bias, n0, m_rows, n_out, out_stride, act);
 }
@@ -345,7 +346,7 @@ void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tenso
                reinterpret_cast<const uint4*>(qweight.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
                F == kInt8 ? nullptr : reinterpret_cast<const uint16_t*>(mins->data_ptr()),
                bias ? bias->data_ptr<T>() : nullptr, static_cast<int>(x.size(0)), n, k, group, x.stride(0),
-               out.stride(0), act);
+               out.stride(0), act, early_trigger());
 }
 
 

@@ -109,6 +109,18 @@ def programmatic_launch() -> bool:
     return bool(_state["loaded"]) and _state["module"].programmatic_launch()
 
 
+def early_trigger() -> bool:
+    """Whether flux's linear-layer and decode-attention kernels let the next kernel launch from their start (its
+    blocks then wait for this kernel's results, but a linear layer among them streams its first weights
+    meanwhile) rather than after their main loop. On by default; ``set_early_trigger`` switches it for A/B runs."""
+    return bool(_state["loaded"]) and _state["module"].early_trigger()
+
+
+def set_early_trigger(enabled: bool) -> None:
+    if load():
+        _state["module"].set_early_trigger(enabled)
+
+
 def _token_heads(t: torch.Tensor) -> torch.Tensor | None:
     """``t [..., heads, head_dim]`` as a ``[tokens, heads, head_dim]`` view with a unit stride in head_dim (q and k
     may be views into a fused q/k/v projection's output), or None when no such view exists."""

@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover (CPU-only installs)
 
 BLOCK_N = 64
 # Programmatic dependent launch (Hopper): the kernels may start while the rotary kernel before them finishes and
-# let the next kernel start while they finish (both still wait for their inputs with griddepcontrol.wait).
+# let the next kernel start while they run (both still wait for their inputs with griddepcontrol.wait).
 GDC = triton is not None and hasattr(tl.extra.cuda, "gdc_wait") and hasattr(tl.extra.cuda, "gdc_launch_dependents")
 
 
@@ -37,9 +37,11 @@ if triton is not None:
                       stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                       scale, window, chunk, splits,
                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr):
+                      BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr, EARLY_TRIGGER: tl.constexpr):
         if USE_GDC:  # every input comes from earlier kernels: wait for them before the first load
             tl.extra.cuda.gdc_wait()
+            if EARLY_TRIGGER:  # see flux_infer.kernels.cuda.early_trigger
+                tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -72,7 +74,7 @@ if triton is not None:
                         mask=n_mask[:, None] & d_mask[None, :], other=0.0)
             s = tl.where(n_mask[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))
             m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc)
-        if USE_GDC:
+        if USE_GDC and not EARLY_TRIGGER:
             tl.extra.cuda.gdc_launch_dependents()
         part = (b * tl.num_programs(1) + kvh) * splits + split
         tl.store(PartO + (part * G + offs_g)[:, None] * D + offs_d[None, :], acc,
@@ -93,11 +95,13 @@ if triton is not None:
     @triton.jit(do_not_specialize=["splits"])
     def _merge_kernel(PartO, PartM, PartL, Rows, Out, stride_on, stride_oh, splits,
                       G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                      HAS_ROWS: tl.constexpr, USE_GDC: tl.constexpr):
+                      HAS_ROWS: tl.constexpr, USE_GDC: tl.constexpr, EARLY_TRIGGER: tl.constexpr):
         """Combine the split-K partials of (sequence, head) into its output row (``Rows[sequence]``, or the
         sequence's own index)."""
         if USE_GDC:
             tl.extra.cuda.gdc_wait()
+            if EARLY_TRIGGER:  # see flux_infer.kernels.cuda.early_trigger
+                tl.extra.cuda.gdc_launch_dependents()
         seq = tl.program_id(0)
         h = tl.program_id(1)
         kvh = h // G
@@ -113,7 +117,7 @@ if triton is not None:
         o = tl.load(PartO + (part * G + g)[:, None] * D + offs_d[None, :],
                     mask=s_mask[:, None] & (offs_d < D)[None, :], other=0.0)
         out = tl.sum(o * w[:, None], 0) / tl.sum(l_part * w, 0)
-        if USE_GDC:
+        if USE_GDC and not EARLY_TRIGGER:
             tl.extra.cuda.gdc_launch_dependents()
         if HAS_ROWS:
             row = tl.load(Rows + seq)
@@ -158,8 +162,13 @@ def programmatic_launch() -> bool:
 
 def gdc_options(pdl: bool) -> dict:
     """Keyword arguments of a decode kernel launch: its USE_GDC switch and, with it, Triton's PDL launch flag
-    (the two always agree: a kernel launched with PDL must wait before its first load)."""
-    return {"USE_GDC": True, "launch_pdl": True} if pdl else {"USE_GDC": False}
+    (the two always agree: a kernel launched with PDL must wait before its first load), and where it lets its
+    dependents launch (``cuda.early_trigger()``)."""
+    from flux_infer.kernels import cuda
+
+    if not pdl:
+        return {"USE_GDC": False, "EARLY_TRIGGER": False}
+    return {"USE_GDC": True, "EARLY_TRIGGER": cuda.early_trigger(), "launch_pdl": True}
 
 
 def merge_splits(partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: torch.Tensor,

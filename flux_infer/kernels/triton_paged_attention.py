@@ -57,9 +57,12 @@ if triton is not None:
                             stride_qn, stride_qh, stride_kr, stride_kh, stride_sr, stride_tb,
                             block_size, scale, window, chunk, splits,
                             INT8: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
-                            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr):
+                            BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr,
+                            EARLY_TRIGGER: tl.constexpr):
         if USE_GDC:  # programmatic dependent launch: every input comes from earlier kernels
             tl.extra.cuda.gdc_wait()
+            if EARLY_TRIGGER:  # see flux_infer.kernels.cuda.early_trigger
+                tl.extra.cuda.gdc_launch_dependents()
         s = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -87,7 +90,7 @@ if triton is not None:
                               stride_kr, stride_kh, stride_sr, q.dtype, INT8)
             scores = tl.where(n_mask[None, :], tl.dot(q, tl.trans(k)) * scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
             m_i, l_i, acc = online_softmax_step(scores, v, m_i, l_i, acc)
-        if USE_GDC:
+        if USE_GDC and not EARLY_TRIGGER:
             tl.extra.cuda.gdc_launch_dependents()
         part = (s * tl.num_programs(1) + kvh) * splits + split
         tl.store(PartO + (part * G + offs_g)[:, None] * D + offs_d[None, :], acc,
