@@ -246,7 +246,7 @@ def test_quantized_mma_overrides_stay_consistent(n, k, rows, warps, launch_shape
     module = quantized_case(4, 128, n, k, torch.bfloat16)
     x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
     out = cuda_kernels._state["module"].quant_mma(x, module.qweight, module.scales, module.mins, 128, module.bias,
-                                                  warps, 0, 0, launch_shape)
+                                                  warps, 0, 0, launch_shape, -1)
     assert_quantized_close(out, module, x)
 
 
@@ -387,8 +387,8 @@ def test_paged_kv_write_matches_reference_exactly(int8, dtype):
 
 
 def test_early_trigger_changes_no_result():
-    """Linear layers and decode attention let the next kernel launch from their start (it still waits for their
-    results before reading them): a graph of dependent launches gives the same bits with the trigger early or late."""
+    """Single-row linear layers and decode attention let the next kernel launch from their start (it still waits
+    for their results before reading them): a graph of dependent launches gives the same bits early or late."""
     layers = [quantized_case(4, 128, 1024, 1024, torch.bfloat16), quantized_case(8, None, 1024, 1024, torch.bfloat16),
               quantized_case(4, 64, 1024, 1024, torch.bfloat16)]
     dense = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16) / 32

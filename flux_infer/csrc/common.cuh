@@ -74,10 +74,12 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-// Where the linear-layer kernels signal their dependents (pdl_trigger): at their start ("early", the default: the
-// next kernel's blocks launch once every block of this one has started, so a linear layer among them streams its
-// first weights during this kernel's tail instead of after it) or after their main loop. A run-time switch
-// (set_early_trigger) for A/B runs; it is read when a kernel is launched (or captured into a graph).
+// Where the linear-layer kernels signal their dependents (pdl_trigger) for a single row of activations: at their
+// start ("early", the default: the next kernel's blocks launch once every block of this one has started, so a
+// linear layer among them streams its first weights during this kernel's tail instead of after it) or after their
+// main loop, as they always do for more rows. Measured on H100 (docs/benchmarks.md): early is faster at batch 1
+// and slower at batch 16. A run-time switch (set_early_trigger) for A/B runs, read when a kernel is launched (or
+// captured into a graph).
 inline bool& early_trigger() {
   static bool enabled = true;
   return enabled;

@@ -350,7 +350,7 @@ void launch_gemv(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor
   const int n = w.size(0), k = w.size(1);
   const int blocks = (n + kGemvWarps - 1) / kGemvWarps;
   flux::launch(gemv_kernel<T, M>, blocks, kGemvWarps * 32, 0, stream, out.data_ptr<T>(), x.data_ptr<T>(),
-               w.data_ptr<T>(), bias, n, k, x.stride(0), out.stride(0), flux::early_trigger());
+               w.data_ptr<T>(), bias, n, k, x.stride(0), out.stride(0), flux::early_trigger() && x.size(0) == 1);
 }
 
 int threads_for(int64_t work) {

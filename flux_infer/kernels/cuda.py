@@ -110,9 +110,10 @@ def programmatic_launch() -> bool:
 
 
 def early_trigger() -> bool:
-    """Whether flux's linear-layer and decode-attention kernels let the next kernel launch from their start (its
-    blocks then wait for this kernel's results, but a linear layer among them streams its first weights
-    meanwhile) rather than after their main loop. On by default; ``set_early_trigger`` switches it for A/B runs."""
+    """Whether flux's linear-layer and decode-attention kernels, for a single row (sequence), let the next kernel
+    launch from their start (its blocks then wait for this kernel's results, but a linear layer among them streams
+    its first weights meanwhile) rather than after their main loop. On by default (faster at batch 1, slower at
+    16: docs/benchmarks.md); ``set_early_trigger`` switches it for A/B runs."""
     return bool(_state["loaded"]) and _state["module"].early_trigger()
 
 

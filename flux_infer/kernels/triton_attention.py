@@ -160,15 +160,15 @@ def programmatic_launch() -> bool:
     return GDC and cuda.programmatic_launch()
 
 
-def gdc_options(pdl: bool) -> dict:
+def gdc_options(pdl: bool, sequences: int) -> dict:
     """Keyword arguments of a decode kernel launch: its USE_GDC switch and, with it, Triton's PDL launch flag
     (the two always agree: a kernel launched with PDL must wait before its first load), and where it lets its
-    dependents launch (``cuda.early_trigger()``)."""
+    dependents launch: from its start for a single sequence (``cuda.early_trigger()``), else after its work."""
     from flux_infer.kernels import cuda
 
     if not pdl:
         return {"USE_GDC": False, "EARLY_TRIGGER": False}
-    return {"USE_GDC": True, "EARLY_TRIGGER": cuda.early_trigger(), "launch_pdl": True}
+    return {"USE_GDC": True, "EARLY_TRIGGER": sequences == 1 and cuda.early_trigger(), "launch_pdl": True}
 
 
 def merge_splits(partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: torch.Tensor,
@@ -180,7 +180,7 @@ def merge_splits(partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out:
     _merge_kernel[(sequences, heads)](
         part_o, part_m, part_l, rows if rows is not None else part_m, out, stride_on, stride_oh, splits,
         G=group, D=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=max(2, triton.next_power_of_2(splits)),
-        HAS_ROWS=rows is not None, **gdc_options(pdl),
+        HAS_ROWS=rows is not None, **gdc_options(pdl, sequences),
     )
 
 
@@ -200,7 +200,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         scale, window, chunk, splits,
         G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_D=triton.next_power_of_2(dim),
-        BLOCK_N=BLOCK_N, **gdc_options(pdl),
+        BLOCK_N=BLOCK_N, **gdc_options(pdl, batch),
     )
     out = torch.empty(batch, 1, heads, dim, dtype=q.dtype, device=q.device)
     merge_splits(partials, out, None, batch, heads, group, splits, out.stride(0), out.stride(2), pdl)

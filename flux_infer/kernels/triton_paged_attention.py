@@ -254,7 +254,7 @@ def paged_decode_attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.
         block_tables.stride(0), block_size, scale, window, chunk, splits,
         INT8=int8, G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim,
         BLOCK_D=triton.next_power_of_2(dim), BLOCK_N=block_n, num_warps=DECODE_CONFIG["num_warps"],
-        num_stages=DECODE_CONFIG["num_stages"], **triton_attention.gdc_options(pdl),
+        num_stages=DECODE_CONFIG["num_stages"], **triton_attention.gdc_options(pdl, sequences),
     )
     out = torch.empty_like(q)
     triton_attention.merge_splits(partials, out, query_start, sequences, heads, group, splits, out.stride(0),
