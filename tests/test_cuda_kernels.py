@@ -63,9 +63,13 @@ def test_act_mul_including_strided_views(dtype, activation, shape):
     close(kernels.act_mul(gate, up, activation), kernels.act_mul_ref(gate, up, activation), dtype)
 
 
-def test_act_mul_in_float64_takes_the_scalar_kernel():
+def test_act_mul_in_float64_stays_on_the_reference():
+    """The kernels compute the activation in float32: float64 keeps its precision on the reference, and the binding
+    refuses it."""
     gate, up = torch.randn(2, 3, 64, device="cuda", dtype=torch.float64).unbind(0)
-    torch.testing.assert_close(kernels.act_mul(gate, up, "silu"), kernels.act_mul_ref(gate, up, "silu"))
+    assert torch.equal(kernels.act_mul(gate, up, "silu"), kernels.act_mul_ref(gate, up, "silu"))
+    with pytest.raises(RuntimeError, match="act_mul"):
+        cuda_kernels._state["module"].act_mul(gate, up, 0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -446,11 +446,16 @@ torch::Tensor act_mul(torch::Tensor gate, torch::Tensor up, int64_t kind) {
     return out;
   }
   const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 65535);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "act_mul", [&] {
-    flux::launch(act_mul_kernel<scalar_t>, blocks, threads, 0, stream, out.data_ptr<scalar_t>(),
-                 gate.data_ptr<scalar_t>(), up.data_ptr<scalar_t>(), gate.size(0), static_cast<int>(gate.size(1)),
-                 gate.stride(0), up.stride(0), (int)kind);
-  });
+  // the activation is computed in float32: float64 stays on the reference (flux_infer/kernels/cuda.py)
+  const auto run = [&](auto zero) {
+    using T = decltype(zero);
+    flux::launch(act_mul_kernel<T>, blocks, threads, 0, stream, out.data_ptr<T>(), gate.data_ptr<T>(),
+                 up.data_ptr<T>(), gate.size(0), static_cast<int>(gate.size(1)), gate.stride(0), up.stride(0),
+                 (int)kind);
+  };
+  AT_DISPATCH_SWITCH(gate.scalar_type(), "act_mul",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { run(scalar_t{}); })
+                         AT_DISPATCH_CASE_REDUCED_FLOATING_TYPES([&] { run(scalar_t{}); }));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

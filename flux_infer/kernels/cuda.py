@@ -23,6 +23,7 @@ ENV_BUILD_DIR = "FLUX_INFER_BUILD_DIR"
 ENV_DISABLE = "FLUX_INFER_DISABLE_CUDA_KERNELS"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 QUANT_MMA_MAX_ROWS = 32  # quantized linear layers: tensor-core kernel up to here, Triton above
+HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)  # what the elementwise kernels compute in float32
 MAX_SHARED_HIDDEN = 12288  # rms_norm stages a row of float32 in 48 KiB of shared memory
 
 _lock = threading.Lock()
@@ -148,8 +149,8 @@ def _register(module: Any) -> None:
         return out.view(x.shape), summed.view(x.shape)
 
     def act_mul(gate: torch.Tensor, up: torch.Tensor, kind: str) -> torch.Tensor:
-        if kind not in activation.ACTIVATIONS:
-            return activation.act_mul_ref(gate, up, kind)  # raises the reference's clear error
+        if kind not in activation.ACTIVATIONS or gate.dtype not in HALF_AND_FLOAT or up.dtype != gate.dtype:
+            return activation.act_mul_ref(gate, up, kind)  # unknown kinds: the reference's clear error
         shape = gate.shape
         out = module.act_mul(_rows(gate), _rows(up), activation.ACTIVATIONS.index(kind))
         return out.view(shape)
