@@ -39,6 +39,9 @@ FLUX_MODES.update({f"{mode}_unfused": FLUX_MODES[mode] for mode in ("flux_int8",
 # dependents launched after the linear layers' and attention's main loops instead of from their start (an A/B of
 # flux_infer.kernels.cuda.early_trigger)
 FLUX_MODES.update({f"{mode}_late": FLUX_MODES[mode] for mode in ("flux", "flux_int8", "flux_int4")})
+# quantized, with every prefill matmul on the Triton dequantize-in-the-loop kernel (an A/B of
+# flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS: cuBLAS on the dequantized weight)
+FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
 
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -135,6 +138,7 @@ def main() -> int:
     args = parser.parse_args()
     modes = args.modes.split(",")
     default_gemv_rows = linear_module.GEMV_MAX_ROWS
+    default_dequant_rows = cuda_kernels.DEQUANT_MATMUL_MIN_ROWS
     batches = [int(b) for b in args.batch.split(",")]
 
     bandwidth = copy_bandwidth()
@@ -161,6 +165,7 @@ def main() -> int:
             set_programmatic_launch(not mode.endswith("_nopdl"))
             FluxGatedMLP.gated_epilogue = not mode.endswith("_unfused")
             cuda_kernels.set_early_trigger(not mode.endswith("_late"))
+            cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = 1 << 30 if mode.endswith("_triton_prefill") else default_dequant_rows
             flux_infer.optimize(model, config=FLUX_MODES[mode])
             print(model.flux_report, flush=True)
             info[f"{mode}_model_gb"] = model.flux_report.memory_after.model_bytes / 1e9
@@ -188,6 +193,7 @@ def main() -> int:
             set_programmatic_launch(True)
             FluxGatedMLP.gated_epilogue = True
             cuda_kernels.set_early_trigger(True)
+            cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = default_dequant_rows
             torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}
     for r in results:  # greedy on random weights: report agreement with eager, do not assert it

@@ -213,7 +213,8 @@ def assert_quantized_close(out, module, x):
 @pytest.mark.parametrize("rows, n, k", [  # K not a multiple of a 4-slice step, N not of 16, 1-32 rows and above
     (1, 8197, 14336), (1, 1031, 1024), (2, 8197, 4096), (2, 1031, 1024), (3, 1031, 1024), (8, 1031, 1024),
     (9, 1031, 1024), (16, 1031, 1024), (24, 1031, 1024), (32, 1031, 1024), (33, 1031, 1024), (1, 577, 1152),
-    (5, 40, 1152), (17, 577, 1152), (3, 14343, 1024), (12, 14343, 1024)])
+    (5, 40, 1152), (17, 577, 1152), (3, 14343, 1024), (12, 14343, 1024), (127, 577, 1152), (128, 577, 1152),
+    (300, 1031, 1024)])  # 33-127 rows: the Triton matmul; from 128: cuBLAS on the dequantized weight
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_quantized_linear_against_its_reference(bits, group, rows, n, k, dtype):
     module = quantized_case(bits, group, n, k, dtype)
@@ -301,6 +302,16 @@ def test_quantized_gated_linear_rejects_an_odd_layer():
     x = torch.randn(3, 1024, device="cuda").to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="even N"):
         cuda_kernels._state["module"].quant_mma(x, *gated_inputs(module), 0, 0, 0, -1, 0)
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 32), (4, 64), (4, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequantize_weight_is_the_references_bit_for_bit(bits, group, dtype):
+    module = quantized_case(bits, group, 1031, 1152 if group != 64 else 1088, dtype)
+    scales = module.scales if bits == 4 else module.scale
+    mins = module.mins if bits == 4 else None
+    dense = cuda_kernels._state["module"].dequantize_weight(module.qweight, scales, mins, group or 0)
+    assert dense.dtype == dtype and torch.equal(dense, module.dequantize())
 
 
 def test_quantized_mma_int4_weights_are_the_references_bit_for_bit():

@@ -1,5 +1,5 @@
 // quant_mma: the weight-only quantized linear for 1-32 rows (the kernels: quant_mma.cuh), its launch plans
-// and its binding.
+// and its binding; dequantize_weight: the dense weight for long prefills (cuBLAS then runs the matmul).
 #include "quant_mma.cuh"
 
 namespace flux {
@@ -28,6 +28,48 @@ inline Plan choose_plan(bool int4, bool biased_ok, int rows, int n, int k) {
     return big ? Plan{false, 4, 8, 2} : Plan{false, 2, 8, 1};
   }
   return {false, wide ? 4 : int4 ? 2 : 1, big ? 4 : 8, 0};
+}
+
+// Dense weights [N, K] from INT4 codes: one thread per packed word (8 weights, one 16-byte store). q * scale is
+// exact in float32 (4-bit code, 16-bit scale), so one fused multiply-add rounds as the reference's q * s + m does.
+template <typename T>
+__global__ void dequantize_int4_kernel(T* __restrict__ out, const uint32_t* __restrict__ codes,
+                                       const T* __restrict__ scales, const T* __restrict__ mins, int64_t words,
+                                       int row_words, int groups, int group_words) {
+  pdl_wait();  // the output may reuse memory an earlier kernel still reads
+  pdl_trigger();
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < words;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / row_words;
+    const int64_t at = row * groups + (i - row * row_words) / group_words;
+    const float s = to_float(scales[at]), m = to_float(mins[at]);
+    const uint32_t word = codes[i];
+    uint4 v;
+    T* o = reinterpret_cast<T*>(&v);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) o[j] = from_float<T>(fmaf(static_cast<float>((word >> (4 * j)) & 0xFu), s, m));
+    reinterpret_cast<uint4*>(out)[i] = v;
+  }
+}
+
+// Dense weights from INT8 codes and per-row scales: 16 weights per thread; q * scale is exact in float32.
+template <typename T>
+__global__ void dequantize_int8_kernel(T* __restrict__ out, const int8_t* __restrict__ codes,
+                                       const T* __restrict__ scale, int64_t chunks, int row_chunks) {
+  pdl_wait();
+  pdl_trigger();
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < chunks;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float s = to_float(scale[i / row_chunks]);
+    const uint4 q = reinterpret_cast<const uint4*>(codes)[i];
+    const int8_t* c = reinterpret_cast<const int8_t*>(&q);
+    uint4 v[2];
+    T* o = reinterpret_cast<T*>(v);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) o[j] = from_float<T>(static_cast<float>(c[j]) * s);
+    reinterpret_cast<uint4*>(out)[2 * i] = v[0];
+    reinterpret_cast<uint4*>(out)[2 * i + 1] = v[1];
+  }
 }
 
 }  // namespace
@@ -85,6 +127,41 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
                                  static_cast<int>(activation)};
   if (gated) flux::quant_mma_gated(out, x, qweight, scales, mins, bias, static_cast<int>(group), launch, stream);
   else flux::dispatch_quant_mma<false>(out, x, qweight, scales, mins, bias, static_cast<int>(group), launch, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// The dense weight [N, K] (in the scales' dtype) that INT8 (mins None) or INT4 codes stand for, bit for bit the
+// reference's dequantization: past a few hundred rows a matmul on it (cuBLAS) beats dequantizing inside one.
+torch::Tensor dequantize_weight(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
+                                int64_t group) {
+  flux::check_cuda(qweight, "qweight");
+  const bool int4 = qweight.scalar_type() == at::kInt;
+  const int64_t n = qweight.size(0), k = int4 ? qweight.size(1) * 8 : qweight.size(1);
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && flux::aligned16(qweight) && scales.is_contiguous() &&
+                  (scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kHalf),
+              "dequantize_weight: contiguous, 16-byte aligned qweight; bf16/fp16 scales");
+  TORCH_CHECK(int4 ? (mins && mins->is_contiguous() && mins->scalar_type() == scales.scalar_type() && group % 8 == 0 &&
+                      k % group == 0 && scales.numel() == n * (k / group))
+                   : (qweight.scalar_type() == at::kChar && k % 16 == 0 && scales.numel() == n),
+              "dequantize_weight: unsupported quantized layout");
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  auto out = torch::empty({n, k}, scales.options());
+  if (n == 0 || k == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int threads = 256;
+  const int64_t items = int4 ? n * k / 8 : n * k / 16;
+  const int64_t blocks = std::min<int64_t>((items + threads - 1) / threads, 65535);
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(scales.scalar_type(), "dequantize_weight", [&] {
+    if (int4)
+      flux::launch(flux::dequantize_int4_kernel<scalar_t>, blocks, threads, 0, stream, out.data_ptr<scalar_t>(),
+                   reinterpret_cast<const uint32_t*>(qweight.data_ptr()), scales.data_ptr<scalar_t>(),
+                   mins->data_ptr<scalar_t>(), items, static_cast<int>(k / 8), static_cast<int>(k / group),
+                   static_cast<int>(group / 8));
+    else
+      flux::launch(flux::dequantize_int8_kernel<scalar_t>, blocks, threads, 0, stream, out.data_ptr<scalar_t>(),
+                   qweight.data_ptr<int8_t>(), scales.data_ptr<scalar_t>(), items, static_cast<int>(k / 16));
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -22,7 +22,8 @@ logger = logging.getLogger(__name__)
 ENV_BUILD_DIR = "FLUX_INFER_BUILD_DIR"
 ENV_DISABLE = "FLUX_INFER_DISABLE_CUDA_KERNELS"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-QUANT_MMA_MAX_ROWS = 32  # quantized linear layers: tensor-core kernel up to here, Triton above
+QUANT_MMA_MAX_ROWS = 32  # quantized linear layers: tensor-core kernel up to here, Triton above, and from
+DEQUANT_MATMUL_MIN_ROWS = 128  # here on the dense weight (dequantized once) through cuBLAS (benchmarks/prefill_quant.py)
 HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)  # what the elementwise kernels compute in float32
 MAX_SHARED_HIDDEN = 12288  # rms_norm stages a row of float32 in 48 KiB of shared memory
 
@@ -183,8 +184,8 @@ def _register(module: Any) -> None:
 
     def quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                   group: int, bias: torch.Tensor | None, activation: int = -1) -> torch.Tensor | None:
-        """Tensor-core kernel for up to 32 rows (INT8 single rows: the CUDA-core GEMV), Triton above; None when the
-        shapes need the reference. ``activation`` >= 0: a gated ``[gate; up]`` layer, only on the tensor-core
+        """Tensor-core kernel for up to 32 rows (INT8 single rows: the CUDA-core GEMV), Triton above, cuBLAS on the
+        dequantized weight for long prefills; None when the shapes need the reference. ``activation`` >= 0: a gated ``[gate; up]`` layer, only on the tensor-core
         kernel (None otherwise: the caller runs the layer and ``act_mul`` apart)."""
         from flux_infer.kernels import triton_quant
 
@@ -203,6 +204,8 @@ def _register(module: Any) -> None:
             out = module.int8_gemv(x2, qweight, scales, bias)
         elif rows <= QUANT_MMA_MAX_ROWS:
             out = module.quant_mma(x2, qweight, scales, mins, group, bias, 0, 0, 0, -1, activation)
+        elif rows >= DEQUANT_MATMUL_MIN_ROWS and qweight.is_contiguous():
+            out = torch.nn.functional.linear(x2, module.dequantize_weight(qweight, scales, mins, group), bias)
         elif triton_quant.available():
             out = triton_quant.quant_matmul(x2, qweight, scales, mins, group, bias)
         else:
