@@ -138,7 +138,7 @@ def main() -> int:
     args = parser.parse_args()
     modes = args.modes.split(",")
     default_gemv_rows = linear_module.GEMV_MAX_ROWS
-    default_dequant_rows = cuda_kernels.DEQUANT_MATMUL_MIN_ROWS
+    default_dequant_rows = dict(cuda_kernels.DEQUANT_MATMUL_MIN_ROWS)
     batches = [int(b) for b in args.batch.split(",")]
 
     bandwidth = copy_bandwidth()
@@ -165,7 +165,8 @@ def main() -> int:
             set_programmatic_launch(not mode.endswith("_nopdl"))
             FluxGatedMLP.gated_epilogue = not mode.endswith("_unfused")
             cuda_kernels.set_early_trigger(not mode.endswith("_late"))
-            cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = 1 << 30 if mode.endswith("_triton_prefill") else default_dequant_rows
+            cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = ({bits: 1 << 30 for bits in default_dequant_rows}
+                                                    if mode.endswith("_triton_prefill") else dict(default_dequant_rows))
             flux_infer.optimize(model, config=FLUX_MODES[mode])
             print(model.flux_report, flush=True)
             info[f"{mode}_model_gb"] = model.flux_report.memory_after.model_bytes / 1e9
@@ -193,7 +194,7 @@ def main() -> int:
             set_programmatic_launch(True)
             FluxGatedMLP.gated_epilogue = True
             cuda_kernels.set_early_trigger(True)
-            cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = default_dequant_rows
+            cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = dict(default_dequant_rows)
             torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}
     for r in results:  # greedy on random weights: report agreement with eager, do not assert it

@@ -1,6 +1,6 @@
 """Quantized linear layers at prefill sizes: the Triton dequantize-in-the-loop matmul vs dequantizing the weight
 (flux's kernel) and running cuBLAS on it, against bf16 cuBLAS, Llama-3-8B shapes. Sets where
-``flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS`` belongs. Each timing is a CUDA graph of 8 calls.
+``flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS`` belongs (INT4 and INT8 apart). Each timing is a CUDA graph of 8 calls.
 
     python benchmarks/prefill_quant.py [--rows 33,64,128,256,512,2048]
 """

@@ -22,8 +22,9 @@ logger = logging.getLogger(__name__)
 ENV_BUILD_DIR = "FLUX_INFER_BUILD_DIR"
 ENV_DISABLE = "FLUX_INFER_DISABLE_CUDA_KERNELS"
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-QUANT_MMA_MAX_ROWS = 32  # quantized linear layers: tensor-core kernel up to here, Triton above, and from
-DEQUANT_MATMUL_MIN_ROWS = 128  # here on the dense weight (dequantized once) through cuBLAS (benchmarks/prefill_quant.py)
+QUANT_MMA_MAX_ROWS = 32  # quantized linear layers: tensor-core kernel up to here, Triton above, and from these
+# rows (INT4, INT8) on cuBLAS over the weight dequantized once: the crossovers measured by benchmarks/prefill_quant.py
+DEQUANT_MATMUL_MIN_ROWS = {4: 128, 8: 320}
 HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)  # what the elementwise kernels compute in float32
 MAX_SHARED_HIDDEN = 12288  # rms_norm stages a row of float32 in 48 KiB of shared memory
 
@@ -204,7 +205,7 @@ def _register(module: Any) -> None:
             out = module.int8_gemv(x2, qweight, scales, bias)
         elif rows <= QUANT_MMA_MAX_ROWS:
             out = module.quant_mma(x2, qweight, scales, mins, group, bias, 0, 0, 0, -1, activation)
-        elif rows >= DEQUANT_MATMUL_MIN_ROWS and qweight.is_contiguous():
+        elif rows >= DEQUANT_MATMUL_MIN_ROWS[8 if mins is None else 4] and qweight.is_contiguous():
             out = torch.nn.functional.linear(x2, module.dequantize_weight(qweight, scales, mins, group), bias)
         elif triton_quant.available():
             out = triton_quant.quant_matmul(x2, qweight, scales, mins, group, bias)
