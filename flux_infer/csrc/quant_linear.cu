@@ -81,7 +81,7 @@ __global__ void dequantize_int8_kernel(T* __restrict__ out, const int8_t* __rest
 // and int4_mode (1 = biased codes, 2 = per-weight scales): 0 = chosen from the shape; launch_shape (0, 1, 2: the
 // kernel's register budget, see quant_mma_kernel): -1 = chosen. activation >= 0: a gated layer, qweight holds
 // [gate; up] and the result is act(gate) * up (0 = silu, 1 = gelu_tanh), half as wide; the plan is the one of the
-// whole [gate; up] layer, so each half sums exactly as it would alone.
+// whole [gate; up] layer, so each half sums exactly as that fused layer's un-gated launch does.
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                         int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles,
                         int64_t int4_mode, int64_t launch_shape, int64_t activation) {
@@ -94,7 +94,8 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   TORCH_CHECK(qweight.is_contiguous() && aligned16(qweight) && scales.is_contiguous() &&
                   scales.scalar_type() == x.scalar_type(),
               "quant_mma: contiguous, 16-byte aligned qweight; scales in x's dtype");
-  TORCH_CHECK(int4 ? (qweight.size(1) * 8 == k && mins && mins->is_contiguous() && group % 32 == 0 && k % group == 0)
+  TORCH_CHECK(int4 ? (qweight.size(1) * 8 == k && mins && mins->is_contiguous() && group > 0 && group % 32 == 0 &&
+                      k % group == 0)
                    : (qweight.scalar_type() == at::kChar && qweight.size(1) == k && k % 16 == 0),
               "quant_mma: unsupported quantized layout");
   TORCH_CHECK(!bias || (bias->is_contiguous() && bias->scalar_type() == x.scalar_type() && bias->numel() == n),
@@ -141,8 +142,9 @@ torch::Tensor dequantize_weight(torch::Tensor qweight, torch::Tensor scales, c10
   TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && flux::aligned16(qweight) && scales.is_contiguous() &&
                   (scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kHalf),
               "dequantize_weight: contiguous, 16-byte aligned qweight; bf16/fp16 scales");
-  TORCH_CHECK(int4 ? (mins && mins->is_contiguous() && mins->scalar_type() == scales.scalar_type() && group % 8 == 0 &&
-                      k % group == 0 && scales.numel() == n * (k / group))
+  TORCH_CHECK(int4 ? (mins && mins->is_contiguous() && mins->scalar_type() == scales.scalar_type() && group > 0 &&
+                      group % 8 == 0 && k % group == 0 && scales.numel() == n * (k / group) &&
+                      mins->numel() == scales.numel())
                    : (qweight.scalar_type() == at::kChar && k % 16 == 0 && scales.numel() == n),
               "dequantize_weight: unsupported quantized layout");
   const c10::cuda::CUDAGuard guard(qweight.device());

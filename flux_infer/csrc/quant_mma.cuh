@@ -111,9 +111,6 @@ __device__ __forceinline__ uint4 load_x(const uint4* p, bool valid) {
   return valid ? load_activation(p) : make_uint4(0, 0, 0, 0);
 }
 
-// One lane's share of one 4-slice step: its two features' 16-byte slices per row tile (code), their groups' scale
-// and min pairs (INT4), against the activations of the same K positions (read here, from L1/L2).
-
 template <int F> constexpr int kFeatures = F == kInt4Biased ? 15 : 16;  // output features per 16-row tile
 
 // Gated layers (G): the weight holds [gate; up] (n_out rows each) and the output is act(gate) * up, n_out wide.
@@ -358,8 +355,10 @@ struct QuantLaunch {
   int format, mt, row_tiles, warps, shape, act;
 };
 
+namespace {
+
 // Instantiates the kernel for one launch (G: gated). quant_linear.cu and quant_linear_gated.cu each compile one
-// half, in parallel.
+// half, in parallel (internal linkage: each file has its own copy).
 template <bool G>
 void dispatch_quant_mma(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight,
                         const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
@@ -397,6 +396,8 @@ void dispatch_quant_mma(torch::Tensor& out, const torch::Tensor& x, const torch:
     else pick(std::integral_constant<int, kInt4Biased>{});
   });
 }
+
+}  // namespace
 
 void quant_mma_gated(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight,
                      const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,

@@ -1,4 +1,5 @@
-"""Weight-only quantized linear layers: ``torch.ops.flux.int8_linear`` and ``torch.ops.flux.int4_linear``.
+"""Weight-only quantized linear layers: ``torch.ops.flux.int8_linear``, ``torch.ops.flux.int4_linear`` and the gated
+MLP's first half on a quantized ``[gate; up]`` weight, ``torch.ops.flux.quantized_gated_linear``.
 
 Formats (what flux stores and its kernels read):
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from flux_infer.kernels import attention
+from flux_infer.kernels import attention, cuda
 
 try:
     import triton
@@ -155,8 +155,6 @@ def split_partials(parts: int, dim: int, device: torch.device) -> tuple[torch.Te
 def programmatic_launch() -> bool:
     """Launch the decode kernels with programmatic dependent launch: when flux's CUDA kernels do (Hopper and
     later, not turned off by FLUX_INFER_DISABLE_PDL) and this Triton has the grid-dependency intrinsics."""
-    from flux_infer.kernels import cuda
-
     return GDC and cuda.programmatic_launch()
 
 
@@ -164,8 +162,6 @@ def gdc_options(pdl: bool, sequences: int) -> dict:
     """Keyword arguments of a decode kernel launch: its USE_GDC switch and, with it, Triton's PDL launch flag
     (the two always agree: a kernel launched with PDL must wait before its first load), and where it lets its
     dependents launch: from its start for a single sequence (``cuda.early_trigger()``), else after its work."""
-    from flux_infer.kernels import cuda
-
     if not pdl:
         return {"USE_GDC": False, "EARLY_TRIGGER": False}
     return {"USE_GDC": True, "EARLY_TRIGGER": sequences == 1 and cuda.early_trigger(), "launch_pdl": True}
