@@ -350,7 +350,7 @@ void launch_gemv(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor
   const int n = w.size(0), k = w.size(1);
   const int blocks = (n + kGemvWarps - 1) / kGemvWarps;
   flux::launch(gemv_kernel<T, M>, blocks, kGemvWarps * 32, 0, stream, out.data_ptr<T>(), x.data_ptr<T>(),
-               w.data_ptr<T>(), bias, n, k, x.stride(0), out.stride(0), flux::early_trigger() && x.size(0) == 1);
+               w.data_ptr<T>(), bias, n, k, x.stride(0), out.stride(0), flux::trigger_early(x.size(0)));
 }
 
 int threads_for(int64_t work) {
@@ -549,7 +549,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
     flux::launch(int8_gemv_kernel<scalar_t>, blocks, kGemvWarps * 32, 0, stream, out.data_ptr<scalar_t>(),
                  x.data_ptr<scalar_t>(), qweight.data_ptr<int8_t>(), scale.data_ptr<scalar_t>(),
                  bias ? bias->data_ptr<scalar_t>() : nullptr, static_cast<int>(n), static_cast<int>(k),
-                 flux::early_trigger());
+                 flux::trigger_early(1));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -568,7 +568,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_embedding", &rotary_embedding, "rotary embedding of q and k in place (+ KV cache write)");
   m.def("gemv", &gemv, "x @ w.T (+ bias) for up to 8 rows of x");
   m.def("int8_gemv", &int8_gemv, "weight-only INT8 linear for one row of x");
-  m.def("quant_mma", &quant_mma, "weight-only INT8/INT4 linear (optionally gated: act(gate) * up) for up to 32 rows of x, on the tensor cores");
+  m.def("quant_mma", &quant_mma,
+        "weight-only INT8/INT4 linear (optionally gated: act(gate) * up) for up to 32 rows of x, on the tensor cores");
   m.def("dequantize_weight", &dequantize_weight, "the dense weight INT8/INT4 codes stand for (long prefills)");
   m.def("programmatic_launch", [] { return flux::pdl_enabled() && flux::pdl_supported(c10::cuda::current_device()); },
         "whether flux kernels launch with programmatic dependent launch on the current device");

@@ -75,7 +75,6 @@ __global__ void dequantize_int8_kernel(T* __restrict__ out, const int8_t* __rest
 }  // namespace
 }  // namespace flux
 
-
 // weight-only quantized linear for 1..32 rows of x: INT8 (qweight int8 [N, K], scale [N]) or INT4 (qweight int32
 // [N, K / 8], scales/mins [N, K / group]). warps (the K split inside a block), row_tiles (16-row tiles per block)
 // and int4_mode (1 = biased codes, 2 = per-weight scales): 0 = chosen from the shape; launch_shape (0, 1, 2: the

@@ -343,7 +343,7 @@ void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tenso
                reinterpret_cast<const uint4*>(qweight.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
                F == kInt8 ? nullptr : reinterpret_cast<const uint16_t*>(mins->data_ptr()),
                bias ? bias->data_ptr<T>() : nullptr, static_cast<int>(x.size(0)), n, k, group, x.stride(0),
-               out.stride(0), act, early_trigger() && x.size(0) == 1);
+               out.stride(0), act, trigger_early(x.size(0)));
 }
 
 

@@ -183,11 +183,17 @@ def _register(module: Any) -> None:
                 return module.gemv(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])
         return matmul.linear_ref(x, weight, bias)
 
+    def layout_fits(x: torch.Tensor, mins: torch.Tensor | None, group: int) -> bool:
+        """What the compiled quantized kernels need beyond ``quantized``'s checks: INT8 (``mins`` None) inputs in
+        16s, INT4 groups of 32s."""
+        return x.shape[-1] % 16 == 0 if mins is None else group % 32 == 0
+
     def quantized(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
                   group: int, bias: torch.Tensor | None, activation: int = -1) -> torch.Tensor | None:
         """Tensor-core kernel for up to 32 rows (INT8 single rows: the CUDA-core GEMV), Triton above, cuBLAS on the
-        dequantized weight for long prefills; None when the shapes need the reference. ``activation`` >= 0: a gated ``[gate; up]`` layer, only on the tensor-core
-        kernel (None otherwise: the caller runs the layer and ``act_mul`` apart)."""
+        dequantized weight for long prefills; None when the shapes need the reference. ``activation`` >= 0: a gated
+        ``[gate; up]`` layer, only on the tensor-core kernel (None otherwise: the caller runs the layer and
+        ``act_mul`` apart)."""
         from flux_infer.kernels import triton_quant
 
         if x.dtype not in (torch.bfloat16, torch.float16) or scales.dtype != x.dtype or x.numel() == 0:
@@ -215,12 +221,12 @@ def _register(module: Any) -> None:
 
     def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                     bias: torch.Tensor | None) -> torch.Tensor:
-        out = quantized(x, qweight, scale, None, 0, bias) if x.shape[-1] % 16 == 0 else None
+        out = quantized(x, qweight, scale, None, 0, bias) if layout_fits(x, None, 0) else None
         return out if out is not None else quant.int8_linear_ref(x, qweight, scale, bias)
 
     def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                     group_size: int, bias: torch.Tensor | None) -> torch.Tensor:
-        out = quantized(x, qweight, scales, mins, group_size, bias) if group_size % 32 == 0 else None
+        out = quantized(x, qweight, scales, mins, group_size, bias) if layout_fits(x, mins, group_size) else None
         return out if out is not None else quant.int4_linear_ref(x, qweight, scales, mins, group_size, bias)
 
     def quantized_gated_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -228,9 +234,8 @@ def _register(module: Any) -> None:
                                activation_kind: str) -> torch.Tensor:
         """act(gate) * up in the tensor-core kernel's epilogue (up to 32 rows; INT8 from 2, its single rows keep
         the faster CUDA-core GEMV); otherwise, or where it cannot run, the layer and act_mul apart (same values)."""
-        usable = (activation_kind in activation.ACTIVATIONS and qweight.shape[0] % 2 == 0
-                  and (x.shape[-1] % 16 == 0 if mins is None else group_size % 32 == 0))
-        if usable:
+        gated = activation_kind in activation.ACTIVATIONS and qweight.shape[0] % 2 == 0
+        if gated and layout_fits(x, mins, group_size):
             out = quantized(x, qweight, scales, mins, group_size, bias,
                             activation.ACTIVATIONS.index(activation_kind))
             if out is not None:
