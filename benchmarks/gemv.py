@@ -3,7 +3,7 @@ bandwidth measured in the same run. Each timing is a CUDA graph of 32 calls over
 memory than the L2 cache holds.
 
     python benchmarks/gemv.py                    # bf16: cuBLAS vs flux's GEMV
-    python benchmarks/gemv.py --quant [--sweep] [--rows 8,16]  # INT8 / INT4 kernels vs bf16 cuBLAS
+    python benchmarks/gemv.py --quant [--sweep] [--rows 8,16] [--launch-shapes 0,3]  # INT8 / INT4 vs bf16 cuBLAS
 """
 
 from __future__ import annotations
@@ -49,18 +49,21 @@ def graph_time(fn, calls: int = 32) -> float:
     return sorted(times)[2]
 
 
-def sweep_configs(rows: int):
+def sweep_configs(rows: int, shapes: tuple[int, ...] = (0, 1, 2, 3)):
     """(INT4 form, launch shape, warps, row tiles) of the tensor-core kernel: INT4 biased codes (1) or per-weight
-    scales (2); launch shape 0 (up to 8 warps), 1 (three blocks per SM, fewer loads in flight per warp) or 2 (up
-    to 16 warps), the last two for up to 16 rows."""
+    scales (2); launch shape 0 (up to 8 warps), 1 (three blocks per SM, fewer loads in flight per warp), 2 (up to
+    16 warps), the two for up to 16 rows, or 3 (weights through a shared-memory ring)."""
     for mode in (1, 2):
-        for shape in (0, 1, 2) if rows <= 16 else (0,):
+        for shape in shapes:
+            if shape in (1, 2) and rows > 16:
+                continue
             for warps in (8, 16) if shape == 2 else (4, 8):
                 for tiles in (1, 2, 4):
                     yield mode, shape, warps, tiles
 
 
-def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...]) -> None:
+def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
+              shapes: tuple[int, ...] = (0, 1, 2, 3)) -> None:
     """Weight-only INT8 / INT4 (group 128) linear layers against bf16 cuBLAS, same shapes. With ``sweep``, every
     warp count / row tiling of the tensor-core kernel too (the launcher's heuristic picks one of them)."""
     from flux_infer.quantization.modules import QuantizedLinear
@@ -87,7 +90,7 @@ def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...]) -> 
                   f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f} {t16 / t4:>12.2f}", flush=True)
             if not sweep:
                 continue
-            for mode, shape, warps, tiles in sweep_configs(rows):
+            for mode, shape, warps, tiles in sweep_configs(rows, shapes):
                 t8 = graph_time(lambda i: module.quant_mma(x, int8[i % copies].qweight, int8[i % copies].scale,
                                                            None, 0, None, warps, tiles, mode, shape, -1))
                 t4 = graph_time(lambda i: module.quant_mma(x, int4[i % copies].qweight, int4[i % copies].scales,
@@ -108,7 +111,10 @@ def main() -> int:
         rows = (1, 4, 8, 16, 32)  # --rows 8,16 narrows a sweep
         if "--rows" in sys.argv:
             rows = tuple(int(r) for r in sys.argv[sys.argv.index("--rows") + 1].split(","))
-        quantized(bandwidth, sweep="--sweep" in sys.argv, rows_measured=rows)
+        shapes = (0, 1, 2, 3)  # --launch-shapes 0,3 narrows a sweep
+        if "--launch-shapes" in sys.argv:
+            shapes = tuple(int(s) for s in sys.argv[sys.argv.index("--launch-shapes") + 1].split(","))
+        quantized(bandwidth, sweep="--sweep" in sys.argv, rows_measured=rows, shapes=shapes)
         return 0
     print(f"{'shape':>14} {'rows':>4} {'cuBLAS us':>10} {'%bw':>5} {'flux us':>9} {'%bw':>5} {'speedup':>7}")
     for name, (n, k) in SHAPES.items():
