@@ -3,7 +3,7 @@ bandwidth measured in the same run. Each timing is a CUDA graph of 32 calls over
 memory than the L2 cache holds.
 
     python benchmarks/gemv.py                    # bf16: cuBLAS vs flux's GEMV
-    python benchmarks/gemv.py --quant [--sweep] [--rows 8,16] [--launch-shapes 0,3]  # INT8 / INT4 vs bf16 cuBLAS
+    python benchmarks/gemv.py --quant [--sweep] [--rows 8,16] [--launch-shapes 0,2]  # INT8 / INT4 vs bf16 cuBLAS
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ def graph_time(fn, calls: int = 32) -> float:
     return sorted(times)[2]
 
 
-def sweep_configs(rows: int, shapes: tuple[int, ...] = (0, 1, 2, 3)):
+def sweep_configs(rows: int, shapes: tuple[int, ...] = (0, 1, 2)):
     """(INT4 form, launch shape, warps, row tiles) of the tensor-core kernel: INT4 biased codes (1) or per-weight
-    scales (2); launch shape 0 (up to 8 warps), 1 (three blocks per SM, fewer loads in flight per warp), 2 (up to
-    16 warps), the two for up to 16 rows, or 3 (weights through a shared-memory ring)."""
+    scales (2); launch shape 0 (up to 8 warps), 1 (three blocks per SM, fewer loads in flight per warp) or 2 (up
+    to 16 warps), the last two for up to 16 rows."""
     for mode in (1, 2):
         for shape in shapes:
             if shape in (1, 2) and rows > 16:
@@ -63,7 +63,7 @@ def sweep_configs(rows: int, shapes: tuple[int, ...] = (0, 1, 2, 3)):
 
 
 def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
-              shapes: tuple[int, ...] = (0, 1, 2, 3)) -> None:
+              shapes: tuple[int, ...] = (0, 1, 2)) -> None:
     """Weight-only INT8 / INT4 (group 128) linear layers against bf16 cuBLAS, same shapes. With ``sweep``, every
     warp count / row tiling of the tensor-core kernel too (the launcher's heuristic picks one of them)."""
     from flux_infer.quantization.modules import QuantizedLinear
@@ -111,7 +111,7 @@ def main() -> int:
         rows = (1, 4, 8, 16, 32)  # --rows 8,16 narrows a sweep
         if "--rows" in sys.argv:
             rows = tuple(int(r) for r in sys.argv[sys.argv.index("--rows") + 1].split(","))
-        shapes = (0, 1, 2, 3)  # --launch-shapes 0,3 narrows a sweep
+        shapes = (0, 1, 2)  # --launch-shapes 0,2 narrows a sweep
         if "--launch-shapes" in sys.argv:
             shapes = tuple(int(s) for s in sys.argv[sys.argv.index("--launch-shapes") + 1].split(","))
         quantized(bandwidth, sweep="--sweep" in sys.argv, rows_measured=rows, shapes=shapes)

@@ -77,8 +77,8 @@ __global__ void dequantize_int8_kernel(T* __restrict__ out, const int8_t* __rest
 
 // weight-only quantized linear for 1..32 rows of x: INT8 (qweight int8 [N, K], scale [N]) or INT4 (qweight int32
 // [N, K / 8], scales/mins [N, K / group]). warps (the K split inside a block), row_tiles (16-row tiles per block)
-// and int4_mode (1 = biased codes, 2 = per-weight scales): 0 = chosen from the shape; launch_shape (0-3: the
-// register budget or, 3, the shared-memory ring; see quant_mma.cuh): -1 = chosen. activation >= 0: a gated layer, qweight holds
+// and int4_mode (1 = biased codes, 2 = per-weight scales): 0 = chosen from the shape; launch_shape (0, 1, 2: the
+// kernel's register budget, see quant_mma_kernel): -1 = chosen. activation >= 0: a gated layer, qweight holds
 // [gate; up] and the result is act(gate) * up (0 = silu, 1 = gelu_tanh), half as wide; the plan is the one of the
 // whole [gate; up] layer, so each half sums exactly as that fused layer's un-gated launch does.
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
@@ -116,8 +116,8 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   if (warps <= 0 && plan.shape != 2) plan.warps = std::min(plan.warps, 8);
   const int format = !int4 ? flux::kInt8 : plan.biased ? flux::kInt4Biased : flux::kInt4;
   const int rt = plan.row_tiles, w = plan.warps, shape = plan.shape;
-  TORCH_CHECK(shape >= 0 && shape <= 3 && (shape == 0 || shape == 3 || rows <= 16),
-              "quant_mma: launch shape 0, 1 (<= 16 rows), 2 (<= 16 rows) or 3");
+  TORCH_CHECK(shape >= 0 && shape <= 2 && (shape == 0 || rows <= 16),
+              "quant_mma: launch shape 0, 1 or 2 (<= 16 rows)");
   TORCH_CHECK(w >= 1 && w <= (shape == 2 ? 16 : 8) && (rt == 1 || rt == 2 || rt == 4),
               "quant_mma: 1..8 warps (16 with launch shape 2), 1, 2 or 4 row tiles");
   const c10::cuda::CUDAGuard guard(x.device());

@@ -327,129 +327,19 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
   reduce_tile<T, F, MT, RT, G>(acc, partial, out, scales, bias, n0, m_rows, n_out, out_stride, act);
 }
 
-// ---- launch shape 3: the weights through a shared-memory ring (cp.async) ---------------------------------------
-// The kernel above has a lane's next weights in flight only while it waits for them: each round loads, then
-// computes, and the bytes in flight per SM drop to none while its warps do the math. Here every lane copies its own
-// 16-byte slices (and, INT4, the 4-byte words holding its scale and min) S - 1 steps ahead into its own slots of a
-// per-warp ring (cp.async, no registers held), so a warp's loads stay in flight through its math. A lane reads back
-// only what it copied itself: no barrier, only cp.async.wait_group.
-__device__ __forceinline__ void cp_async16(void* smem, const void* src, bool valid) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async4(void* smem, const void* src, bool valid) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(src), "r"(valid ? 4 : 0) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
-// the aligned 4-byte word holding a 16-bit value, and where in it the value sits
-__device__ __forceinline__ const uint32_t* word_of(const uint16_t* p) {
-  return reinterpret_cast<const uint32_t*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t{3});
-}
-__device__ __forceinline__ uint32_t half_of(uint32_t word, const uint16_t* p) {
-  return (reinterpret_cast<uintptr_t>(p) & 2) ? word >> 16 : word & 0xFFFFu;
-}
-
-template <int RT> constexpr int kStages = RT >= 4 ? 3 : 4;  // ring depth: S - 1 steps ahead
-template <int F, int RT> constexpr size_t kRingBytesPerLane = kStages<RT> * RT * 2 * (16 + (F == kInt8 ? 0 : 8));
-
-template <typename T, int F, int MT, int RT, bool G>
-__global__ void __launch_bounds__(256, 2) quant_mma_ring_kernel(
-    T* __restrict__ out, const T* __restrict__ x, const uint4* __restrict__ w, const uint16_t* __restrict__ scales,
-    const uint16_t* __restrict__ mins, const T* __restrict__ bias, int m_rows, int n_out, int k, int group,
-    int64_t x_stride, int64_t out_stride, int act, bool early) {
-  if (early) pdl_trigger();
-  constexpr int kCodes = F == kInt8 ? 16 : 32, S = kStages<RT>, kSlots = RT * 2;
-  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int slices = k / kCodes, steps = (slices + 3) >> 2;
-  const int groups = F == kInt8 ? 1 : k / group;
-  const int n0 = blockIdx.x * kOutputs<F, G> * RT;
-  const int mine = warp < steps ? (steps - 1 - warp) / warps + 1 : 0;  // this warp's steps: warp, warp + warps, ...
-  extern __shared__ __align__(16) unsigned char smem[];
-  uint4* codes = reinterpret_cast<uint4*>(smem) + warp * S * kSlots * 32;                  // [S][RT][2][32]
-  uint32_t* words = reinterpret_cast<uint32_t*>(reinterpret_cast<uint4*>(smem) + warps * S * kSlots * 32) +
-                    warp * S * kSlots * 64;                                                  // [S][RT][2][scale, min][32]
-  int rows_at[RT][2];  // the weight row of each of the lane's two features per row tile (-1: none)
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) rows_at[rt][h] = tile_row<F, G>(n0 + kOutputs<F, G> * rt, g, h, n_out);
-  const auto issue = [&](int i) {  // step i of this warp into slot i % S (an empty group past the last)
-    const int slot = i % S, s = (warp + i * warps) * 4 + t;
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = rows_at[rt][h], e = slot * kSlots + rt * 2 + h;
-        const bool valid = i < mine && s < slices && n >= 0;
-        cp_async16(codes + e * 32 + lane, valid ? w + static_cast<int64_t>(n) * slices + s : w, valid);
-        if constexpr (F != kInt8) {
-          const int64_t at = valid ? static_cast<int64_t>(n) * groups + s * kCodes / group : 0;
-          cp_async4(words + e * 64 + lane, word_of(scales + at), valid);
-          cp_async4(words + e * 64 + 32 + lane, word_of(mins + at), valid);
-        }
-      }
-    cp_async_commit();
-  };
-#pragma unroll
-  for (int i = 0; i < S - 1; ++i) issue(i);
-  pdl_wait();  // the first weights are on their way; x comes from the previous kernel
-  float acc[RT][MT][4] = {};
-  for (int i = 0; i < mine; ++i) {
-    issue(i + S - 1);  // into the slot step i - 1 used: this lane's reads of it are done (their results were used)
-    cp_async_wait<S - 1>();
-    const int slot = i % S, s = (warp + i * warps) * 4 + t;
-    uint4 code[RT][2];
-    uint32_t s2[RT][2], m2[RT][2];
-#pragma unroll
-    for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int e = slot * kSlots + rt * 2 + h;
-        code[rt][h] = codes[e * 32 + lane];
-        if constexpr (F != kInt8) {
-          const int64_t at = static_cast<int64_t>(rows_at[rt][h] < 0 ? 0 : rows_at[rt][h]) * groups +
-                             s * kCodes / group;
-          const uint32_t sc = half_of(words[e * 64 + lane], scales + at);
-          const uint32_t mn = half_of(words[e * 64 + 32 + lane], mins + at);
-          s2[rt][h] = sc | (sc << 16);
-          m2[rt][h] = mn | (mn << 16);
-        }
-      }
-    mma_step<T, F, MT, RT>(acc, code, s2, m2, x, x_stride, m_rows, g, t, s, s < slices);
-  }
-  cp_async_wait<0>();
-  pdl_wait();  // (a warp without steps)
-  if (!early) pdl_trigger();
-  __syncthreads();  // the partial tiles below reuse the other warps' rings
-  reduce_tile<T, F, MT, RT, G>(acc, reinterpret_cast<float*>(smem), out, scales, bias, n0, m_rows, n_out,
-                               out_stride, act);
-}
-
 template <typename T, int F, int MT, int RT, int L, bool G>
 void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
             const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias, int group,
             int warps, int act, cudaStream_t stream) {
+  constexpr int U = L == 1 ? (RT == 1 ? 2 : 1) : 4 / RT;  // 16-byte weight loads in flight per lane: 2 U RT
   const int n = out.size(1), k = x.size(1);
   const int blocks = (n + kOutputs<F, G> * RT - 1) / (kOutputs<F, G> * RT);
-  size_t smem = static_cast<size_t>(warps) * RT * MT * 4 * 32 * sizeof(float);  // reduce_tile's partial tiles
-  const auto kernel = [&] {
-    if constexpr (L == 3) {
-      smem = std::max(smem, static_cast<size_t>(warps) * 32 * kRingBytesPerLane<F, RT>);
-      return quant_mma_ring_kernel<T, F, MT, RT, G>;
-    } else {
-      constexpr int U = L == 1 ? (RT == 1 ? 2 : 1) : 4 / RT;  // 16-byte weight loads in flight per lane: 2 U RT
-      return quant_mma_kernel<T, F, MT, RT, U, L, G>;
-    }
-  }();
-  if (smem > 48 * 1024)  // above the default dynamic shared memory limit
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  flux::launch(kernel, blocks, warps * 32, smem, stream, out.data_ptr<T>(), x.data_ptr<T>(),
+  const size_t smem = static_cast<size_t>(warps) * RT * MT * 4 * 32 * sizeof(float);
+  if (smem > 48 * 1024)  // above the default dynamic shared memory limit (4 row tiles x 32 rows x 8 warps)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(quant_mma_kernel<T, F, MT, RT, U, L, G>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  flux::launch(quant_mma_kernel<T, F, MT, RT, U, L, G>, blocks, warps * 32, smem, stream, out.data_ptr<T>(),
+               x.data_ptr<T>(),
                reinterpret_cast<const uint4*>(qweight.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
                F == kInt8 ? nullptr : reinterpret_cast<const uint16_t*>(mins->data_ptr()),
                bias ? bias->data_ptr<T>() : nullptr, static_cast<int>(x.size(0)), n, k, group, x.stride(0),
@@ -487,7 +377,6 @@ void dispatch_quant_mma(torch::Tensor& out, const torch::Tensor& x, const torch:
           if (p.shape == 1) return with_shape(std::integral_constant<int, 1>{});
           if (p.shape == 2) return with_shape(std::integral_constant<int, 2>{});
         }
-        if (p.shape == 3) return with_shape(std::integral_constant<int, 3>{});
         with_shape(std::integral_constant<int, 0>{});
       };
       using C1 = std::integral_constant<int, 1>;
