@@ -73,7 +73,8 @@ def test_act_mul_in_float64_stays_on_the_reference():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads, kv_heads, dim, rot", [(32, 8, 128, 128), (9, 3, 64, 64), (6, 2, 96, 48)])
+@pytest.mark.parametrize("heads, kv_heads, dim, rot", [  # rot / 2 a multiple of 8: the 16-byte kernel (16-bit)
+    (32, 8, 128, 128), (9, 3, 64, 64), (6, 2, 96, 48), (4, 2, 40, 40)])
 def test_rotary_is_bitwise_the_reference(dtype, heads, kv_heads, dim, rot):
     tokens = 37
     q = torch.randn(2, tokens, heads, dim, device="cuda").to(dtype)
@@ -112,12 +113,13 @@ def test_rotary_on_views_of_a_fused_projection(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_cache_write_is_bitwise_the_reference(dtype):
-    batch, tokens, heads, kv_heads, dim, slots = 3, 5, 8, 2, 64, 40
+@pytest.mark.parametrize("dim, rot", [(64, 48), (40, 24)])  # partial rotary; the 16-byte kernel, the scalar one
+def test_rotary_cache_write_is_bitwise_the_reference(dtype, dim, rot):
+    batch, tokens, heads, kv_heads, slots = 3, 5, 8, 2, 40
     q = torch.randn(batch, tokens, heads, dim, device="cuda").to(dtype)
     k = torch.randn(batch, tokens, kv_heads, dim, device="cuda").to(dtype)
     v = torch.randn(batch, tokens * 2, kv_heads, dim, device="cuda").to(dtype)[:, ::2]  # strided, like a split
-    table = torch.randn(64, 48, device="cuda")  # partial rotary: 48 of 64 dims
+    table = torch.randn(64, rot, device="cuda")
     positions = torch.randint(0, 64, (batch, tokens), device="cuda")
     where = torch.tensor([7, 8, 9, 10, 11], device="cuda")
     caches = [torch.randn(4, kv_heads, slots, dim, device="cuda").to(dtype) for _ in range(2)]

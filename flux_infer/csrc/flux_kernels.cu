@@ -70,11 +70,13 @@ template <typename T, bool kResidual>
 __global__ void rms_norm_vec_kernel(T* __restrict__ out, T* __restrict__ residual_out, const T* __restrict__ x,
                                     const T* __restrict__ residual, const T* __restrict__ weight, int hidden,
                                     int64_t x_stride, int64_t res_stride, float eps, float weight_offset) {
-  flux::pdl_wait();
-  flux::pdl_trigger();
   const int64_t r = blockIdx.x;
   const int i = threadIdx.x * 8;
   const bool active = i < hidden;
+  // the weight is no earlier kernel's output: its load overlaps the previous kernel's tail
+  const uint4 wv = active ? *reinterpret_cast<const uint4*>(weight + i) : make_uint4(0, 0, 0, 0);
+  flux::pdl_wait();
+  flux::pdl_trigger();
   float v[8];
   float sq = 0.f;
   if (active) {
@@ -98,7 +100,6 @@ __global__ void rms_norm_vec_kernel(T* __restrict__ out, T* __restrict__ residua
   }
   const float inv = rsqrtf(block_sum(sq) / hidden + eps);
   if (!active) return;
-  const uint4 wv = *reinterpret_cast<const uint4*>(weight + i);
   const T* we = reinterpret_cast<const T*>(&wv);
   uint4 ov;
   T* oe = reinterpret_cast<T*>(&ov);
@@ -460,6 +461,78 @@ torch::Tensor act_mul(torch::Tensor gate, torch::Tensor up, int64_t kind) {
   return out;
 }
 
+// The same for 16-bit types when rot / 2 and head_dim are multiples of 8 and every row is 16-byte aligned: a thread
+// rotates 8 pairs (16-byte loads and stores) or copies 8 elements of k's tail / v into the cache, so a decode step
+// is one round trip for q/k/v and the position, one for the cos/sin rows. The arithmetic is the scalar kernel's.
+template <typename T>
+__global__ void rotary_vec_kernel(T* __restrict__ q, T* __restrict__ k, const T* __restrict__ v,
+                                  T* __restrict__ k_cache, T* __restrict__ v_cache, const float* __restrict__ cos,
+                                  const float* __restrict__ sin, const int64_t* __restrict__ positions,
+                                  const int64_t* __restrict__ slots, int tokens_per_row, int heads, int kv_heads,
+                                  int head_dim, int rot, int64_t q_token_stride, int64_t k_token_stride,
+                                  int64_t v_token_stride, int64_t q_head_stride, int64_t k_head_stride,
+                                  int64_t v_head_stride, int64_t cache_row_stride, int64_t cache_head_stride,
+                                  int64_t cache_slot_stride) {
+  flux::pdl_wait();
+  flux::pdl_trigger();
+  const int64_t token = blockIdx.x;
+  const int half = rot / 2, per_head = half / 8, tail = (head_dim - rot) / 8, whole = head_dim / 8;
+  const int rotations = (heads + kv_heads) * per_head;
+  const int items = rotations + (k_cache != nullptr ? kv_heads * (tail + whole) : 0);
+  const int first = blockIdx.y * blockDim.x + threadIdx.x, stride = blockDim.x * gridDim.y;
+  if (first >= items) return;
+  const int64_t pos = positions[token];
+  T* k_out = nullptr;
+  T* v_out = nullptr;
+  if (k_cache != nullptr) {
+    const int64_t row = token / tokens_per_row, slot = slots[token % tokens_per_row];
+    k_out = k_cache + row * cache_row_stride + slot * cache_slot_stride;
+    v_out = v_cache + row * cache_row_stride + slot * cache_slot_stride;
+  }
+  for (int p = first; p < items; p += stride) {
+    if (p < rotations) {
+      const int head = p / per_head, i = (p - head * per_head) * 8;
+      const bool is_q = head < heads;
+      const int kh = head - heads;
+      T* base = is_q ? q + token * q_token_stride + head * q_head_stride
+                     : k + token * k_token_stride + kh * k_head_stride;
+      const uint4 a = flux::load_activation(base + i), b = flux::load_activation(base + i + half);
+      const float4* c = reinterpret_cast<const float4*>(cos + pos * rot + i);
+      const float4* sn = reinterpret_cast<const float4*>(sin + pos * rot + i);
+      const float4 cv[4] = {__ldg(c), __ldg(c + 1), __ldg(c + half / 4), __ldg(c + half / 4 + 1)};
+      const float4 sv[4] = {__ldg(sn), __ldg(sn + 1), __ldg(sn + half / 4), __ldg(sn + half / 4 + 1)};
+      const float* c1 = reinterpret_cast<const float*>(cv);  // cos[i .. i + 7], then cos[i + half ..]
+      const float* s1 = reinterpret_cast<const float*>(sv);
+      const T* x1 = reinterpret_cast<const T*>(&a);
+      const T* x2 = reinterpret_cast<const T*>(&b);
+      uint4 ya, yb;
+      T* y1 = reinterpret_cast<T*>(&ya);
+      T* y2 = reinterpret_cast<T*>(&yb);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const float u = to_float(x1[j]), w = to_float(x2[j]);
+        const float ca = rnd<T>(c1[j]), cb = rnd<T>(c1[8 + j]), sa = rnd<T>(s1[j]), sb = rnd<T>(s1[8 + j]);
+        y1[j] = from_float<T>(__fadd_rn(rnd<T>(__fmul_rn(u, ca)), rnd<T>(__fmul_rn(-w, sa))));
+        y2[j] = from_float<T>(__fadd_rn(rnd<T>(__fmul_rn(w, cb)), rnd<T>(__fmul_rn(u, sb))));
+      }
+      *reinterpret_cast<uint4*>(base + i) = ya;
+      *reinterpret_cast<uint4*>(base + i + half) = yb;
+      if (!is_q && k_out != nullptr) {
+        *reinterpret_cast<uint4*>(k_out + kh * cache_head_stride + i) = ya;
+        *reinterpret_cast<uint4*>(k_out + kh * cache_head_stride + i + half) = yb;
+      }
+    } else if (p < rotations + kv_heads * tail) {  // k past the rotary dims, unchanged
+      const int e = p - rotations, kh = e / tail, i = rot + (e - kh * tail) * 8;
+      *reinterpret_cast<uint4*>(k_out + kh * cache_head_stride + i) =
+          flux::load_activation(k + token * k_token_stride + kh * k_head_stride + i);
+    } else {  // v, unchanged
+      const int e = p - rotations - kv_heads * tail, kh = e / whole, i = (e - kh * whole) * 8;
+      *reinterpret_cast<uint4*>(v_out + kh * cache_head_stride + i) =
+          flux::load_activation(v + token * v_token_stride + kh * v_head_stride + i);
+    }
+  }
+}
+
 // q [tokens, heads, head_dim], k [tokens, kv_heads, head_dim] rotated in place; with caches ([rows, kv_heads,
 // slots, head_dim] views), rotated k and v are also written at slots[t] for token (row, t).
 void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin,
@@ -487,10 +560,35 @@ void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch
     TORCH_CHECK(tokens % tokens_per_row == 0 && tokens / tokens_per_row <= k_cache->size(0),
                 "rotary_embedding: tokens must be rows x len(slots)");
   }
+  const int64_t head_dim = q.size(2);
+  const auto rows_fit = [](const torch::Tensor& t) {  // 16-byte aligned rows of 8-element multiples
+    return flux::aligned16(t) && t.stride(-2) % 8 == 0 && (t.dim() < 4 || t.stride(-3) % 8 == 0) &&
+           t.stride(0) % 8 == 0;
+  };
+  const bool vec = (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf) && rot % 16 == 0 &&
+                   head_dim % 8 == 0 && k.size(2) == head_dim && rows_fit(q) && rows_fit(k) &&
+                   flux::aligned16(cos) && flux::aligned16(sin) &&
+                   (!write || (rows_fit(*v) && rows_fit(*k_cache) && rows_fit(*v_cache)));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (vec) {
+    const int64_t items = (q.size(1) + k.size(1)) * (rot / 16) + (write ? k.size(1) * (2 * head_dim - rot) / 8 : 0);
+    const int threads = 128;
+    const dim3 grid(tokens, std::min<int64_t>(16, (items + threads - 1) / threads));
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "rotary_embedding_vec", [&] {
+      flux::launch(rotary_vec_kernel<scalar_t>, grid, threads, 0, stream, q.data_ptr<scalar_t>(),
+          k.data_ptr<scalar_t>(), write ? v->data_ptr<scalar_t>() : nullptr,
+          write ? k_cache->data_ptr<scalar_t>() : nullptr, write ? v_cache->data_ptr<scalar_t>() : nullptr,
+          cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
+          write ? slots->data_ptr<int64_t>() : nullptr, tokens_per_row, q.size(1), k.size(1), q.size(2), rot,
+          q.stride(0), k.stride(0), write ? v->stride(0) : 0, q.stride(1), k.stride(1), write ? v->stride(1) : 0,
+          write ? k_cache->stride(0) : 0, write ? k_cache->stride(1) : 0, write ? k_cache->stride(2) : 0);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   const int64_t pairs = (q.size(1) + k.size(1)) * (rot / 2);
   const int threads = 256;
   const dim3 grid(tokens, std::min<int64_t>(16, std::max<int64_t>(1, (pairs + threads - 1) / threads)));
-  auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rotary_embedding", [&] {
     flux::launch(rotary_kernel<scalar_t>, grid, threads, 0, stream, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
         write ? v->data_ptr<scalar_t>() : nullptr,
