@@ -9,6 +9,7 @@
 #include <cuda_fp16.h>
 
 #include <cstdlib>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
