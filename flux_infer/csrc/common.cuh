@@ -9,7 +9,6 @@
 #include <cuda_fp16.h>
 
 #include <cstdlib>
-#include <limits>
 #include <type_traits>
 #include <utility>
 

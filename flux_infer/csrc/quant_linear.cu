@@ -99,8 +99,6 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
               "quant_mma: unsupported quantized layout");
   TORCH_CHECK(!bias || (bias->is_contiguous() && bias->scalar_type() == x.scalar_type() && bias->numel() == n),
               "quant_mma: bias must be [N] in x's dtype");
-  TORCH_CHECK(qweight.numel() * qweight.element_size() / 16 < std::numeric_limits<int32_t>::max(),
-              "quant_mma: the kernel indexes the weight's 16-byte slices in 32 bits; this layer is too large");
   TORCH_CHECK(int4_mode >= 0 && int4_mode <= 2, "quant_mma: int4_mode 0 (choose), 1 (biased) or 2 (per weight)");
   const bool gated = activation >= 0;
   TORCH_CHECK(activation >= -1 && activation <= 1 && (!gated || n % 2 == 0),

@@ -131,21 +131,22 @@ template <int F, bool G> __device__ __forceinline__ int tile_row(int j0, int g, 
 
 // One lane's share of one 4-slice step: its two feature rows' 16-byte slices per row tile (code), their group's
 // scale and min (INT4, raw 16-bit values; `s2`/`m2` hold each twice), against the activations of the same K
-// positions (read here, from L1/L2: row 8 mt + g of x starts at x_row[mt]; row_ok[mt] false past the last row).
+// positions (read here, from L1/L2).
 template <typename T, int F, int MT, int RT>
 __device__ __forceinline__ void mma_step(float (&acc)[RT][MT][4], const uint4 (&code)[RT][2],
                                          const uint32_t (&s2)[RT][2], const uint32_t (&m2)[RT][2],
-                                         const T* const (&x_row)[MT], const bool (&row_ok)[MT], int t, int s,
+                                         const T* __restrict__ x, int64_t x_stride, int m_rows, int g, int t, int s,
                                          bool valid) {
   constexpr int kCodes = F == kInt8 ? 16 : 32;
-  const int k0 = s * kCodes;
+  const int64_t k0 = static_cast<int64_t>(s) * kCodes;
   if constexpr (F == kInt8) {
     uint4 xv[MT][2];
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      const uint4* xp = reinterpret_cast<const uint4*>(x_row[mt] + k0);
-      xv[mt][0] = load_x(xp, valid && row_ok[mt]);
-      xv[mt][1] = load_x(xp + 1, valid && row_ok[mt]);
+      const int m = 8 * mt + g;
+      const uint4* xp = reinterpret_cast<const uint4*>(x + m * x_stride + k0);
+      xv[mt][0] = load_x(xp, valid && m < m_rows);
+      xv[mt][1] = load_x(xp + 1, valid && m < m_rows);
     }
 #pragma unroll
     for (int word = 0; word < 4; ++word) {  // codes 4 word .. 4 word + 3: one MMA
@@ -177,8 +178,10 @@ __device__ __forceinline__ void mma_step(float (&acc)[RT][MT][4], const uint4 (&
   for (int word = 0; word < 4; ++word) {
     uint4 xv[MT];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-      xv[mt] = load_x(reinterpret_cast<const uint4*>(x_row[mt] + k0) + word, valid && row_ok[mt]);
+    for (int mt = 0; mt < MT; ++mt) {
+      const int m = 8 * mt + g;
+      xv[mt] = load_x(reinterpret_cast<const uint4*>(x + m * x_stride + k0) + word, valid && m < m_rows);
+    }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {  // codes (2h, 2h+4) and (2h+1, 2h+5) of the word
       uint32_t b[MT][2];
@@ -281,7 +284,7 @@ template <typename T, int F, int MT, int RT, int U, int L, bool G>
 __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kernel(
     T* __restrict__ out, const T* __restrict__ x, const uint4* __restrict__ w, const uint16_t* __restrict__ scales,
     const uint16_t* __restrict__ mins, const T* __restrict__ bias, int m_rows, int n_out, int k, int group,
-    int group_shift, int64_t x_stride, int64_t out_stride, int act, bool early) {
+    int64_t x_stride, int64_t out_stride, int act, bool early) {
   if (early) pdl_trigger();
   constexpr int kCodes = F == kInt8 ? 16 : 32;  // codes per 16-byte slice
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -289,24 +292,6 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
   const int slices = k / kCodes, steps = (slices + 3) >> 2;
   const int groups = F == kInt8 ? 1 : k / group;
   const int n0 = blockIdx.x * kOutputs<F, G> * RT;
-  // Loop invariants, in 32 bits (a layer's 16-byte slices and groups stay far below 2^31): each feature row's first
-  // slice and first group (-1: no row), each activation row's start (the last row's past the last row).
-  int row_slice[RT][2], row_group[RT][2];
-#pragma unroll
-  for (int rt = 0; rt < RT; ++rt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int n = tile_row<F, G>(n0 + kOutputs<F, G> * rt, g, h, n_out);
-      row_slice[rt][h] = n >= 0 ? n * slices : -1;
-      row_group[rt][h] = n * groups;
-    }
-  const T* x_row[MT];
-  bool row_ok[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    row_ok[mt] = 8 * mt + g < m_rows;
-    x_row[mt] = x + min(8 * mt + g, m_rows - 1) * x_stride;
-  }
   float acc[RT][MT][4] = {};
   for (int step0 = warp; step0 < steps; step0 += warps * U) {
     uint4 code[U][RT][2];
@@ -314,16 +299,15 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int s = (step0 + u * warps) * 4 + t;
-      // the group of slice s: a shift for power-of-two groups, else a division
-      const int group_at = F == kInt8 ? 0 : group_shift >= 0 ? s >> group_shift : s * kCodes / group;
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const bool valid = s < slices && row_slice[rt][h] >= 0;
-          code[u][rt][h] = valid ? load_stream(w + (row_slice[rt][h] + s)) : make_uint4(0, 0, 0, 0);
+          const int n = tile_row<F, G>(n0 + kOutputs<F, G> * rt, g, h, n_out);
+          const bool valid = s < slices && n >= 0;
+          code[u][rt][h] = valid ? load_stream(w + static_cast<int64_t>(n) * slices + s) : make_uint4(0, 0, 0, 0);
           if constexpr (F != kInt8) {
-            const int at = row_group[rt][h] + group_at;
+            const int64_t at = static_cast<int64_t>(n) * groups + s * kCodes / group;
             const uint32_t sc = valid ? __ldg(scales + at) : 0u, mn = valid ? __ldg(mins + at) : 0u;
             s2[u][rt][h] = sc | (sc << 16);
             m2[u][rt][h] = mn | (mn << 16);
@@ -334,7 +318,7 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int s = (step0 + u * warps) * 4 + t;
-      mma_step<T, F, MT, RT>(acc, code[u], s2[u], m2[u], x_row, row_ok, t, s, s < slices);
+      mma_step<T, F, MT, RT>(acc, code[u], s2[u], m2[u], x, x_stride, m_rows, g, t, s, s < slices);
     }
   }
   pdl_wait();  // (a warp without steps)
@@ -350,8 +334,6 @@ void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tenso
   constexpr int U = L == 1 ? (RT == 1 ? 2 : 1) : 4 / RT;  // 16-byte weight loads in flight per lane: 2 U RT
   const int n = out.size(1), k = x.size(1);
   const int blocks = (n + kOutputs<F, G> * RT - 1) / (kOutputs<F, G> * RT);
-  const int per_group = F == kInt8 ? 1 : group / 32;  // INT4 slices per group: a power of two turns into a shift
-  const int group_shift = (per_group & (per_group - 1)) == 0 ? __builtin_ctz(per_group) : -1;
   const size_t smem = static_cast<size_t>(warps) * RT * MT * 4 * 32 * sizeof(float);
   if (smem > 48 * 1024)  // above the default dynamic shared memory limit (4 row tiles x 32 rows x 8 warps)
     C10_CUDA_CHECK(cudaFuncSetAttribute(quant_mma_kernel<T, F, MT, RT, U, L, G>,
@@ -360,8 +342,8 @@ void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tenso
                x.data_ptr<T>(),
                reinterpret_cast<const uint4*>(qweight.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
                F == kInt8 ? nullptr : reinterpret_cast<const uint16_t*>(mins->data_ptr()),
-               bias ? bias->data_ptr<T>() : nullptr, static_cast<int>(x.size(0)), n, k, group, group_shift,
-               x.stride(0), out.stride(0), act, trigger_early(x.size(0)));
+               bias ? bias->data_ptr<T>() : nullptr, static_cast<int>(x.size(0)), n, k, group, x.stride(0),
+               out.stride(0), act, trigger_early(x.size(0)));
 }
 
 
