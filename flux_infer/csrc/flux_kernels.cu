@@ -153,10 +153,14 @@ __global__ void act_mul_vec_kernel(T* __restrict__ out, const T* __restrict__ ga
 }
 
 // Rotary embedding, in place on q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] (token and head
-// strides given, head_dim contiguous); cos/sin [positions, rot] float32. One block per token. With a cache, the
-// rotated k and the untouched v of token (b, t) are also written to k_cache/v_cache[b, head, slots[t], :].
-// __fmul_rn/__fadd_rn keep the compiler from contracting into FMAs the reference does not do.
-template <typename T>
+// strides given, head_dim contiguous); cos/sin [positions, rot] float32. Blocks (token, part): blockIdx.y splits a
+// token's work (a decode step has only a few tokens). With a cache, the rotated k and the untouched v of token
+// (b, t) are also written to k_cache/v_cache[b, head, slots[t], :]. kVec (16-bit types, rot / 2 and head_dim
+// multiples of 8, 16-byte aligned rows): a thread rotates 8 pairs or copies 8 elements with 16-byte loads and
+// stores, so a decode step is one round trip for q/k/v and the position and one for the cos/sin rows; else one
+// element pair per thread. __fmul_rn/__fadd_rn keep the compiler from contracting into FMAs the reference does not
+// do: both forms are bit for bit the reference.
+template <typename T, bool kVec>
 __global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const T* __restrict__ v,
                               T* __restrict__ k_cache, T* __restrict__ v_cache, const float* __restrict__ cos,
                               const float* __restrict__ sin, const int64_t* __restrict__ positions,
@@ -165,14 +169,15 @@ __global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const T* __r
                               int64_t v_token_stride, int64_t q_head_stride, int64_t k_head_stride,
                               int64_t v_head_stride, int64_t cache_row_stride, int64_t cache_head_stride,
                               int64_t cache_slot_stride) {
+  static_assert(!kVec || sizeof(T) == 2, "the 16-byte form packs 8 elements per load");
   flux::pdl_wait();
   flux::pdl_trigger();
   const int64_t token = blockIdx.x;
   const int half = rot / 2;
+  const int first = blockIdx.y * blockDim.x + threadIdx.x, stride = blockDim.x * gridDim.y;
   const int64_t pos = positions[token];
   const float* c = cos + pos * rot;
   const float* s = sin + pos * rot;
-  const int pairs = (heads + kv_heads) * half;
   T* k_out = nullptr;
   T* v_out = nullptr;
   if (k_cache != nullptr) {
@@ -180,37 +185,79 @@ __global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const T* __r
     k_out = k_cache + row * cache_row_stride + slot * cache_slot_stride;
     v_out = v_cache + row * cache_row_stride + slot * cache_slot_stride;
   }
-  // blockIdx.y splits a token's work over several blocks (a decode step has only a few tokens)
-  const int first = blockIdx.y * blockDim.x + threadIdx.x, stride = blockDim.x * gridDim.y;
-  for (int p = first; p < pairs; p += stride) {
-    const int head = p / half, i = p - head * half;
-    const bool is_q = head < heads;
-    const int kh = head - heads;
-    T* base = is_q ? q + token * q_token_stride + head * q_head_stride
-                   : k + token * k_token_stride + kh * k_head_stride;
-    const float x1 = to_float(base[i]), x2 = to_float(base[i + half]);
-    const float c1 = rnd<T>(c[i]), c2 = rnd<T>(c[i + half]);
-    const float s1 = rnd<T>(s[i]), s2 = rnd<T>(s[i + half]);
-    // reference: t * cos + rotate_half(t) * sin, each product and the sum rounded to the storage type
-    const T y1 = from_float<T>(__fadd_rn(rnd<T>(__fmul_rn(x1, c1)), rnd<T>(__fmul_rn(-x2, s1))));
-    const T y2 = from_float<T>(__fadd_rn(rnd<T>(__fmul_rn(x2, c2)), rnd<T>(__fmul_rn(x1, s2))));
-    base[i] = y1;
-    base[i + half] = y2;
-    if (!is_q && k_out != nullptr) {
-      k_out[kh * cache_head_stride + i] = y1;
-      k_out[kh * cache_head_stride + i + half] = y2;
+  const auto head_of = [&](int head) {  // the row of query head `head` (heads and up: key head head - heads)
+    return head < heads ? q + token * q_token_stride + head * q_head_stride
+                        : k + token * k_token_stride + (head - heads) * k_head_stride;
+  };
+  // reference: t * cos + rotate_half(t) * sin, each product and the sum rounded to the storage type
+  const auto rotate = [](float x1, float x2, float c1, float c2, float s1, float s2, T& y1, T& y2) {
+    c1 = rnd<T>(c1), c2 = rnd<T>(c2), s1 = rnd<T>(s1), s2 = rnd<T>(s2);
+    y1 = from_float<T>(__fadd_rn(rnd<T>(__fmul_rn(x1, c1)), rnd<T>(__fmul_rn(-x2, s1))));
+    y2 = from_float<T>(__fadd_rn(rnd<T>(__fmul_rn(x2, c2)), rnd<T>(__fmul_rn(x1, s2))));
+  };
+  if constexpr (kVec) {
+    const int per_head = half / 8, tail = (head_dim - rot) / 8, whole = head_dim / 8;
+    const int rotations = (heads + kv_heads) * per_head;
+    const int items = rotations + (k_out != nullptr ? kv_heads * (tail + whole) : 0);
+    for (int p = first; p < items; p += stride) {
+      if (p < rotations) {
+        const int head = p / per_head, i = (p - head * per_head) * 8, kh = head - heads;
+        T* base = head_of(head);
+        const uint4 a = flux::load_activation(base + i), b = flux::load_activation(base + i + half);
+        const float4* cv = reinterpret_cast<const float4*>(c + i);
+        const float4* sv = reinterpret_cast<const float4*>(s + i);
+        const float4 cs[4] = {__ldg(cv), __ldg(cv + 1), __ldg(cv + half / 4), __ldg(cv + half / 4 + 1)};
+        const float4 ss[4] = {__ldg(sv), __ldg(sv + 1), __ldg(sv + half / 4), __ldg(sv + half / 4 + 1)};
+        const float* c8 = reinterpret_cast<const float*>(cs);  // cos[i .. i + 7], then cos[i + half ..]
+        const float* s8 = reinterpret_cast<const float*>(ss);
+        const T* x1 = reinterpret_cast<const T*>(&a);
+        const T* x2 = reinterpret_cast<const T*>(&b);
+        uint4 ya, yb;
+        T* y1 = reinterpret_cast<T*>(&ya);
+        T* y2 = reinterpret_cast<T*>(&yb);
+#pragma unroll
+        for (int j = 0; j < 8; ++j)
+          rotate(to_float(x1[j]), to_float(x2[j]), c8[j], c8[8 + j], s8[j], s8[8 + j], y1[j], y2[j]);
+        *reinterpret_cast<uint4*>(base + i) = ya;
+        *reinterpret_cast<uint4*>(base + i + half) = yb;
+        if (kh >= 0 && k_out != nullptr) {
+          *reinterpret_cast<uint4*>(k_out + kh * cache_head_stride + i) = ya;
+          *reinterpret_cast<uint4*>(k_out + kh * cache_head_stride + i + half) = yb;
+        }
+      } else if (p < rotations + kv_heads * tail) {  // k past the rotary dims, unchanged
+        const int e = p - rotations, kh = e / tail, i = rot + (e - kh * tail) * 8;
+        *reinterpret_cast<uint4*>(k_out + kh * cache_head_stride + i) =
+            flux::load_activation(k + token * k_token_stride + kh * k_head_stride + i);
+      } else {  // v, unchanged
+        const int e = p - rotations - kv_heads * tail, kh = e / whole, i = (e - kh * whole) * 8;
+        *reinterpret_cast<uint4*>(v_out + kh * cache_head_stride + i) =
+            flux::load_activation(v + token * v_token_stride + kh * v_head_stride + i);
+      }
     }
-  }
-  if (k_out == nullptr) return;
-  // the part of k past the rotary dims, and all of v, go to the cache unchanged
-  const int tail = head_dim - rot;
-  for (int p = first; p < kv_heads * tail; p += stride) {
-    const int kh = p / tail, i = rot + p % tail;
-    k_out[kh * cache_head_stride + i] = k[token * k_token_stride + kh * k_head_stride + i];
-  }
-  for (int p = first; p < kv_heads * head_dim; p += stride) {
-    const int kh = p / head_dim, i = p % head_dim;
-    v_out[kh * cache_head_stride + i] = v[token * v_token_stride + kh * v_head_stride + i];
+  } else {
+    for (int p = first; p < (heads + kv_heads) * half; p += stride) {
+      const int head = p / half, i = p - head * half, kh = head - heads;
+      T* base = head_of(head);
+      T y1, y2;
+      rotate(to_float(base[i]), to_float(base[i + half]), c[i], c[i + half], s[i], s[i + half], y1, y2);
+      base[i] = y1;
+      base[i + half] = y2;
+      if (kh >= 0 && k_out != nullptr) {
+        k_out[kh * cache_head_stride + i] = y1;
+        k_out[kh * cache_head_stride + i + half] = y2;
+      }
+    }
+    if (k_out == nullptr) return;
+    // the part of k past the rotary dims, and all of v, go to the cache unchanged
+    const int tail = head_dim - rot;
+    for (int p = first; p < kv_heads * tail; p += stride) {
+      const int kh = p / tail, i = rot + p % tail;
+      k_out[kh * cache_head_stride + i] = k[token * k_token_stride + kh * k_head_stride + i];
+    }
+    for (int p = first; p < kv_heads * head_dim; p += stride) {
+      const int kh = p / head_dim, i = p % head_dim;
+      v_out[kh * cache_head_stride + i] = v[token * v_token_stride + kh * v_head_stride + i];
+    }
   }
 }
 
@@ -461,78 +508,6 @@ torch::Tensor act_mul(torch::Tensor gate, torch::Tensor up, int64_t kind) {
   return out;
 }
 
-// The same for 16-bit types when rot / 2 and head_dim are multiples of 8 and every row is 16-byte aligned: a thread
-// rotates 8 pairs (16-byte loads and stores) or copies 8 elements of k's tail / v into the cache, so a decode step
-// is one round trip for q/k/v and the position, one for the cos/sin rows. The arithmetic is the scalar kernel's.
-template <typename T>
-__global__ void rotary_vec_kernel(T* __restrict__ q, T* __restrict__ k, const T* __restrict__ v,
-                                  T* __restrict__ k_cache, T* __restrict__ v_cache, const float* __restrict__ cos,
-                                  const float* __restrict__ sin, const int64_t* __restrict__ positions,
-                                  const int64_t* __restrict__ slots, int tokens_per_row, int heads, int kv_heads,
-                                  int head_dim, int rot, int64_t q_token_stride, int64_t k_token_stride,
-                                  int64_t v_token_stride, int64_t q_head_stride, int64_t k_head_stride,
-                                  int64_t v_head_stride, int64_t cache_row_stride, int64_t cache_head_stride,
-                                  int64_t cache_slot_stride) {
-  flux::pdl_wait();
-  flux::pdl_trigger();
-  const int64_t token = blockIdx.x;
-  const int half = rot / 2, per_head = half / 8, tail = (head_dim - rot) / 8, whole = head_dim / 8;
-  const int rotations = (heads + kv_heads) * per_head;
-  const int items = rotations + (k_cache != nullptr ? kv_heads * (tail + whole) : 0);
-  const int first = blockIdx.y * blockDim.x + threadIdx.x, stride = blockDim.x * gridDim.y;
-  if (first >= items) return;
-  const int64_t pos = positions[token];
-  T* k_out = nullptr;
-  T* v_out = nullptr;
-  if (k_cache != nullptr) {
-    const int64_t row = token / tokens_per_row, slot = slots[token % tokens_per_row];
-    k_out = k_cache + row * cache_row_stride + slot * cache_slot_stride;
-    v_out = v_cache + row * cache_row_stride + slot * cache_slot_stride;
-  }
-  for (int p = first; p < items; p += stride) {
-    if (p < rotations) {
-      const int head = p / per_head, i = (p - head * per_head) * 8;
-      const bool is_q = head < heads;
-      const int kh = head - heads;
-      T* base = is_q ? q + token * q_token_stride + head * q_head_stride
-                     : k + token * k_token_stride + kh * k_head_stride;
-      const uint4 a = flux::load_activation(base + i), b = flux::load_activation(base + i + half);
-      const float4* c = reinterpret_cast<const float4*>(cos + pos * rot + i);
-      const float4* sn = reinterpret_cast<const float4*>(sin + pos * rot + i);
-      const float4 cv[4] = {__ldg(c), __ldg(c + 1), __ldg(c + half / 4), __ldg(c + half / 4 + 1)};
-      const float4 sv[4] = {__ldg(sn), __ldg(sn + 1), __ldg(sn + half / 4), __ldg(sn + half / 4 + 1)};
-      const float* c1 = reinterpret_cast<const float*>(cv);  // cos[i .. i + 7], then cos[i + half ..]
-      const float* s1 = reinterpret_cast<const float*>(sv);
-      const T* x1 = reinterpret_cast<const T*>(&a);
-      const T* x2 = reinterpret_cast<const T*>(&b);
-      uint4 ya, yb;
-      T* y1 = reinterpret_cast<T*>(&ya);
-      T* y2 = reinterpret_cast<T*>(&yb);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float u = to_float(x1[j]), w = to_float(x2[j]);
-        const float ca = rnd<T>(c1[j]), cb = rnd<T>(c1[8 + j]), sa = rnd<T>(s1[j]), sb = rnd<T>(s1[8 + j]);
-        y1[j] = from_float<T>(__fadd_rn(rnd<T>(__fmul_rn(u, ca)), rnd<T>(__fmul_rn(-w, sa))));
-        y2[j] = from_float<T>(__fadd_rn(rnd<T>(__fmul_rn(w, cb)), rnd<T>(__fmul_rn(u, sb))));
-      }
-      *reinterpret_cast<uint4*>(base + i) = ya;
-      *reinterpret_cast<uint4*>(base + i + half) = yb;
-      if (!is_q && k_out != nullptr) {
-        *reinterpret_cast<uint4*>(k_out + kh * cache_head_stride + i) = ya;
-        *reinterpret_cast<uint4*>(k_out + kh * cache_head_stride + i + half) = yb;
-      }
-    } else if (p < rotations + kv_heads * tail) {  // k past the rotary dims, unchanged
-      const int e = p - rotations, kh = e / tail, i = rot + (e - kh * tail) * 8;
-      *reinterpret_cast<uint4*>(k_out + kh * cache_head_stride + i) =
-          flux::load_activation(k + token * k_token_stride + kh * k_head_stride + i);
-    } else {  // v, unchanged
-      const int e = p - rotations - kv_heads * tail, kh = e / whole, i = (e - kh * whole) * 8;
-      *reinterpret_cast<uint4*>(v_out + kh * cache_head_stride + i) =
-          flux::load_activation(v + token * v_token_stride + kh * v_head_stride + i);
-    }
-  }
-}
-
 // q [tokens, heads, head_dim], k [tokens, kv_heads, head_dim] rotated in place; with caches ([rows, kv_heads,
 // slots, head_dim] views), rotated k and v are also written at slots[t] for token (row, t).
 void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin,
@@ -570,27 +545,16 @@ void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch
                    flux::aligned16(cos) && flux::aligned16(sin) &&
                    (!write || (rows_fit(*v) && rows_fit(*k_cache) && rows_fit(*v_cache)));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (vec) {
-    const int64_t items = (q.size(1) + k.size(1)) * (rot / 16) + (write ? k.size(1) * (2 * head_dim - rot) / 8 : 0);
-    const int threads = 128;
-    const dim3 grid(tokens, std::min<int64_t>(16, (items + threads - 1) / threads));
-    AT_DISPATCH_REDUCED_FLOATING_TYPES(q.scalar_type(), "rotary_embedding_vec", [&] {
-      flux::launch(rotary_vec_kernel<scalar_t>, grid, threads, 0, stream, q.data_ptr<scalar_t>(),
-          k.data_ptr<scalar_t>(), write ? v->data_ptr<scalar_t>() : nullptr,
-          write ? k_cache->data_ptr<scalar_t>() : nullptr, write ? v_cache->data_ptr<scalar_t>() : nullptr,
-          cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
-          write ? slots->data_ptr<int64_t>() : nullptr, tokens_per_row, q.size(1), k.size(1), q.size(2), rot,
-          q.stride(0), k.stride(0), write ? v->stride(0) : 0, q.stride(1), k.stride(1), write ? v->stride(1) : 0,
-          write ? k_cache->stride(0) : 0, write ? k_cache->stride(1) : 0, write ? k_cache->stride(2) : 0);
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
-  }
-  const int64_t pairs = (q.size(1) + k.size(1)) * (rot / 2);
-  const int threads = 256;
-  const dim3 grid(tokens, std::min<int64_t>(16, std::max<int64_t>(1, (pairs + threads - 1) / threads)));
+  const int64_t items = vec ? (q.size(1) + k.size(1)) * (rot / 16) + (write ? k.size(1) * (2 * head_dim - rot) / 8 : 0)
+                            : (q.size(1) + k.size(1)) * (rot / 2);  // threads' work items per token
+  const int threads = vec ? 128 : 256;
+  const dim3 grid(tokens, std::min<int64_t>(16, std::max<int64_t>(1, (items + threads - 1) / threads)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rotary_embedding", [&] {
-    flux::launch(rotary_kernel<scalar_t>, grid, threads, 0, stream, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+    const auto kernel = [&] {  // the 16-byte form exists for 16-bit types only
+      if constexpr (sizeof(scalar_t) == 2) return vec ? rotary_kernel<scalar_t, true> : rotary_kernel<scalar_t, false>;
+      else return rotary_kernel<scalar_t, false>;
+    }();
+    flux::launch(kernel, grid, threads, 0, stream, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
         write ? v->data_ptr<scalar_t>() : nullptr,
         write ? k_cache->data_ptr<scalar_t>() : nullptr, write ? v_cache->data_ptr<scalar_t>() : nullptr,
         cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
