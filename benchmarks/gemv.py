@@ -8,6 +8,7 @@ memory than the L2 cache holds.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -103,18 +104,24 @@ def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
         torch.cuda.empty_cache()
 
 
+def integers(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quant", action="store_true", help="INT8 / INT4 kernels vs bf16 cuBLAS")
+    parser.add_argument("--sweep", action="store_true", help="with --quant: every launch the kernel accepts too")
+    parser.add_argument("--rows", type=integers, default=(1, 4, 8, 16, 32), help="with --quant: e.g. 8,16")
+    parser.add_argument("--launch-shapes", type=integers, default=(0, 1, 2), help="with --sweep: e.g. 0,2")
+    args = parser.parse_args()
+    if not set(args.launch_shapes) <= {0, 1, 2} or not all(1 <= r <= 32 for r in args.rows):
+        parser.error("launch shapes are 0, 1 or 2 and rows 1 to 32")
     assert cuda.load(), cuda.status()
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  copy {bandwidth:.0f} GB/s")
-    if "--quant" in sys.argv:
-        rows = (1, 4, 8, 16, 32)  # --rows 8,16 narrows a sweep
-        if "--rows" in sys.argv:
-            rows = tuple(int(r) for r in sys.argv[sys.argv.index("--rows") + 1].split(","))
-        shapes = (0, 1, 2)  # --launch-shapes 0,2 narrows a sweep
-        if "--launch-shapes" in sys.argv:
-            shapes = tuple(int(s) for s in sys.argv[sys.argv.index("--launch-shapes") + 1].split(","))
-        quantized(bandwidth, sweep="--sweep" in sys.argv, rows_measured=rows, shapes=shapes)
+    if args.quant:
+        quantized(bandwidth, sweep=args.sweep, rows_measured=args.rows, shapes=args.launch_shapes)
         return 0
     print(f"{'shape':>14} {'rows':>4} {'cuBLAS us':>10} {'%bw':>5} {'flux us':>9} {'%bw':>5} {'speedup':>7}")
     for name, (n, k) in SHAPES.items():

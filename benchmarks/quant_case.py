@@ -66,8 +66,11 @@ def main() -> int:
     parser.add_argument("--launch-shape", type=int, default=-1)
     parser.add_argument("--sass", metavar="REGEX", help="print the SASS opcode mix of matching instantiations")
     args = parser.parse_args()
-    if args.sass is None and None in (args.n, args.k, args.rows):
+    given = [v is not None for v in (args.n, args.k, args.rows)]
+    if (args.sass is None and not all(given)) or (args.sass is not None and any(given)):
         parser.error("give N K ROWS, or --sass REGEX")
+    if args.sass is None and not (1 <= args.rows <= 32 and args.k % 128 == 0 and args.n > 0):
+        parser.error("ROWS 1 to 32 (quant_mma's range), K a multiple of 128 (the INT4 group), N positive")
     if not cuda.load():
         print(f"flux's CUDA kernels are not available: {cuda.status()}", file=sys.stderr)
         return 1

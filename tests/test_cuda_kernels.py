@@ -72,13 +72,32 @@ def test_act_mul_in_float64_stays_on_the_reference():
         cuda_kernels._state["module"].act_mul(gate, up, 0)
 
 
+@pytest.fixture
+def rotary_launches(monkeypatch):
+    """Counts the calls that reach the CUDA binding, so a test cannot pass on a silent fallback to the reference."""
+    module = cuda_kernels._state["module"]
+    binding, calls = module.rotary_embedding, []
+
+    def counted(*args):
+        calls.append(args)
+        return binding(*args)
+
+    monkeypatch.setattr(module, "rotary_embedding", counted)
+    return calls
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads, kv_heads, dim, rot", [  # rot / 2 a multiple of 8: the 16-byte kernel (16-bit)
-    (32, 8, 128, 128), (9, 3, 64, 64), (6, 2, 96, 48), (4, 2, 40, 40)])
-def test_rotary_is_bitwise_the_reference(dtype, heads, kv_heads, dim, rot):
+@pytest.mark.parametrize("heads, kv_heads, dim, rot", [  # 16-bit types with rot % 16 == 0: the 16-byte form;
+    (32, 8, 128, 128), (9, 3, 64, 64), (6, 2, 96, 48), (4, 2, 40, 40)])  # float32 and rot 40: the scalar one
+@pytest.mark.parametrize("row_offset", [0, 4])  # 4: rows 8 bytes off a 16-byte boundary, the scalar form again
+def test_rotary_is_bitwise_the_reference(dtype, heads, kv_heads, dim, rot, row_offset, rotary_launches):
     tokens = 37
-    q = torch.randn(2, tokens, heads, dim, device="cuda").to(dtype)
-    k = torch.randn(2, tokens, kv_heads, dim, device="cuda").to(dtype)
+
+    def rows(count):  # [2, tokens, count, dim], each token's heads starting row_offset elements into its row
+        flat = torch.randn(2, tokens, count * dim + row_offset, device="cuda").to(dtype)
+        return flat[..., row_offset:].view(2, tokens, count, dim)
+
+    q, k = rows(heads), rows(kv_heads)
     angles = torch.arange(512, device="cuda")[:, None] * (1e4 ** (-torch.arange(0, rot, 2, device="cuda") / rot))
     cos = torch.cat([angles, angles], -1).cos()
     sin = torch.cat([angles, angles], -1).sin()
@@ -86,11 +105,12 @@ def test_rotary_is_bitwise_the_reference(dtype, heads, kv_heads, dim, rot):
     q_ref, k_ref = q.clone(), k.clone()
     kernels.rotary_embedding_ref(q_ref, k_ref, cos, sin, positions)
     kernels.rotary_embedding_(q, k, cos, sin, positions)
+    assert len(rotary_launches) == 1
     assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rotary_on_views_of_a_fused_projection(dtype):
+def test_rotary_on_views_of_a_fused_projection(dtype, rotary_launches):
     """q, k, v split from one q/k/v output (the layout decode uses, no copies): rotated and cached in place."""
     batch, heads, kv_heads, dim, slots = 4, 8, 2, 64, 16
     qkv = torch.randn(batch, 1, (heads + 2 * kv_heads) * dim, device="cuda").to(dtype)
@@ -108,14 +128,16 @@ def test_rotary_on_views_of_a_fused_projection(dtype):
     q, k, v = split(got)
     assert not q.is_contiguous()
     kernels.rotary_cache_write_(q, k, v, table, table.flip(0), positions, caches[2], caches[3], where)
+    assert len(rotary_launches) == 1
     assert torch.equal(got, expected) and torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
     assert caches[2].abs().sum() > 0
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dim, rot", [(64, 48), (40, 24)])  # partial rotary; the 16-byte kernel, the scalar one
-def test_rotary_cache_write_is_bitwise_the_reference(dtype, dim, rot):
-    batch, tokens, heads, kv_heads, slots = 3, 5, 8, 2, 40
+@pytest.mark.parametrize("heads, kv_heads, dim, rot", [  # partial rotary: 16-bit types take the 16-byte form for
+    (8, 2, 64, 48), (8, 2, 40, 24), (32, 8, 128, 64)])  # rot 48 and 64 (64: several blocks per token), else scalar
+def test_rotary_cache_write_is_bitwise_the_reference(dtype, heads, kv_heads, dim, rot, rotary_launches):
+    batch, tokens, slots = 3, 5, 40
     q = torch.randn(batch, tokens, heads, dim, device="cuda").to(dtype)
     k = torch.randn(batch, tokens, kv_heads, dim, device="cuda").to(dtype)
     v = torch.randn(batch, tokens * 2, kv_heads, dim, device="cuda").to(dtype)[:, ::2]  # strided, like a split
@@ -126,6 +148,7 @@ def test_rotary_cache_write_is_bitwise_the_reference(dtype, dim, rot):
     ref = [t.clone() for t in (q, k, *caches)]
     kernels.rotary_cache_write_ref(ref[0], ref[1], v, table, table.flip(0), positions, ref[2], ref[3], where)
     kernels.rotary_cache_write_(q, k, v, table, table.flip(0), positions, caches[0], caches[1], where)
+    assert len(rotary_launches) == 1
     for got, expected in zip((q, k, *caches), ref, strict=True):
         assert torch.equal(got, expected)
 
