@@ -428,8 +428,10 @@ def test_paged_kv_write_matches_reference_exactly(int8, dtype):
 
 
 def test_early_trigger_changes_no_result():
-    """Single-row linear layers and decode attention let the next kernel launch from their start (it still waits
-    for their results before reading them): a graph of dependent launches gives the same bits early or late."""
+    """Single-row kernels let the next kernel launch before they finish (level 1: linear layers and decode
+    attention from their start; level 2: RMSNorm, rotary, SwiGLU and the merge too, before they wait for their
+    inputs); every kernel still waits for its inputs before reading them: a graph of dependent launches gives the
+    same bits at every level."""
     if not cuda_kernels.programmatic_launch():
         pytest.skip("programmatic dependent launch needs Hopper or later")
     layers = [quantized_case(4, 128, 1024, 1024, torch.bfloat16), quantized_case(8, None, 1024, 1024, torch.bfloat16),
@@ -437,32 +439,42 @@ def test_early_trigger_changes_no_result():
     gate_up = quantized_case(4, 128, 2048, 1024, torch.bfloat16, bias=False)  # gated, biased INT4 codes
     dense = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16) / 32
     x = torch.randn(1, 1024, device="cuda", dtype=torch.bfloat16)
+    norm = torch.rand(1024, device="cuda", dtype=torch.bfloat16) + 0.5
     k = torch.randn(1, 8, 300, 128, device="cuda", dtype=torch.bfloat16)
+    cache = torch.zeros(2, 1, 2, 301, 128, device="cuda", dtype=torch.bfloat16)
+    table = torch.randn(512, 128, device="cuda")
+    position = torch.tensor([[299]], device="cuda")
     start = torch.zeros(1, dtype=torch.int32, device="cuda")
     end = torch.full((1,), 300, dtype=torch.int32, device="cuda")
 
     def chain():
-        h = x
+        h, residual = x, x
         for layer in layers:
+            h, residual = kernels.add_rms_norm(h, residual, norm, 1e-5, 0.0)
             h = layer(h)
+            h = kernels.act_mul(h, kernels.linear(h, dense, None), "silu")
             h = kernels.quantized_gated_linear(h, *gated_inputs(gate_up), "silu")
-            h = kernels.linear(h, dense, None)
-            h = kernels.cache_attention(h.view(1, 1, 8, 128), k, k, start, end, 0.1, 0).view(1, 1024)
-        return h
+            heads = h.view(1, 1, 8, 128)  # rotated in place as 4 query, 2 key and 2 value heads
+            kernels.rotary_cache_write_(heads[:, :, :4], heads[:, :, 4:6], heads[:, :, 6:], table, table.flip(0),
+                                        position, cache[0], cache[1], position[0])
+            h = kernels.cache_attention(heads, k, k, start, end, 0.1, 0).view(1, 1024)
+        return h, residual, cache
 
-    eager = chain()  # launch by launch from Python: the result both graphs must reproduce
+    eager = [t.clone() for t in chain()]  # launch by launch from Python: what every graph must reproduce
     results = []
     try:
-        for early in (True, False):
-            cuda_kernels.set_early_trigger(early)
-            assert cuda_kernels.early_trigger() == early
-            chain()  # Triton compiles both variants outside the capture
+        for level in (2, 1, 0):
+            cuda_kernels.set_early_trigger(level)
+            assert cuda_kernels.early_trigger() == level
+            chain()  # Triton compiles each variant outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 out = chain()
             graph.replay()
             torch.cuda.synchronize()
-            results.append(out.clone())
+            results.append([t.clone() for t in out])
     finally:
-        cuda_kernels.set_early_trigger(True)
-    assert torch.equal(results[0], eager) and torch.equal(results[1], eager) and torch.isfinite(eager).all()
+        cuda_kernels.set_early_trigger(1)
+    for got in results:
+        assert all(torch.equal(g, e) for g, e in zip(got, eager))
+    assert all(torch.isfinite(t).all() for t in eager)
