@@ -39,8 +39,6 @@ FLUX_MODES.update({f"{mode}_unfused": FLUX_MODES[mode] for mode in ("flux_int8",
 # dependents launched after the linear layers' and attention's main loops instead of from their start (an A/B of
 # flux_infer.kernels.cuda.early_trigger)
 FLUX_MODES.update({f"{mode}_late": FLUX_MODES[mode] for mode in ("flux", "flux_int8", "flux_int4")})
-# ... and the small kernels (RMSNorm, rotary, SwiGLU, attention merge) releasing theirs before they wait (level 2)
-FLUX_MODES.update({f"{mode}_eager": FLUX_MODES[mode] for mode in ("flux", "flux_int8", "flux_int4")})
 # quantized, with every prefill matmul on the Triton dequantize-in-the-loop kernel (an A/B of
 # flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS: cuBLAS on the dequantized weight)
 FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
@@ -166,7 +164,7 @@ def main() -> int:
             linear_module.GEMV_MAX_ROWS = 0 if mode == "flux_cublas" else default_gemv_rows
             set_programmatic_launch(not mode.endswith("_nopdl"))
             FluxGatedMLP.gated_epilogue = not mode.endswith("_unfused")
-            cuda_kernels.set_early_trigger(0 if mode.endswith("_late") else 2 if mode.endswith("_eager") else 1)
+            cuda_kernels.set_early_trigger(not mode.endswith("_late"))
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = ({bits: 1 << 30 for bits in default_dequant_rows}
                                                     if mode.endswith("_triton_prefill") else dict(default_dequant_rows))
             flux_infer.optimize(model, config=FLUX_MODES[mode])
@@ -195,7 +193,7 @@ def main() -> int:
             linear_module.GEMV_MAX_ROWS = default_gemv_rows
             set_programmatic_launch(True)
             FluxGatedMLP.gated_epilogue = True
-            cuda_kernels.set_early_trigger(1)
+            cuda_kernels.set_early_trigger(True)
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = dict(default_dequant_rows)
             torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}

@@ -428,10 +428,9 @@ def test_paged_kv_write_matches_reference_exactly(int8, dtype):
 
 
 def test_early_trigger_changes_no_result():
-    """Single-row kernels let the next kernel launch before they finish (level 1: linear layers and decode
-    attention from their start; level 2: RMSNorm, rotary, SwiGLU and the merge too, before they wait for their
-    inputs); every kernel still waits for its inputs before reading them: a graph of dependent launches gives the
-    same bits at every level."""
+    """Single-row linear layers and decode attention let the next kernel launch from their start (it still waits
+    for their results before reading them): a graph of dependent launches, RMSNorm, SwiGLU and rotary + cache write
+    among them, gives the same bits early or late."""
     if not cuda_kernels.programmatic_launch():
         pytest.skip("programmatic dependent launch needs Hopper or later")
     layers = [quantized_case(4, 128, 1024, 1024, torch.bfloat16), quantized_case(8, None, 1024, 1024, torch.bfloat16),
@@ -463,9 +462,9 @@ def test_early_trigger_changes_no_result():
     eager = [t.clone() for t in chain()]  # launch by launch from Python: what every graph must reproduce
     results = []
     try:
-        for level in (2, 1, 0):
-            cuda_kernels.set_early_trigger(level)
-            assert cuda_kernels.early_trigger() == level
+        for early in (True, False):
+            cuda_kernels.set_early_trigger(early)
+            assert cuda_kernels.early_trigger() == early
             chain()  # Triton compiles each variant outside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
@@ -474,7 +473,7 @@ def test_early_trigger_changes_no_result():
             torch.cuda.synchronize()
             results.append([t.clone() for t in out])
     finally:
-        cuda_kernels.set_early_trigger(1)
+        cuda_kernels.set_early_trigger(True)
     for got in results:
         assert all(torch.equal(g, e) for g, e in zip(got, eager))
     assert all(torch.isfinite(t).all() for t in eager)

@@ -74,31 +74,19 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-// Where kernels signal their dependents (pdl_trigger) for a single row of activations, as a level (a run-time
-// switch, set_early_trigger, for A/B runs; read when a kernel is launched or captured into a graph):
-// 0: every kernel after its main loop (small kernels: after their wait), as they always do for more rows;
-// 1 (default): linear layers and decode attention at their start: the next kernel's blocks launch once every block
-//    of this one has started, so a linear layer among them streams its first weights during this kernel's tail.
-//    Measured on H100 (docs/benchmarks.md): faster at batch 1, slower at batch 16;
-// 2: also the small kernels (RMSNorm, rotary, SwiGLU, the attention merge) before their wait, so the linear layer
-//    after them launches while the kernel before them is still finishing.
-inline int& early_trigger() {
-  static int level = 1;
-  return level;
+// Where the linear-layer kernels signal their dependents (pdl_trigger) for a single row of activations: at their
+// start ("early", the default: the next kernel's blocks launch once every block of this one has started, so a
+// linear layer among them streams its first weights during this kernel's tail instead of after it) or after their
+// main loop, as they always do for more rows. Measured on H100 (docs/benchmarks.md): early is faster at batch 1
+// and slower at batch 16. A run-time switch (set_early_trigger) for A/B runs, read when a kernel is launched (or
+// captured into a graph).
+inline bool& early_trigger() {
+  static bool enabled = true;
+  return enabled;
 }
 
 // the trigger placement for a launch over `rows` rows of activations (the `early` argument of those kernels)
-inline bool trigger_early(int64_t rows) { return early_trigger() >= 1 && rows == 1; }
-// the same for the small kernels (their `early` argument: trigger before pdl_wait)
-inline bool trigger_first(int64_t rows) { return early_trigger() >= 2 && rows == 1; }
-
-// The start of a kernel that reads earlier kernels' outputs right away: wait for them, and let the next kernel
-// launch before the wait (early) or after it.
-__device__ __forceinline__ void pdl_enter(bool early) {
-  if (early) pdl_trigger();
-  pdl_wait();
-  if (!early) pdl_trigger();
-}
+inline bool trigger_early(int64_t rows) { return early_trigger() && rows == 1; }
 
 inline bool& pdl_enabled() {  // FLUX_INFER_DISABLE_PDL=1 turns it off; set_programmatic_launch() at run time
   static bool enabled = std::getenv("FLUX_INFER_DISABLE_PDL") == nullptr;

@@ -37,9 +37,10 @@ __device__ float block_sum(float v) {
 template <typename T, bool kResidual>
 __global__ void rms_norm_kernel(T* __restrict__ out, T* __restrict__ residual_out, const T* __restrict__ x,
                                 const T* __restrict__ residual, const T* __restrict__ weight, int hidden,
-                                int64_t x_stride, int64_t res_stride, float eps, float weight_offset, bool early) {
+                                int64_t x_stride, int64_t res_stride, float eps, float weight_offset) {
   extern __shared__ float row[];
-  flux::pdl_enter(early);
+  flux::pdl_wait();
+  flux::pdl_trigger();
   const int64_t r = blockIdx.x;
   const T* xr = x + r * x_stride;
   float sq = 0.f;
@@ -68,14 +69,14 @@ __global__ void rms_norm_kernel(T* __restrict__ out, T* __restrict__ residual_ou
 template <typename T, bool kResidual>
 __global__ void rms_norm_vec_kernel(T* __restrict__ out, T* __restrict__ residual_out, const T* __restrict__ x,
                                     const T* __restrict__ residual, const T* __restrict__ weight, int hidden,
-                                    int64_t x_stride, int64_t res_stride, float eps, float weight_offset,
-                                    bool early) {
+                                    int64_t x_stride, int64_t res_stride, float eps, float weight_offset) {
   const int64_t r = blockIdx.x;
   const int i = threadIdx.x * 8;
   const bool active = i < hidden;
   // the weight is no earlier kernel's output: its load overlaps the previous kernel's tail
   const uint4 wv = active ? *reinterpret_cast<const uint4*>(weight + i) : make_uint4(0, 0, 0, 0);
-  flux::pdl_enter(early);
+  flux::pdl_wait();
+  flux::pdl_trigger();
   float v[8];
   float sq = 0.f;
   if (active) {
@@ -113,9 +114,9 @@ __global__ void rms_norm_vec_kernel(T* __restrict__ out, T* __restrict__ residua
 
 template <typename T>
 __global__ void act_mul_kernel(T* __restrict__ out, const T* __restrict__ gate, const T* __restrict__ up,
-                               int64_t rows, int width, int64_t gate_stride, int64_t up_stride, int kind,
-                               bool early) {
-  flux::pdl_enter(early);
+                               int64_t rows, int width, int64_t gate_stride, int64_t up_stride, int kind) {
+  flux::pdl_wait();
+  flux::pdl_trigger();
   const int64_t n = rows * width;
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < n; idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t r = idx / width;
@@ -130,9 +131,9 @@ __global__ void act_mul_kernel(T* __restrict__ out, const T* __restrict__ gate, 
 // divisions, not bandwidth, set its time.
 template <typename T>
 __global__ void act_mul_vec_kernel(T* __restrict__ out, const T* __restrict__ gate, const T* __restrict__ up,
-                                   int rows, int width, int64_t gate_stride, int64_t up_stride, int kind,
-                                   bool early) {
-  flux::pdl_enter(early);
+                                   int rows, int width, int64_t gate_stride, int64_t up_stride, int kind) {
+  flux::pdl_wait();
+  flux::pdl_trigger();
   const int vecs = width >> 3, n = rows * vecs;
   for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += gridDim.x * blockDim.x) {
     const int r = idx / vecs, c = (idx - r * vecs) << 3;
@@ -167,9 +168,10 @@ __global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const T* __r
                               int head_dim, int rot, int64_t q_token_stride, int64_t k_token_stride,
                               int64_t v_token_stride, int64_t q_head_stride, int64_t k_head_stride,
                               int64_t v_head_stride, int64_t cache_row_stride, int64_t cache_head_stride,
-                              int64_t cache_slot_stride, bool early) {
+                              int64_t cache_slot_stride) {
   static_assert(!kVec || sizeof(T) == 2, "the 16-byte form packs 8 elements per load");
-  flux::pdl_enter(early);
+  flux::pdl_wait();
+  flux::pdl_trigger();
   const int64_t token = blockIdx.x;
   const int half = rot / 2;
   const int first = blockIdx.y * blockDim.x + threadIdx.x, stride = blockDim.x * gridDim.y;
@@ -422,7 +424,6 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor
   const size_t smem = hidden * sizeof(float);
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (rows == 0) return {out, residual ? torch::empty_like(out) : out};
-  const bool early = flux::trigger_first(rows);
   if (residual) {
     TORCH_CHECK(residual->sizes() == x.sizes() && residual->stride(1) == 1, "rms_norm: residual must match x");
     res_out = torch::empty({rows, hidden}, x.options());
@@ -439,11 +440,11 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor
         flux::launch(rms_norm_vec_kernel<scalar_t, true>, rows, vthreads, 0, stream, out.data_ptr<scalar_t>(),
                      res_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), residual->data_ptr<scalar_t>(),
                      weight.data_ptr<scalar_t>(), hidden, x.stride(0), residual->stride(0), (float)eps,
-                     (float)weight_offset, early);
+                     (float)weight_offset);
       } else {
         flux::launch(rms_norm_vec_kernel<scalar_t, false>, rows, vthreads, 0, stream, out.data_ptr<scalar_t>(),
                      nullptr, x.data_ptr<scalar_t>(), nullptr, weight.data_ptr<scalar_t>(), hidden, x.stride(0),
-                     int64_t{0}, (float)eps, (float)weight_offset, early);
+                     int64_t{0}, (float)eps, (float)weight_offset);
       }
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -455,11 +456,11 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, c10::optional<torch::Tensor
       flux::launch(rms_norm_kernel<scalar_t, true>, rows, threads, smem, stream, out.data_ptr<scalar_t>(),
                    res_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), residual->data_ptr<scalar_t>(),
                    weight.data_ptr<scalar_t>(), hidden, x.stride(0), residual->stride(0), (float)eps,
-                   (float)weight_offset, early);
+                   (float)weight_offset);
     } else {
       flux::launch(rms_norm_kernel<scalar_t, false>, rows, threads, smem, stream, out.data_ptr<scalar_t>(), nullptr,
                    x.data_ptr<scalar_t>(), nullptr, weight.data_ptr<scalar_t>(), hidden, x.stride(0), int64_t{0},
-                   (float)eps, (float)weight_offset, early);
+                   (float)eps, (float)weight_offset);
     }
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -487,8 +488,7 @@ torch::Tensor act_mul(torch::Tensor gate, torch::Tensor up, int64_t kind) {
     AT_DISPATCH_REDUCED_FLOATING_TYPES(gate.scalar_type(), "act_mul", [&] {
       flux::launch(act_mul_vec_kernel<scalar_t>, blocks, threads, 0, stream, out.data_ptr<scalar_t>(),
                    gate.data_ptr<scalar_t>(), up.data_ptr<scalar_t>(), static_cast<int>(gate.size(0)),
-                   static_cast<int>(width), gate.stride(0), up.stride(0), (int)kind,
-                   flux::trigger_first(gate.size(0)));
+                   static_cast<int>(width), gate.stride(0), up.stride(0), (int)kind);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;
@@ -499,7 +499,7 @@ torch::Tensor act_mul(torch::Tensor gate, torch::Tensor up, int64_t kind) {
     using T = decltype(zero);
     flux::launch(act_mul_kernel<T>, blocks, threads, 0, stream, out.data_ptr<T>(), gate.data_ptr<T>(),
                  up.data_ptr<T>(), gate.size(0), static_cast<int>(gate.size(1)), gate.stride(0), up.stride(0),
-                 (int)kind, flux::trigger_first(gate.size(0)));
+                 (int)kind);
   };
   AT_DISPATCH_SWITCH(gate.scalar_type(), "act_mul",
                      AT_DISPATCH_CASE(at::kFloat, [&] { run(scalar_t{}); })
@@ -560,8 +560,7 @@ void rotary_embedding(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch
         cos.data_ptr<float>(), sin.data_ptr<float>(), positions.data_ptr<int64_t>(),
         write ? slots->data_ptr<int64_t>() : nullptr, tokens_per_row, q.size(1), k.size(1), q.size(2), rot,
         q.stride(0), k.stride(0), write ? v->stride(0) : 0, q.stride(1), k.stride(1), write ? v->stride(1) : 0,
-        write ? k_cache->stride(0) : 0, write ? k_cache->stride(1) : 0, write ? k_cache->stride(2) : 0,
-        flux::trigger_first(tokens));
+        write ? k_cache->stride(0) : 0, write ? k_cache->stride(1) : 0, write ? k_cache->stride(2) : 0);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -639,10 +638,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_programmatic_launch", [](bool enabled) { flux::pdl_enabled() = enabled; },
         "launch flux kernels with programmatic dependent launch (Hopper and later; on by default)");
   m.def("early_trigger", [] { return flux::early_trigger(); },
-        "where kernels let their dependents launch for one row: 0 after their main loop, 1 (default) linear layers "
-        "and decode attention from their start, 2 also the small kernels before their wait (flux::early_trigger)");
-  m.def("set_early_trigger", [](int level) {
-        TORCH_CHECK(level >= 0 && level <= 2, "set_early_trigger: level 0, 1 or 2");
-        flux::early_trigger() = level;
-      }, "set the trigger level (see early_trigger)");
+        "whether the linear-layer kernels let their dependents launch from their start (else after their main loop)");
+  m.def("set_early_trigger", [](bool enabled) { flux::early_trigger() = enabled; },
+        "linear-layer kernels let their dependents launch from their start (on by default) or after their main loop");
 }

@@ -112,20 +112,17 @@ def programmatic_launch() -> bool:
     return bool(_state["loaded"]) and _state["module"].programmatic_launch()
 
 
-def early_trigger() -> int:
-    """Where flux's kernels, for a single row (sequence), let the next kernel launch (its blocks then wait for this
-    kernel's results, but a linear layer among them streams its first weights meanwhile): 0, after their main loop;
-    1 (the default: faster at batch 1, slower at 16, docs/benchmarks.md), linear layers and decode attention from
-    their start; 2, also the small kernels (RMSNorm, rotary, SwiGLU, the attention merge) before they wait for
-    their inputs. 0 when the CUDA kernels are not loaded. ``set_early_trigger`` switches it for A/B runs."""
-    return int(_state["module"].early_trigger()) if _state["loaded"] else 0
+def early_trigger() -> bool:
+    """Whether flux's linear-layer and decode-attention kernels, for a single row (sequence), let the next kernel
+    launch from their start (its blocks then wait for this kernel's results, but a linear layer among them streams
+    its first weights meanwhile) rather than after their main loop. On by default (faster at batch 1, slower at
+    16: docs/benchmarks.md); ``set_early_trigger`` switches it for A/B runs."""
+    return bool(_state["loaded"]) and _state["module"].early_trigger()
 
 
-def set_early_trigger(level: int) -> None:
-    if level not in (0, 1, 2):
-        raise ValueError(f"early trigger level must be 0, 1 or 2, got {level!r}")
+def set_early_trigger(enabled: bool) -> None:
     if load():
-        _state["module"].set_early_trigger(level)
+        _state["module"].set_early_trigger(enabled)
 
 
 def _token_heads(t: torch.Tensor) -> torch.Tensor | None:

@@ -37,13 +37,10 @@ if triton is not None:
                       stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                       scale, window, chunk, splits,
                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr, EARLY_TRIGGER: tl.constexpr,
-                      TRIGGER_FIRST: tl.constexpr):
+                      BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr, EARLY_TRIGGER: tl.constexpr):
         if USE_GDC:  # every input comes from earlier kernels: wait for them before the first load
-            if TRIGGER_FIRST:  # see flux_infer.kernels.cuda.early_trigger
-                tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-            if EARLY_TRIGGER and not TRIGGER_FIRST:
+            if EARLY_TRIGGER:  # see flux_infer.kernels.cuda.early_trigger
                 tl.extra.cuda.gdc_launch_dependents()
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -98,15 +95,12 @@ if triton is not None:
     @triton.jit(do_not_specialize=["splits"])
     def _merge_kernel(PartO, PartM, PartL, Rows, Out, stride_on, stride_oh, splits,
                       G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                      HAS_ROWS: tl.constexpr, USE_GDC: tl.constexpr, EARLY_TRIGGER: tl.constexpr,
-                      TRIGGER_FIRST: tl.constexpr):
+                      HAS_ROWS: tl.constexpr, USE_GDC: tl.constexpr, EARLY_TRIGGER: tl.constexpr):
         """Combine the split-K partials of (sequence, head) into its output row (``Rows[sequence]``, or the
         sequence's own index)."""
         if USE_GDC:
-            if TRIGGER_FIRST:  # see flux_infer.kernels.cuda.early_trigger
-                tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-            if EARLY_TRIGGER and not TRIGGER_FIRST:
+            if EARLY_TRIGGER:  # see flux_infer.kernels.cuda.early_trigger
                 tl.extra.cuda.gdc_launch_dependents()
         seq = tl.program_id(0)
         h = tl.program_id(1)
@@ -167,12 +161,10 @@ def programmatic_launch() -> bool:
 def gdc_options(pdl: bool, sequences: int) -> dict:
     """Keyword arguments of a decode kernel launch: its USE_GDC switch and, with it, Triton's PDL launch flag
     (the two always agree: a kernel launched with PDL must wait before its first load), and where it lets its
-    dependents launch: for a single sequence from its start (``cuda.early_trigger()`` level 1: after its wait;
-    level 2: before it), else after its work."""
+    dependents launch: from its start for a single sequence (``cuda.early_trigger()``), else after its work."""
     if not pdl:
-        return {"USE_GDC": False, "EARLY_TRIGGER": False, "TRIGGER_FIRST": False}
-    level = cuda.early_trigger() if sequences == 1 else 0
-    return {"USE_GDC": True, "EARLY_TRIGGER": level >= 1, "TRIGGER_FIRST": level >= 2, "launch_pdl": True}
+        return {"USE_GDC": False, "EARLY_TRIGGER": False}
+    return {"USE_GDC": True, "EARLY_TRIGGER": sequences == 1 and cuda.early_trigger(), "launch_pdl": True}
 
 
 def merge_splits(partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: torch.Tensor,

@@ -58,12 +58,10 @@ if triton is not None:
                             block_size, scale, window, chunk, splits,
                             INT8: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
                             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr,
-                            EARLY_TRIGGER: tl.constexpr, TRIGGER_FIRST: tl.constexpr):
+                            EARLY_TRIGGER: tl.constexpr):
         if USE_GDC:  # programmatic dependent launch: every input comes from earlier kernels
-            if TRIGGER_FIRST:  # see flux_infer.kernels.cuda.early_trigger
-                tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-            if EARLY_TRIGGER and not TRIGGER_FIRST:
+            if EARLY_TRIGGER:  # see flux_infer.kernels.cuda.early_trigger
                 tl.extra.cuda.gdc_launch_dependents()
         s = tl.program_id(0)
         kvh = tl.program_id(1)
