@@ -22,8 +22,6 @@ except ImportError:  # pragma: no cover (CPU-only installs)
     triton = None
 
 BLOCK_N = 64
-# False: the merge always runs as its own kernel, semaphores or not (benchmarks/decode.py's *_sepmerge A/B)
-MERGE_IN_CHUNK_KERNEL = True
 # Programmatic dependent launch (Hopper): the kernels may start while the rotary kernel before them finishes and
 # let the next kernel start while they run (both still wait for their inputs with griddepcontrol.wait).
 GDC = triton is not None and hasattr(tl.extra.cuda, "gdc_wait") and hasattr(tl.extra.cuda, "gdc_launch_dependents")
@@ -225,7 +223,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     splits, chunk = plan_splits(slots, batch * kv_heads, sm_count(q.device), BLOCK_N)
     part_o, part_m, part_l = partials = split_partials(batch * kv_heads * splits * group, dim, q.device)
     out = torch.empty(batch, 1, heads, dim, dtype=q.dtype, device=q.device)
-    merge = semaphores is not None and MERGE_IN_CHUNK_KERNEL
+    merge = semaphores is not None
     if merge:
         assert semaphores.dtype == torch.int32 and semaphores.numel() >= batch * kv_heads, "semaphores too small"
     pdl = programmatic_launch()
