@@ -171,8 +171,7 @@ def test_gemv_against_float64(dtype, rows, n, k, bias):
 
 @pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 128), (9, 3, 64), (4, 4, 80)])
 @pytest.mark.parametrize("window", [0, 7])
-@pytest.mark.parametrize("merged", [False, True])  # True: the chunk kernel merges its partials (semaphores)
-def test_decode_attention_against_float64(heads, kv_heads, dim, window, merged):
+def test_decode_attention_against_float64(heads, kv_heads, dim, window):
     torch.manual_seed(0)
     batch, slots = 3, 300
     k = torch.randn(batch, kv_heads, slots, dim, device="cuda", dtype=torch.bfloat16)
@@ -182,18 +181,11 @@ def test_decode_attention_against_float64(heads, kv_heads, dim, window, merged):
     end = torch.tensor([1, 133, 300], device="cuda", dtype=torch.int32)  # row 0: only its own slot
     scale = dim**-0.5
     assert kernels.implementation("cache_attention", "cuda") == "triton"
-    semaphores = torch.zeros(batch * kv_heads + 5, dtype=torch.int32, device="cuda") if merged else None
-    out = kernels.cache_attention(q, k, v, start, end, scale, window, semaphores)
+    out = kernels.cache_attention(q, k, v, start, end, scale, window)
     truth = kernels.cache_attention_ref(q.double(), k.double(), v.double(), start, end, scale, window)
     low = kernels.cache_attention_ref(q, k, v, start, end, scale, window)
     assert torch.isfinite(out).all()
     assert rel_err(out, truth) <= 2 * rel_err(low, truth) + 1e-3
-    if merged:  # left zero, so the next launch (here: a second one) merges again; same partials, same bits
-        assert not semaphores.any()
-        two_kernels = kernels.cache_attention(q, k, v, start, end, scale, window)
-        again = kernels.cache_attention(q, k, v, start, end, scale, window, semaphores)
-        assert torch.equal(again, out) and not semaphores.any()
-        assert rel_err(out, two_kernels) <= 1e-6
 
 
 def test_opcheck_on_cuda():
@@ -213,9 +205,6 @@ def test_opcheck_on_cuda():
     end = torch.full((2,), 40, dtype=torch.int32, device="cuda")
     torch.library.opcheck(torch.ops.flux.cache_attention.default,
                           (q[:, :1], kc, kc.clone(), start, end, 0.125, 0))
-    torch.library.opcheck(torch.ops.flux.cache_attention.default,
-                          (q[:, :1], kc, kc.clone(), start, end, 0.125, 0, torch.zeros(4, dtype=torch.int32,
-                                                                                       device="cuda")))
     torch.library.opcheck(torch.ops.flux.linear.default, (x[0], torch.randn(32, 64, device="cuda",
                                                                            dtype=torch.bfloat16), None))
     gate_up = quantized_case(4, 64, 96, 128, torch.bfloat16)
@@ -456,11 +445,10 @@ def test_early_trigger_changes_no_result():
     position = torch.tensor([[299]], device="cuda")
     start = torch.zeros(1, dtype=torch.int32, device="cuda")
     end = torch.full((1,), 300, dtype=torch.int32, device="cuda")
-    semaphores = torch.zeros(8, dtype=torch.int32, device="cuda")
 
     def chain():
         h, residual = x, x
-        for i, layer in enumerate(layers):
+        for layer in layers:
             h, residual = kernels.add_rms_norm(h, residual, norm, 1e-5, 0.0)
             h = layer(h)
             h = kernels.act_mul(h, kernels.linear(h, dense, None), "silu")
@@ -468,8 +456,7 @@ def test_early_trigger_changes_no_result():
             heads = h.view(1, 1, 8, 128)  # rotated in place as 4 query, 2 key and 2 value heads
             kernels.rotary_cache_write_(heads[:, :, :4], heads[:, :, 4:6], heads[:, :, 6:], table, table.flip(0),
                                         position, cache[0], cache[1], position[0])
-            merge = semaphores if i % 2 else None  # the attention merge in its own kernel or the chunk kernel's
-            h = kernels.cache_attention(heads, k, k, start, end, 0.1, 0, merge).view(1, 1024)
+            h = kernels.cache_attention(heads, k, k, start, end, 0.1, 0).view(1, 1024)
         return h, residual, cache
 
     eager = [t.clone() for t in chain()]  # launch by launch from Python: what every graph must reproduce

@@ -108,8 +108,6 @@ class StaticKVCache:
         shape = (num_layers, batch, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        # one per (row, kv head), zero between launches: the decode kernel merges its split-K partials with them
-        self.semaphores = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device=device)
         self.batch, self.max_len = batch, max_len
 
     def fits(self, batch: int, length: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -128,7 +126,7 @@ class StaticKVCache:
             # graph-captured steps run the identical computation
             end = self.max_len if q.shape[1] == 1 or meta.kv_len is None else meta.kv_len
             k, v = self.k[layer, :batch, :, :end], self.v[layer, :batch, :, :end]
-            return kernels.cache_attention(q, k, v, meta.kv_start, meta.kv_end, scale, window, self.semaphores)
+            return kernels.cache_attention(q, k, v, meta.kv_start, meta.kv_end, scale, window)
         end = self.max_len if meta.kv_len is None else meta.kv_len
         k, v = self.k[layer, :batch, :, :end], self.v[layer, :batch, :, :end]
         return kernels.masked_attention_ref(q, k, v, meta.reference_mask(end, window), scale)

@@ -41,25 +41,21 @@ def masked_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
 
 
 def cache_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_start: torch.Tensor,
-                        kv_end: torch.Tensor, scale: float, window: int,
-                        semaphores: torch.Tensor | None = None) -> torch.Tensor:
-    """q ``[B, T, H, D]`` -> out ``[B, T, H, D]``; the reference uses every slot of the cache given.
-    ``semaphores`` (int32, at least ``B * kv_heads``, all zero, owned by the cache): scratch with which a device
-    kernel may merge its split-K partials itself (left zero again); the reference does not need it."""
+                        kv_end: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """q ``[B, T, H, D]`` -> out ``[B, T, H, D]``; the reference uses every slot of the cache given."""
     mask = cache_attention_mask(kv_start, kv_end, q.shape[1], k_cache.shape[2], window)
     return masked_attention_ref(q, k_cache, v_cache, mask, scale).contiguous()
 
 
-@torch.library.custom_op("flux::cache_attention", mutates_args=("semaphores",))
+@torch.library.custom_op("flux::cache_attention", mutates_args=())
 def _cache_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_start: torch.Tensor,
-                        kv_end: torch.Tensor, scale: float, window: int,
-                        semaphores: torch.Tensor | None = None) -> torch.Tensor:
+                        kv_end: torch.Tensor, scale: float, window: int) -> torch.Tensor:
     """Attention of ``T`` new queries per row over the row's valid cache slots."""
-    return cache_attention_ref(q, k_cache, v_cache, kv_start, kv_end, scale, window, semaphores)
+    return cache_attention_ref(q, k_cache, v_cache, kv_start, kv_end, scale, window)
 
 
 @_cache_attention_op.register_fake
-def _(q, k_cache, v_cache, kv_start, kv_end, scale, window, semaphores=None):
+def _(q, k_cache, v_cache, kv_start, kv_end, scale, window):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 

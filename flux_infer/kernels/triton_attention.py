@@ -2,9 +2,8 @@
 ``flux::cache_attention`` for one query per row; longer query blocks (prefill) use PyTorch SDPA.
 
 One program handles a (row, kv head, key chunk): all query heads of that kv head's group against the chunk,
-with an online softmax. Given a semaphore per (row, kv head) (the cache owns them), the last of a group's chunk
-programs to finish merges the group's chunks itself; otherwise a second kernel does. The valid range is read from
-device memory, so the kernels are CUDA-graph safe and skip the unused tail of the cache.
+with an online softmax; a second kernel merges the chunks. The valid range is read from device memory, so the
+kernels are CUDA-graph safe and skip the unused tail of the cache.
 """
 
 from __future__ import annotations
@@ -34,12 +33,11 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _chunk_kernel(Q, K, V, Start, End, PartO, PartM, PartL, Sem, Out,
+    def _chunk_kernel(Q, K, V, Start, End, PartO, PartM, PartL,
                       stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-                      stride_ob, stride_oh, scale, window, chunk, splits,
+                      scale, window, chunk, splits,
                       G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, MERGE: tl.constexpr, USE_GDC: tl.constexpr,
-                      EARLY_TRIGGER: tl.constexpr):
+                      BLOCK_N: tl.constexpr, USE_GDC: tl.constexpr, EARLY_TRIGGER: tl.constexpr):
         if USE_GDC:  # every input comes from earlier kernels: wait for them before the first load
             tl.extra.cuda.gdc_wait()
             if EARLY_TRIGGER:  # see flux_infer.kernels.cuda.early_trigger
@@ -83,35 +81,6 @@ if triton is not None:
                  mask=g_mask[:, None] & d_mask[None, :])
         tl.store(PartM + part * G + offs_g, m_i, mask=g_mask)
         tl.store(PartL + part * G + offs_g, l_i, mask=g_mask)
-        if MERGE:
-            # the last of the (row, kv head)'s programs merges: every thread's stores above are ordered before
-            # the barrier, the barrier before the release of the count; the acquire orders the loads after it
-            tl.debug_barrier()
-            group = b * tl.num_programs(1) + kvh
-            done = tl.atomic_add(Sem + group, 1, sem="acq_rel", scope="gpu")
-            if done == splits - 1:
-                merge_group(PartO, PartM, PartL, Out + b * stride_ob, stride_oh, group, kvh, splits,
-                            G, D, BLOCK_D, BLOCK_S)
-                tl.atomic_xchg(Sem + group, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
-
-    @triton.jit
-    def merge_group(PartO, PartM, PartL, Out, stride_oh, group, kvh, splits,
-                    G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-        """Merge the split-K partials of (row, kv head) ``group`` into ``Out``'s heads ``kvh * G ...``, as
-        ``_merge_kernel`` does. Loads bypass L1 (other SMs wrote the partials; the buffers recur across calls)."""
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_d = tl.arange(0, BLOCK_D)
-        s_mask = offs_s < splits
-        part = group * splits + offs_s
-        for g in tl.static_range(G):
-            m = tl.load(PartM + part * G + g, mask=s_mask, other=float("-inf"), cache_modifier=".cg")
-            l_part = tl.load(PartL + part * G + g, mask=s_mask, other=0.0, cache_modifier=".cg")
-            m_max = tl.max(m, 0)
-            w = tl.where(s_mask, tl.exp(m - m_max), 0.0)
-            o = tl.load(PartO + (part * G + g)[:, None] * D + offs_d[None, :],
-                        mask=s_mask[:, None] & (offs_d < D)[None, :], other=0.0, cache_modifier=".cg")
-            out = tl.sum(o * w[:, None], 0) / tl.sum(l_part * w, 0)
-            tl.store(Out + (kvh * G + g) * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
 
     @triton.jit
     def online_softmax_step(scores, v, m_i, l_i, acc):
@@ -212,38 +181,31 @@ def merge_splits(partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_start: torch.Tensor,
-                     kv_end: torch.Tensor, scale: float, window: int,
-                     semaphores: torch.Tensor | None = None) -> torch.Tensor:
-    """q ``[B, 1, H, D]`` over ``k_cache``/``v_cache`` ``[B, KVH, S, D]`` -> ``[B, 1, H, D]``. With ``semaphores``
-    (zeroed int32, at least B * KVH; left zero) the chunk kernel merges its partials itself: one launch."""
+                     kv_end: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """q ``[B, 1, H, D]`` over ``k_cache``/``v_cache`` ``[B, KVH, S, D]`` -> ``[B, 1, H, D]``."""
     batch, _, heads, dim = q.shape
     kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
     group = heads // kv_heads
     q3 = q[:, 0]
     splits, chunk = plan_splits(slots, batch * kv_heads, sm_count(q.device), BLOCK_N)
     part_o, part_m, part_l = partials = split_partials(batch * kv_heads * splits * group, dim, q.device)
-    out = torch.empty(batch, 1, heads, dim, dtype=q.dtype, device=q.device)
-    merge = semaphores is not None
-    if merge:
-        assert semaphores.dtype == torch.int32 and semaphores.numel() >= batch * kv_heads, "semaphores too small"
     pdl = programmatic_launch()
     _chunk_kernel[(batch, kv_heads, splits)](
-        q3, k_cache, v_cache, kv_start, kv_end, part_o, part_m, part_l, semaphores if merge else part_m, out,
+        q3, k_cache, v_cache, kv_start, kv_end, part_o, part_m, part_l,
         q3.stride(0), q3.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         scale, window, chunk, splits,
         G=group, BLOCK_G=max(16, triton.next_power_of_2(group)), D=dim, BLOCK_D=triton.next_power_of_2(dim),
-        BLOCK_N=BLOCK_N, BLOCK_S=max(2, triton.next_power_of_2(splits)), MERGE=merge, **gdc_options(pdl, batch),
+        BLOCK_N=BLOCK_N, **gdc_options(pdl, batch),
     )
-    if not merge:
-        merge_splits(partials, out, None, batch, heads, group, splits, out.stride(0), out.stride(2), pdl)
+    out = torch.empty(batch, 1, heads, dim, dtype=q.dtype, device=q.device)
+    merge_splits(partials, out, None, batch, heads, group, splits, out.stride(0), out.stride(2), pdl)
     return out
 
 
 def cache_attention_cuda(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_start: torch.Tensor,
-                         kv_end: torch.Tensor, scale: float, window: int,
-                         semaphores: torch.Tensor | None = None) -> torch.Tensor:
+                         kv_end: torch.Tensor, scale: float, window: int) -> torch.Tensor:
     """CUDA implementation of ``flux::cache_attention``: Triton for decode, SDPA for longer query blocks."""
     if q.shape[1] == 1 and k_cache.stride(-1) == 1 and q.stride(-1) == 1:
-        return decode_attention(q, k_cache, v_cache, kv_start, kv_end, scale, window, semaphores)
+        return decode_attention(q, k_cache, v_cache, kv_start, kv_end, scale, window)
     return attention.cache_attention_ref(q, k_cache, v_cache, kv_start, kv_end, scale, window)
