@@ -39,9 +39,6 @@ FLUX_MODES.update({f"{mode}_unfused": FLUX_MODES[mode] for mode in ("flux_int8",
 # dependents launched after the linear layers' and attention's main loops instead of from their start (an A/B of
 # flux_infer.kernels.cuda.early_trigger)
 FLUX_MODES.update({f"{mode}_late": FLUX_MODES[mode] for mode in ("flux", "flux_int8", "flux_int4")})
-# INT4 with every tensor-core launch in one form: biased codes or per-weight scale and min (an A/B of
-# flux_infer.kernels.cuda.INT4_FORM against the launch plan's choice)
-FLUX_MODES.update({"flux_int4_biased": FLUX_MODES["flux_int4"], "flux_int4_perweight": FLUX_MODES["flux_int4"]})
 # quantized, with every prefill matmul on the Triton dequantize-in-the-loop kernel (an A/B of
 # flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS: cuBLAS on the dequantized weight)
 FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
@@ -168,7 +165,6 @@ def main() -> int:
             set_programmatic_launch(not mode.endswith("_nopdl"))
             FluxGatedMLP.gated_epilogue = not mode.endswith("_unfused")
             cuda_kernels.set_early_trigger(not mode.endswith("_late"))
-            cuda_kernels.INT4_FORM = 1 if mode.endswith("_biased") else 2 if mode.endswith("_perweight") else 0
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = ({bits: 1 << 30 for bits in default_dequant_rows}
                                                     if mode.endswith("_triton_prefill") else dict(default_dequant_rows))
             flux_infer.optimize(model, config=FLUX_MODES[mode])
@@ -198,7 +194,6 @@ def main() -> int:
             set_programmatic_launch(True)
             FluxGatedMLP.gated_epilogue = True
             cuda_kernels.set_early_trigger(True)
-            cuda_kernels.INT4_FORM = 0
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = dict(default_dequant_rows)
             torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}

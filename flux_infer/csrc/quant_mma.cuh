@@ -15,10 +15,9 @@
 // is the 16-bit pair (B + q_p, B + q_{p+4}) (B = 1024 in fp16, 128 in bf16): one shift and one LOP3.
 // - INT4 with groups of 128 or more (kInt4Biased): those biased codes go into the MMA as they are. One 4-slice
 //   step spans 128 inputs of a single group, so the step's sums are finished in float32 once per step:
-//   sum(w x) = scale * sum((B + q) x) + (min - B * scale) * sum(x). sum(x) comes from the tensor cores too: one
-//   more MMA per step and 16 activations, of a constant A whose codes are all B, returns B * sum(x) in the same
-//   accumulator layout as the features' sums (no exchange between lanes). The dequantization costs 7 instructions
-//   per 8 weights.
+//   sum(w x) = scale * sum((B + q) x) + (min - B * scale) * sum(x). sum(x) comes from the tensor cores too: the
+//   16th feature row of every tile is left without weights, its biased codes are all B, so its result is
+//   B * sum(x). 15 features per 16-row tile; the dequantization costs 7 instructions per 8 weights.
 // - INT4 with groups of 32 or 64 (kInt4): subtract B (exact), then one fused multiply-add per pair applies the
 //   group's scale and min with a single rounding: bit for bit the reference's dequantized weight.
 // - INT8 (w = q * scale[n], scale applied to the sum): byte permutes build fp16 (1024 + u) pairs, or float32
@@ -112,19 +111,22 @@ __device__ __forceinline__ uint4 load_x(const uint4* p, bool valid) {
   return valid ? load_activation(p) : make_uint4(0, 0, 0, 0);
 }
 
+template <int F> constexpr int kFeatures = F == kInt4Biased ? 15 : 16;  // output features per 16-row tile
+
 // Gated layers (G): the weight holds [gate; up] (n_out rows each) and the output is act(gate) * up, n_out wide.
 // Tile row g (< 8) carries gate feature j and row g + 8 the matching up feature, so one lane ends up with both
-// halves of its outputs and the epilogue needs no exchange: 8 outputs per 16-row tile (16 when not gated).
-template <bool G> constexpr int kOutputs = G ? 8 : 16;
+// halves of its outputs and the epilogue needs no exchange: 8 outputs per tile (7 for kInt4Biased, whose row 15
+// carries sum(x)).
+template <int F, bool G> constexpr int kOutputs = G ? (F == kInt4Biased ? 7 : 8) : kFeatures<F>;
 
 // The weight row that tile row g + 8 h reads, in the tile of outputs from j0; -1 for a row without one.
-template <bool G> __device__ __forceinline__ int tile_row(int j0, int g, int h, int n_out) {
+template <int F, bool G> __device__ __forceinline__ int tile_row(int j0, int g, int h, int n_out) {
   if constexpr (G) {
     const int j = j0 + g;
-    return j < n_out ? j + h * n_out : -1;
+    return g < kOutputs<F, G> && j < n_out ? j + h * n_out : -1;
   }
-  const int j = j0 + g + 8 * h;
-  return j < n_out ? j : -1;
+  const int r = g + 8 * h, j = j0 + r;
+  return r < kFeatures<F> && j < n_out ? j : -1;
 }
 
 // One lane's share of one 4-slice step: its two feature rows' 16-byte slices per row tile (code), their group's
@@ -133,7 +135,7 @@ template <bool G> __device__ __forceinline__ int tile_row(int j0, int g, int h, 
 template <typename T, int F, int MT, int RT>
 __device__ __forceinline__ void mma_step(float (&acc)[RT][MT][4], const uint4 (&code)[RT][2],
                                          const uint32_t (&s2)[RT][2], const uint32_t (&m2)[RT][2],
-                                         const T* __restrict__ x, int64_t x_stride, int m_rows, int g, int s,
+                                         const T* __restrict__ x, int64_t x_stride, int m_rows, int g, int t, int s,
                                          bool valid) {
   constexpr int kCodes = F == kInt8 ? 16 : 32;
   const int64_t k0 = static_cast<int64_t>(s) * kCodes;
@@ -164,16 +166,13 @@ __device__ __forceinline__ void mma_step(float (&acc)[RT][MT][4], const uint4 (&
   }
   float step[RT][MT][4];  // kInt4Biased: this step's sums of biased codes x activations
   float (&sums)[RT][MT][4] = F == kInt4Biased ? step : acc;
-  float bsum[MT][4];  // kInt4Biased: B * this step's sums of activations (elements 0 and 1: rows 2t and 2t + 1)
   if constexpr (F == kInt4Biased) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        bsum[mt][c] = 0.f;
+      for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int rt = 0; rt < RT; ++rt) step[rt][mt][c] = 0.f;
-      }
+        for (int c = 0; c < 4; ++c) step[rt][mt][c] = 0.f;
   }
 #pragma unroll
   for (int word = 0; word < 4; ++word) {
@@ -191,11 +190,6 @@ __device__ __forceinline__ void mma_step(float (&acc)[RT][MT][4], const uint4 (&
         const uint32_t* r = reinterpret_cast<const uint32_t*>(&xv[mt]);
         b[mt][0] = interleave_lo(r[half], r[half + 2]);
         b[mt][1] = interleave_hi(r[half], r[half + 2]);
-        if constexpr (F == kInt4Biased) {
-          constexpr uint32_t kB = Pair<T>::kInt4Magic;  // (B, B): the biased code of q = 0, in every row
-          const uint32_t all_b[4] = {kB, kB, kB, kB};
-          mma<T>(bsum[mt], all_b, b[mt][0], b[mt][1]);
-        }
       }
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt) {
@@ -219,10 +213,12 @@ __device__ __forceinline__ void mma_step(float (&acc)[RT][MT][4], const uint4 (&
     }
   }
   if constexpr (F == kInt4Biased) {
+    // row 15 of every tile (lane 28 + t, elements 2 and 3) holds B * sum(x) for activation rows 2t and 2t + 1
     constexpr float kInvBias = 1.f / Pair<T>::kBias;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      const float x0 = bsum[mt][0] * kInvBias, x1 = bsum[mt][1] * kInvBias;  // sum(x) of rows 2t and 2t + 1
+      const float x0 = __shfl_sync(0xffffffffu, step[0][mt][2], 28 + t) * kInvBias;
+      const float x1 = __shfl_sync(0xffffffffu, step[0][mt][3], 28 + t) * kInvBias;
 #pragma unroll
       for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
@@ -263,7 +259,7 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
   for (int e = threadIdx.x; e < kAcc * 32; e += blockDim.x) {
     const int j = e >> 5, l = e & 31, c = j & 3;
     if (G && c >= 2) continue;  // the up half, read with its gate
-    const int n = tile_row<G>(n0 + kOutputs<G> * (j / (MT * 4)), l >> 2, c >> 1, n_out);
+    const int n = tile_row<F, G>(n0 + kOutputs<F, G> * (j / (MT * 4)), l >> 2, c >> 1, n_out);
     const int m = 8 * ((j >> 2) % MT) + 2 * (l & 3) + (c & 1);
     if (n < 0 || m >= m_rows) continue;
     if constexpr (G) {
@@ -295,7 +291,7 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
   const int g = lane >> 2, t = lane & 3;
   const int slices = k / kCodes, steps = (slices + 3) >> 2;
   const int groups = F == kInt8 ? 1 : k / group;
-  const int n0 = blockIdx.x * kOutputs<G> * RT;
+  const int n0 = blockIdx.x * kOutputs<F, G> * RT;
   float acc[RT][MT][4] = {};
   for (int step0 = warp; step0 < steps; step0 += warps * U) {
     uint4 code[U][RT][2];
@@ -307,7 +303,7 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
       for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int n = tile_row<G>(n0 + kOutputs<G> * rt, g, h, n_out);
+          const int n = tile_row<F, G>(n0 + kOutputs<F, G> * rt, g, h, n_out);
           const bool valid = s < slices && n >= 0;
           code[u][rt][h] = valid ? load_stream(w + static_cast<int64_t>(n) * slices + s) : make_uint4(0, 0, 0, 0);
           if constexpr (F != kInt8) {
@@ -322,7 +318,7 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int s = (step0 + u * warps) * 4 + t;
-      mma_step<T, F, MT, RT>(acc, code[u], s2[u], m2[u], x, x_stride, m_rows, g, s, s < slices);
+      mma_step<T, F, MT, RT>(acc, code[u], s2[u], m2[u], x, x_stride, m_rows, g, t, s, s < slices);
     }
   }
   pdl_wait();  // (a warp without steps)
@@ -337,7 +333,7 @@ void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tenso
             int warps, int act, cudaStream_t stream) {
   constexpr int U = L == 1 ? (RT == 1 ? 2 : 1) : 4 / RT;  // 16-byte weight loads in flight per lane: 2 U RT
   const int n = out.size(1), k = x.size(1);
-  const int blocks = (n + kOutputs<G> * RT - 1) / (kOutputs<G> * RT);
+  const int blocks = (n + kOutputs<F, G> * RT - 1) / (kOutputs<F, G> * RT);
   const size_t smem = static_cast<size_t>(warps) * RT * MT * 4 * 32 * sizeof(float);
   if (smem > 48 * 1024)  // above the default dynamic shared memory limit (4 row tiles x 32 rows x 8 warps)
     C10_CUDA_CHECK(cudaFuncSetAttribute(quant_mma_kernel<T, F, MT, RT, U, L, G>,

@@ -25,9 +25,6 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 QUANT_MMA_MAX_ROWS = 32  # quantized linear layers: tensor-core kernel up to here, Triton above, and from these
 # rows (INT4, INT8) on cuBLAS over the weight dequantized once: the crossovers measured by benchmarks/prefill_quant.py
 DEQUANT_MATMUL_MIN_ROWS = {4: 128, 8: 320}
-# INT4 in the tensor-core kernel: 0 = the form its launch plan picks, 1 = biased codes (groups of 128s), 2 = exact
-# per-weight scale and min (an A/B switch: benchmarks/decode.py's *_biased / *_perweight modes)
-INT4_FORM = 0
 HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)  # what the elementwise kernels compute in float32
 MAX_SHARED_HIDDEN = 12288  # rms_norm stages a row of float32 in 48 KiB of shared memory
 
@@ -213,7 +210,7 @@ def _register(module: Any) -> None:
         if rows == 1 and mins is None:
             out = module.int8_gemv(x2, qweight, scales, bias)
         elif rows <= QUANT_MMA_MAX_ROWS:
-            out = module.quant_mma(x2, qweight, scales, mins, group, bias, 0, 0, INT4_FORM, -1, activation)
+            out = module.quant_mma(x2, qweight, scales, mins, group, bias, 0, 0, 0, -1, activation)
         elif rows >= DEQUANT_MATMUL_MIN_ROWS[8 if mins is None else 4] and qweight.is_contiguous():
             out = torch.nn.functional.linear(x2, module.dequantize_weight(qweight, scales, mins, group), bias)
         elif triton_quant.available():
