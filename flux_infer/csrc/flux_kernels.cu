@@ -642,8 +642,7 @@ __global__ void prefetch_l2_kernel(Spans spans) {
     int i = 0;
     while (c >= spans.first[i + 1]) ++i;
     const int64_t offset = (c - spans.first[i]) * kPrefetchChunk;
-    const int64_t left = spans.bytes[i] - offset;
-    const int64_t size = (left < kPrefetchChunk ? left : kPrefetchChunk) & ~int64_t{15};
+    const int64_t size = std::min(kPrefetchChunk, spans.bytes[i] - offset) & ~int64_t{15};
     if (size > 0)
       asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(spans.ptr[i] + offset),
                    "r"(static_cast<uint32_t>(size)) : "memory");
