@@ -24,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import flux_infer  # noqa: E402
 from flux_infer.kernels import cuda as cuda_kernels  # noqa: E402
 from flux_infer.kernels import matmul as linear_module  # noqa: E402
-from flux_infer.generation.runner import DecoderRunner  # noqa: E402
 from flux_infer.plugins.fused_kernels import FluxGatedMLP  # noqa: E402
 
 FLUX_MODES = {
@@ -40,8 +39,6 @@ FLUX_MODES.update({f"{mode}_unfused": FLUX_MODES[mode] for mode in ("flux_int8",
 # dependents launched after the linear layers' and attention's main loops instead of from their start (an A/B of
 # flux_infer.kernels.cuda.early_trigger)
 FLUX_MODES.update({f"{mode}_late": FLUX_MODES[mode] for mode in ("flux", "flux_int8", "flux_int4")})
-# without the L2 prefetch of the next q/k/v and o_proj weights (an A/B of DecoderRunner.prefetch_weights)
-FLUX_MODES.update({f"{mode}_noprefetch": FLUX_MODES[mode] for mode in ("flux", "flux_int8", "flux_int4")})
 # quantized, with every prefill matmul on the Triton dequantize-in-the-loop kernel (an A/B of
 # flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS: cuBLAS on the dequantized weight)
 FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
@@ -168,7 +165,6 @@ def main() -> int:
             set_programmatic_launch(not mode.endswith("_nopdl"))
             FluxGatedMLP.gated_epilogue = not mode.endswith("_unfused")
             cuda_kernels.set_early_trigger(not mode.endswith("_late"))
-            DecoderRunner.prefetch_weights = not mode.endswith("_noprefetch")
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = ({bits: 1 << 30 for bits in default_dequant_rows}
                                                     if mode.endswith("_triton_prefill") else dict(default_dequant_rows))
             flux_infer.optimize(model, config=FLUX_MODES[mode])
@@ -198,7 +194,6 @@ def main() -> int:
             set_programmatic_launch(True)
             FluxGatedMLP.gated_epilogue = True
             cuda_kernels.set_early_trigger(True)
-            DecoderRunner.prefetch_weights = True
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = dict(default_dequant_rows)
             torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}

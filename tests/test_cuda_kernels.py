@@ -188,24 +188,6 @@ def test_decode_attention_against_float64(heads, kv_heads, dim, window):
     assert rel_err(out, truth) <= 2 * rel_err(low, truth) + 1e-3
 
 
-def test_prefetch_l2_is_only_a_hint():
-    """Bulk L2 prefetches of weights: any sizes (a tail under 16 bytes is skipped), a byte cap, no effect on values;
-    bad input fails with the reason."""
-    assert kernels.implementation("prefetch_l2", "cuda") == "cuda"
-    tensors = [torch.randn(1000, 37, device="cuda"), torch.randint(0, 9, (3,), dtype=torch.int32, device="cuda"),
-               torch.randn(70_000, device="cuda", dtype=torch.bfloat16)]
-    before = [t.clone() for t in tensors]
-    for cap in (1 << 30, 100_000, 0):
-        kernels.prefetch_l2(tensors, cap)
-    torch.cuda.synchronize()
-    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
-    with pytest.raises(RuntimeError, match="at most 4"):
-        kernels.prefetch_l2(tensors * 2, 1 << 20)
-    with pytest.raises(RuntimeError, match="contiguous"):
-        kernels.prefetch_l2([tensors[0].t()], 1 << 20)
-    torch.library.opcheck(torch.ops.flux.prefetch_l2.default, (tensors, 1 << 20))
-
-
 def test_opcheck_on_cuda():
     x = torch.randn(3, 5, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(64, device="cuda", dtype=torch.bfloat16)
@@ -470,7 +452,6 @@ def test_early_trigger_changes_no_result():
             h, residual = kernels.add_rms_norm(h, residual, norm, 1e-5, 0.0)
             h = layer(h)
             h = kernels.act_mul(h, kernels.linear(h, dense, None), "silu")
-            kernels.prefetch_l2([dense, gate_up.qweight], 1 << 24)  # a hint among dependent launches
             h = kernels.quantized_gated_linear(h, *gated_inputs(gate_up), "silu")
             heads = h.view(1, 1, 8, 128)  # rotated in place as 4 query, 2 key and 2 value heads
             kernels.rotary_cache_write_(heads[:, :, :4], heads[:, :, 4:6], heads[:, :, 6:], table, table.flip(0),

@@ -74,14 +74,3 @@ def test_ops_trace_under_torch_compile():
 
 def test_implementation_defaults_to_reference_on_cpu():
     assert kernels.implementation("rms_norm", "cpu") == "reference"
-
-
-def test_prefetch_l2_reference_is_a_no_op_that_checks_its_input():
-    """The L2 prefetch is a hint: on CPU (and in the custom op's reference) it does nothing to any value."""
-    tensors = [torch.randn(8, 8), torch.arange(5)]
-    before = [t.clone() for t in tensors]
-    assert kernels.prefetch_l2(tensors, 1 << 20) is None
-    assert torch.ops.flux.prefetch_l2(tensors, 1 << 20) is None
-    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
-    with pytest.raises(ValueError, match="at most 4"):
-        kernels.prefetch_l2(tensors * 3, 1 << 20)

@@ -617,68 +617,6 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   return out;
 }
 
-// ---- L2 prefetch of weights ------------------------------------------------------------------------------------
-// Pulls up to kMaxSpans byte ranges (a coming linear layer's weights) from DRAM into L2 with bulk prefetches, one
-// chunk per thread, while the kernels around it leave DRAM idle (decode attention, norms, a layer's tail). No
-// result and no effect on values: a hint. It lets the next kernel launch at once and completes only after the
-// kernel before it (pdl_wait last), so completion stays transitive along the stream.
-constexpr int kMaxSpans = 4;
-constexpr int64_t kPrefetchChunk = 16 * 1024;
-constexpr int kChunksPerBlock = 8;  // bulk requests per block: spread over many SMs' copy engines
-struct Spans {
-  const char* ptr[kMaxSpans];
-  int64_t bytes[kMaxSpans];
-  int64_t first[kMaxSpans + 1];  // first chunk of each span; first[count]: the total
-  int count;
-};
-
-__global__ void prefetch_l2_kernel(Spans spans) {
-  flux::pdl_trigger();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int64_t total = spans.first[spans.count];
-  if (threadIdx.x >= kChunksPerBlock) return;  // (after the trigger: every thread counts for it)
-  for (int64_t c = blockIdx.x * int64_t{kChunksPerBlock} + threadIdx.x; c < total;
-       c += static_cast<int64_t>(gridDim.x) * kChunksPerBlock) {
-    int i = 0;
-    while (c >= spans.first[i + 1]) ++i;
-    const int64_t offset = (c - spans.first[i]) * kPrefetchChunk;
-    const int64_t size = std::min(kPrefetchChunk, spans.bytes[i] - offset) & ~int64_t{15};
-    if (size > 0)
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(spans.ptr[i] + offset),
-                   "r"(static_cast<uint32_t>(size)) : "memory");
-  }
-#endif
-  flux::pdl_wait();
-}
-
-// Prefetch the given CUDA tensors (at most kMaxSpans, each 16-byte aligned) into L2, at most max_bytes in all (a
-// prefix, in order). Hopper and later; elsewhere nothing is launched.
-void prefetch_l2(std::vector<torch::Tensor> tensors, int64_t max_bytes) {
-  TORCH_CHECK(tensors.size() <= static_cast<size_t>(kMaxSpans), "prefetch_l2: at most ", kMaxSpans, " tensors");
-  if (tensors.empty()) return;
-  const int device = tensors[0].get_device();
-  if (device < 0 || !flux::pdl_supported(device)) return;
-  Spans spans = {};
-  int64_t budget = max_bytes;
-  for (const auto& t : tensors) {
-    TORCH_CHECK(t.is_cuda() && t.get_device() == device && t.is_contiguous() && flux::aligned16(t),
-                "prefetch_l2: contiguous, 16-byte aligned tensors on one CUDA device");
-    const int64_t bytes = std::min<int64_t>(budget, t.numel() * t.element_size());
-    if (bytes < 16) break;
-    spans.ptr[spans.count] = static_cast<const char*>(t.data_ptr());
-    spans.bytes[spans.count] = bytes;
-    spans.first[spans.count + 1] = spans.first[spans.count] + (bytes + kPrefetchChunk - 1) / kPrefetchChunk;
-    ++spans.count;
-    budget -= bytes;
-  }
-  const int64_t chunks = spans.first[spans.count];
-  if (chunks == 0) return;
-  const c10::cuda::CUDAGuard guard(device);
-  const int64_t blocks = std::min<int64_t>((chunks + kChunksPerBlock - 1) / kChunksPerBlock, 1024);
-  flux::launch(prefetch_l2_kernel, blocks, 32, 0, c10::cuda::getCurrentCUDAStream(), spans);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                         int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles,
                         int64_t int4_mode, int64_t launch_shape, int64_t activation);
@@ -694,7 +632,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemv", &int8_gemv, "weight-only INT8 linear for one row of x");
   m.def("quant_mma", &quant_mma,
         "weight-only INT8/INT4 linear (optionally gated: act(gate) * up) for up to 32 rows of x, on the tensor cores");
-  m.def("prefetch_l2", &prefetch_l2, "bulk-prefetch tensors (a coming layer's weights) into L2: a hint");
   m.def("dequantize_weight", &dequantize_weight, "the dense weight INT8/INT4 codes stand for (long prefills)");
   m.def("programmatic_launch", [] { return flux::pdl_enabled() && flux::pdl_supported(c10::cuda::current_device()); },
         "whether flux kernels launch with programmatic dependent launch on the current device");

@@ -21,11 +21,6 @@ from flux_infer.support import Support
 
 # rope types whose cos/sin depend only on the position (a table computed once is exact)
 STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
-# Decode steps of up to this many tokens prefetch a layer's q/k/v weights into L2 while the previous layer finishes,
-# and its o_proj weights while attention runs, when they fit in PREFETCH_MAX_BYTES (quantized layers of 8B-class
-# models do; bf16 ones stream through L2 anyway).
-PREFETCH_MAX_TOKENS = 32
-PREFETCH_MAX_BYTES = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +66,6 @@ def runner_support(model: torch.nn.Module, adapter: ModelAdapter) -> Support:
 
 class DecoderRunner:
     """Forward over ``[batch, tokens]`` with a ``StaticKVCache``; returns logits of the last token of each row."""
-
-    prefetch_weights = True  # False: no L2 prefetch of the next weights (benchmarks/decode.py's *_noprefetch A/B)
 
     def __init__(self, model: torch.nn.Module, adapter: ModelAdapter) -> None:
         self.model = model
@@ -142,12 +135,9 @@ class DecoderRunner:
         layout takes ``[batch, tokens]`` rows, the paged layout one flat row of many sequences' tokens."""
         hidden = self.embed(input_ids)  # scaled embeddings (Gemma) scale inside the module
         residual: torch.Tensor | None = None
-        prefetch = self.prefetch_weights and input_ids.numel() <= PREFETCH_MAX_TOKENS
         for index, parts in enumerate(self.layers):
-            if prefetch:  # while the previous layer's MLP finishes
-                _prefetch(parts.fused_qkv if parts.fused_qkv is not None else parts.projections[0])
             x, residual = _add_norm(hidden, residual, parts.input_norm)
-            attn = self._attention(index, parts, x, cache, meta, prefetch)
+            attn = self._attention(index, parts, x, cache, meta)
             x, residual = _add_norm(attn, residual, parts.post_attention_norm)
             hidden = parts.mlp(x)
         x, _ = _add_norm(meta.logit_rows(hidden), meta.logit_rows(residual), self.final_norm)
@@ -156,8 +146,7 @@ class DecoderRunner:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
 
-    def _attention(self, index: int, parts: LayerParts, x: torch.Tensor, cache: KVCache, meta: Any,
-                   prefetch: bool = False) -> torch.Tensor:
+    def _attention(self, index: int, parts: LayerParts, x: torch.Tensor, cache: KVCache, meta: Any) -> torch.Tensor:
         batch, length, _ = x.shape
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         o_proj = parts.projections[-1]
@@ -175,23 +164,9 @@ class DecoderRunner:
         v = v.reshape(batch, length, kv_heads, dim)
         if parts.q_norm is not None and parts.q_norm.weight.numel() == dim:  # Qwen3, Gemma 3: per head
             q, k = parts.q_norm(q), parts.k_norm(k)
-        if prefetch:  # while rotary and attention run
-            _prefetch(o_proj)
         cache.append_rotary(index, q, k, v, self._cos, self._sin, meta)
         out = cache.attend(index, q, meta, scale=parts.scale, window=parts.window)
         return o_proj(out.reshape(batch, length, heads * dim))
-
-
-def _prefetch(layer: Any) -> None:
-    """Prefetch what a linear layer streams (a flux ``QuantizedLinear``'s codes and scales, a fused projection's,
-    or a ``Linear``'s weight) into L2, when it fits in ``PREFETCH_MAX_BYTES``."""
-    layer = getattr(layer, "quantized", None) or layer
-    tensors = [t for name in ("qweight", "scales", "mins", "scale", "weight")
-               if isinstance(t := getattr(layer, name, None), torch.Tensor)]
-    if (tensors and len(tensors) <= kernels.prefetch.MAX_TENSORS and tensors[0].is_cuda
-            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
-            and sum(t.numel() * t.element_size() for t in tensors) <= PREFETCH_MAX_BYTES):
-        kernels.prefetch_l2(tensors, PREFETCH_MAX_BYTES)
 
 
 def _add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module

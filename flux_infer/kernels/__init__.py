@@ -28,7 +28,6 @@ from flux_infer.kernels.quant import (
     quantized_gated_linear_ref,
 )
 from flux_infer.kernels.norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
-from flux_infer.kernels.prefetch import prefetch_l2, prefetch_l2_ref
 from flux_infer.kernels.registry import implementation
 from flux_infer.kernels.rotary import (
     rotary_cache_write_,
@@ -58,8 +57,6 @@ __all__ = [
     "paged_attention_ref",
     "paged_kv_write_",
     "paged_kv_write_ref",
-    "prefetch_l2",
-    "prefetch_l2_ref",
     "quantize_kv_int8",
     "quantized_gated_linear",
     "quantized_gated_linear_ref",

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from flux_infer.kernels import activation, attention, matmul, norm, prefetch, quant, rotary
+from flux_infer.kernels import activation, attention, matmul, norm, quant, rotary
 
 logger = logging.getLogger(__name__)
 
@@ -254,4 +254,3 @@ def _register(module: Any) -> None:
     rotary.rotary_embedding_.register("cuda", rotary_embedding_, "cuda")
     rotary.rotary_cache_write_.register("cuda", rotary_cache_write_, "cuda")
     matmul.linear.register("cuda", linear_cuda, "cuda")
-    prefetch.prefetch_l2.register("cuda", module.prefetch_l2, "cuda")

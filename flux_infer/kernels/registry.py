@@ -39,8 +39,7 @@ class KernelOp:
     def __call__(self, *args: Any) -> Any:
         if torch.compiler.is_compiling():
             return self.custom_op(*args)
-        first = args[0] if isinstance(args[0], torch.Tensor) else args[0][0]  # a tensor or a list of them
-        entry = self._kernels.get(first.device.type)
+        entry = self._kernels.get(args[0].device.type)
         return (entry[0] if entry else self.reference)(*args)
 
 
