@@ -39,9 +39,6 @@ FLUX_MODES.update({f"{mode}_unfused": FLUX_MODES[mode] for mode in ("flux_int8",
 # dependents launched after the linear layers' and attention's main loops instead of from their start (an A/B of
 # flux_infer.kernels.cuda.early_trigger)
 FLUX_MODES.update({f"{mode}_late": FLUX_MODES[mode] for mode in ("flux", "flux_int8", "flux_int4")})
-# quantized, with each residual add + RMSNorm as its own kernel instead of inside the next layer's launch (an A/B of
-# flux_infer.kernels.cuda.NORM_FUSED_MAX_ROWS)
-FLUX_MODES.update({f"{mode}_normapart": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
 # quantized, with every prefill matmul on the Triton dequantize-in-the-loop kernel (an A/B of
 # flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS: cuBLAS on the dequantized weight)
 FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
@@ -142,7 +139,6 @@ def main() -> int:
     modes = args.modes.split(",")
     default_gemv_rows = linear_module.GEMV_MAX_ROWS
     default_dequant_rows = dict(cuda_kernels.DEQUANT_MATMUL_MIN_ROWS)
-    default_norm_rows = cuda_kernels.NORM_FUSED_MAX_ROWS
     batches = [int(b) for b in args.batch.split(",")]
 
     bandwidth = copy_bandwidth()
@@ -169,7 +165,6 @@ def main() -> int:
             set_programmatic_launch(not mode.endswith("_nopdl"))
             FluxGatedMLP.gated_epilogue = not mode.endswith("_unfused")
             cuda_kernels.set_early_trigger(not mode.endswith("_late"))
-            cuda_kernels.NORM_FUSED_MAX_ROWS = 0 if mode.endswith("_normapart") else default_norm_rows
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = ({bits: 1 << 30 for bits in default_dequant_rows}
                                                     if mode.endswith("_triton_prefill") else dict(default_dequant_rows))
             flux_infer.optimize(model, config=FLUX_MODES[mode])
@@ -199,7 +194,6 @@ def main() -> int:
             set_programmatic_launch(True)
             FluxGatedMLP.gated_epilogue = True
             cuda_kernels.set_early_trigger(True)
-            cuda_kernels.NORM_FUSED_MAX_ROWS = default_norm_rows
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = dict(default_dequant_rows)
             torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}

@@ -188,54 +188,6 @@ def test_decode_attention_against_float64(heads, kv_heads, dim, window):
     assert rel_err(out, truth) <= 2 * rel_err(low, truth) + 1e-3
 
 
-@pytest.mark.parametrize("bits, group", [(8, None), (4, 32), (4, 64), (4, 128)])
-@pytest.mark.parametrize("rows, n, k", [  # n > k: few warps per block; n < k: 16 warps, capped to the K steps
-    (1, 1031, 1024), (3, 1031, 1152), (8, 1031, 1024), (1, 515, 1152), (5, 515, 1152), (1, 1030, 8192)])
-@pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("offset", [0.0, 1.0])  # Llama's weight * normed, Gemma's normed * (1 + weight)
-def test_add_norm_inside_the_quantized_layer_is_the_two_kernels_bit_for_bit(bits, group, rows, n, k, gated,
-                                                                            offset):
-    """Every block normalizes the rows as add_rms_norm does, and the launch plan is the layer's own (fewer warps
-    only where the extra ones would have no K step): the same bits as add_rms_norm followed by the layer."""
-    module = cuda_kernels._state["module"]
-    layer = quantized_case(bits, group, n - n % 2 if gated else n, k, torch.bfloat16, bias=rows % 2 == 1)
-    qweight, scales, mins, group_size, bias = gated_inputs(layer)
-    kind = 0 if gated else -1
-    x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
-    residual = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
-    weight = (torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16)
-    out, summed = module.quant_mma_add_norm(x, residual, weight, 1e-5, offset, qweight, scales, mins, group_size,
-                                            bias, 0, kind)
-    normed, want_summed = kernels.add_rms_norm(x, residual, weight, 1e-5, offset)
-    want = module.quant_mma(normed, qweight, scales, mins, group_size, bias, 0, 0, 0, -1, kind)
-    assert torch.equal(summed, want_summed) and torch.equal(out, want)
-    ref, ref_summed = kernels.quantized_add_norm_linear_ref(x, residual, weight, 1e-5, offset, qweight, scales, mins,
-                                                            group_size, bias, "silu" if gated else "")
-    assert torch.equal(summed, ref_summed) and out.shape == ref.shape
-    assert rel_err(out, ref.double()) <= 4 * ULP[torch.bfloat16]
-
-
-def test_add_norm_linear_op_takes_one_launch_at_batch_1_and_checks_its_input(monkeypatch):
-    module = cuda_kernels._state["module"]
-    binding, calls = module.quant_mma_add_norm, []
-    monkeypatch.setattr(module, "quant_mma_add_norm", lambda *args: calls.append(args) or binding(*args))
-    layer = quantized_case(4, 128, 1031, 1024, torch.float16)
-    weight = (torch.rand(1024, device="cuda") + 0.5).half()
-    for rows in (1, 3):  # 3 > NORM_FUSED_MAX_ROWS: add_rms_norm and the layer apart, the same values
-        x, residual = (torch.randn(2, rows, 1024, device="cuda").half() for _ in range(2))
-        out, summed = kernels.quantized_add_norm_linear(x[0], residual[0], weight, 1e-6, 0.0, *gated_inputs(layer), "")
-        normed, want_summed = kernels.add_rms_norm(x[0], residual[0], weight, 1e-6, 0.0)
-        assert torch.equal(summed, want_summed) and torch.equal(out, layer(normed))
-        assert len(calls) == 1  # only the single row took the fused launch
-    x = torch.randn(9, 1024, device="cuda").half()
-    with pytest.raises(RuntimeError, match="norm-fused launch"):
-        binding(x, x, weight, 1e-6, 0.0, *gated_inputs(layer), 0, -1)
-    with pytest.raises(RuntimeError, match="residual must be x's shape"):
-        binding(x[:1], x[:2], weight, 1e-6, 0.0, *gated_inputs(layer), 0, -1)
-    torch.library.opcheck(torch.ops.flux.quantized_add_norm_linear.default,
-                          (x[:1], x[1:2], weight, 1e-6, 0.0, *gated_inputs(layer), ""))
-
-
 def test_opcheck_on_cuda():
     x = torch.randn(3, 5, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(64, device="cuda", dtype=torch.bfloat16)
@@ -499,7 +451,6 @@ def test_early_trigger_changes_no_result():
         for layer in layers:
             h, residual = kernels.add_rms_norm(h, residual, norm, 1e-5, 0.0)
             h = layer(h)
-            h, residual = kernels.quantized_add_norm_linear(h, residual, norm, 1e-5, 0.0, *gated_inputs(layers[0]), "")
             h = kernels.act_mul(h, kernels.linear(h, dense, None), "silu")
             h = kernels.quantized_gated_linear(h, *gated_inputs(gate_up), "silu")
             heads = h.view(1, 1, 8, 128)  # rotated in place as 4 query, 2 key and 2 value heads

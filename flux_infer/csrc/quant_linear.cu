@@ -81,12 +81,9 @@ __global__ void dequantize_int8_kernel(T* __restrict__ out, const int8_t* __rest
 // kernel's register budget, see quant_mma_kernel): -1 = chosen. activation >= 0: a gated layer, qweight holds
 // [gate; up] and the result is act(gate) * up (0 = silu, 1 = gelu_tanh), half as wide; the plan is the one of the
 // whole [gate; up] layer, so each half sums exactly as that fused layer's un-gated launch does.
-namespace {
-
-torch::Tensor run_quant_mma(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
-                            const c10::optional<torch::Tensor>& mins, int64_t group,
-                            const c10::optional<torch::Tensor>& bias, int64_t warps, int64_t row_tiles,
-                            int64_t int4_mode, int64_t launch_shape, int64_t activation, const flux::AddNorm* norm) {
+torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
+                        int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles,
+                        int64_t int4_mode, int64_t launch_shape, int64_t activation) {
   using flux::aligned16;
   flux::check_cuda(x, "x");
   const bool int4 = qweight.scalar_type() == at::kInt;
@@ -123,61 +120,15 @@ torch::Tensor run_quant_mma(const torch::Tensor& x, const torch::Tensor& qweight
               "quant_mma: launch shape 0, 1 or 2 (<= 16 rows)");
   TORCH_CHECK(w >= 1 && w <= (shape == 2 ? 16 : 8) && (rt == 1 || rt == 2 || rt == 4),
               "quant_mma: 1..8 warps (16 with launch shape 2), 1, 2 or 4 row tiles");
-  // a norm-fused launch: every warp normalizes with the block, in its first step (and K in 8s, rows <= 8)
-  TORCH_CHECK(norm == nullptr || (rows <= 8 && k % 8 == 0 && k <= 8192 && w <= (k / (int4 ? 32 : 16) + 3) / 4),
-              "quant_mma: a norm-fused launch needs <= 8 rows, K a multiple of 8 up to 8192 and a K step per warp");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({rows, gated ? n / 2 : n}, x.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const flux::QuantLaunch launch{format, rows <= 8 ? 1 : rows <= 16 ? 2 : 4, rt, w, shape,
                                  static_cast<int>(activation)};
-  if (gated)
-    flux::quant_mma_gated(out, x, qweight, scales, mins, bias, static_cast<int>(group), launch, norm, stream);
-  else
-    flux::dispatch_quant_mma<false>(out, x, qweight, scales, mins, bias, static_cast<int>(group), launch, norm,
-                                    stream);
+  if (gated) flux::quant_mma_gated(out, x, qweight, scales, mins, bias, static_cast<int>(group), launch, stream);
+  else flux::dispatch_quant_mma<false>(out, x, qweight, scales, mins, bias, static_cast<int>(group), launch, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
-}
-
-}  // namespace
-
-torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
-                        int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles,
-                        int64_t int4_mode, int64_t launch_shape, int64_t activation) {
-  return run_quant_mma(x, qweight, scales, mins, group, bias, warps, row_tiles, int4_mode, launch_shape, activation,
-                       nullptr);
-}
-
-// The residual add + RMSNorm in front of quant_mma, in its blocks (up to 8 rows): s = residual + x, then the layer
-// on rms_norm(s) * weight (weight_offset 1: Gemma's (1 + weight)); returns (out, s). As add_rms_norm then
-// quant_mma, one launch fewer. The launch plan (0 = chosen) is quant_mma's, with no more warps than K steps.
-std::vector<torch::Tensor> quant_mma_add_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor norm_weight,
-                                              double eps, double weight_offset, torch::Tensor qweight,
-                                              torch::Tensor scales, c10::optional<torch::Tensor> mins, int64_t group,
-                                              c10::optional<torch::Tensor> bias, int64_t warps, int64_t activation) {
-  flux::check_cuda(x, "x");
-  const int64_t rows = x.size(0), k = x.size(1);
-  TORCH_CHECK(x.dim() == 2 && residual.sizes() == x.sizes() && residual.stride(1) == 1 &&
-                  residual.stride(0) % 8 == 0 && flux::aligned16(residual) &&
-                  residual.scalar_type() == x.scalar_type(),
-              "quant_mma_add_norm: residual must be x's shape and dtype, 16-byte aligned rows");
-  TORCH_CHECK(norm_weight.is_contiguous() && norm_weight.numel() == k && flux::aligned16(norm_weight) &&
-                  norm_weight.scalar_type() == x.scalar_type(),
-              "quant_mma_add_norm: norm weight [K] in x's dtype");
-  auto summed = torch::empty({rows, k}, x.options());
-  const flux::AddNorm norm{residual.data_ptr(), norm_weight.data_ptr(), summed.data_ptr(), residual.stride(0),
-                           static_cast<float>(eps), static_cast<float>(weight_offset)};
-  const int64_t steps = (k / (qweight.scalar_type() == at::kInt ? 32 : 16) + 3) / 4;  // the kernel's K steps
-  int64_t w = warps;
-  if (w <= 0) {  // the plan's warps, capped to the K steps
-    const bool int4 = qweight.scalar_type() == at::kInt;
-    const flux::Plan plan = flux::choose_plan(int4, int4 && group % 128 == 0, static_cast<int>(rows),
-                                              static_cast<int>(qweight.size(0)), static_cast<int>(k));
-    w = std::min<int64_t>(plan.warps, std::max<int64_t>(1, steps));
-  }
-  auto out = run_quant_mma(x, qweight, scales, mins, group, bias, w, 0, 0, -1, activation, &norm);
-  return {out, summed};
 }
 
 // The dense weight [N, K] (in the scales' dtype) that INT8 (mins None) or INT4 codes stand for, bit for bit the

@@ -6,9 +6,8 @@ namespace flux {
 
 void quant_mma_gated(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight,
                      const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
-                     const c10::optional<torch::Tensor>& bias, int group, const QuantLaunch& p, const AddNorm* norm,
-                     cudaStream_t stream) {
-  dispatch_quant_mma<true>(out, x, qweight, scales, mins, bias, group, p, norm, stream);
+                     const c10::optional<torch::Tensor>& bias, int group, const QuantLaunch& p, cudaStream_t stream) {
+  dispatch_quant_mma<true>(out, x, qweight, scales, mins, bias, group, p, stream);
 }
 
 }  // namespace flux

@@ -28,17 +28,6 @@
 #include "common.cuh"
 
 namespace flux {
-
-// The residual add and RMSNorm in front of a linear layer (norm-fused launches, N below): x is this layer's input
-// before the add (the previous layer's output), `residual` the stream it is added to, `weight` the norm's.
-struct AddNorm {
-  const void* residual;
-  const void* weight;
-  void* residual_out;  // residual + x, written by block 0 (the next residual add reads it)
-  int64_t res_stride;
-  float eps, offset;  // offset: Gemma's (1 + weight) form when 1
-};
-
 namespace {
 
 enum Format : int { kInt8 = 0, kInt4 = 1, kInt4Biased = 2 };
@@ -118,10 +107,7 @@ template <> __device__ __forceinline__ uint32_t int8_pair<at::BFloat16>(uint32_t
 __device__ __forceinline__ uint32_t interleave_lo(uint32_t a, uint32_t b) { return __byte_perm(a, b, 0x5410); }
 __device__ __forceinline__ uint32_t interleave_hi(uint32_t a, uint32_t b) { return __byte_perm(a, b, 0x7632); }
 
-// 16 bytes of x: from global memory (the previous kernel's output: ordered after pdl_wait) or, S, from the rows
-// this block normalized into shared memory
-template <bool S> __device__ __forceinline__ uint4 load_x(const uint4* p, bool valid) {
-  if constexpr (S) return valid ? *p : make_uint4(0, 0, 0, 0);
+__device__ __forceinline__ uint4 load_x(const uint4* p, bool valid) {
   return valid ? load_activation(p) : make_uint4(0, 0, 0, 0);
 }
 
@@ -146,7 +132,7 @@ template <int F, bool G> __device__ __forceinline__ int tile_row(int j0, int g, 
 // One lane's share of one 4-slice step: its two feature rows' 16-byte slices per row tile (code), their group's
 // scale and min (INT4, raw 16-bit values; `s2`/`m2` hold each twice), against the activations of the same K
 // positions (read here, from L1/L2).
-template <typename T, int F, int MT, int RT, bool S>
+template <typename T, int F, int MT, int RT>
 __device__ __forceinline__ void mma_step(float (&acc)[RT][MT][4], const uint4 (&code)[RT][2],
                                          const uint32_t (&s2)[RT][2], const uint32_t (&m2)[RT][2],
                                          const T* __restrict__ x, int64_t x_stride, int m_rows, int g, int t, int s,
@@ -159,8 +145,8 @@ __device__ __forceinline__ void mma_step(float (&acc)[RT][MT][4], const uint4 (&
     for (int mt = 0; mt < MT; ++mt) {
       const int m = 8 * mt + g;
       const uint4* xp = reinterpret_cast<const uint4*>(x + m * x_stride + k0);
-      xv[mt][0] = load_x<S>(xp, valid && m < m_rows);
-      xv[mt][1] = load_x<S>(xp + 1, valid && m < m_rows);
+      xv[mt][0] = load_x(xp, valid && m < m_rows);
+      xv[mt][1] = load_x(xp + 1, valid && m < m_rows);
     }
 #pragma unroll
     for (int word = 0; word < 4; ++word) {  // codes 4 word .. 4 word + 3: one MMA
@@ -194,7 +180,7 @@ __device__ __forceinline__ void mma_step(float (&acc)[RT][MT][4], const uint4 (&
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       const int m = 8 * mt + g;
-      xv[mt] = load_x<S>(reinterpret_cast<const uint4*>(x + m * x_stride + k0) + word, valid && m < m_rows);
+      xv[mt] = load_x(reinterpret_cast<const uint4*>(x + m * x_stride + k0) + word, valid && m < m_rows);
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {  // codes (2h, 2h+4) and (2h+1, 2h+5) of the word
@@ -285,67 +271,6 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
   }
 }
 
-// Every block normalizes the (at most 8) rows itself into shared memory `xs` [rows][k], bit for bit as add_rms_norm
-// (rms_norm_vec_kernel) does: h = round(residual + x); the sum of squares per 8-element chunk, then per 32 chunks
-// (warp_sum), then over those (warp_sum in warp 0), as that kernel's threads and warps add them; then
-// round(round(h * inv) * w) (or round(h * inv * (offset + w))). The rows are a few KB read from L2 while the
-// block's first weights are on their way. k % 8 == 0, k <= 8192.
-template <typename T>
-__device__ __forceinline__ void add_norm_rows(T* xs, const T* __restrict__ x, int64_t x_stride, const AddNorm& an,
-                                              int rows, int k) {
-  __shared__ float sums[8][32];  // [row][32-chunk group]
-  const int chunks = k >> 3, groups = (chunks + 31) >> 5;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-  const T* residual = static_cast<const T*>(an.residual);
-  for (int m = 0; m < rows; ++m)
-    for (int group = warp; group < groups; group += warps) {
-      const int c = group * 32 + lane;
-      float sq = 0.f;
-      if (c < chunks) {
-        const uint4 xv = load_activation(x + m * x_stride + c * 8);
-        const uint4 rv = load_activation(residual + m * an.res_stride + c * 8);
-        const T* xe = reinterpret_cast<const T*>(&xv);
-        const T* re = reinterpret_cast<const T*>(&rv);
-        uint4 hv;
-        T* he = reinterpret_cast<T*>(&hv);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          he[j] = from_float<T>(to_float(re[j]) + to_float(xe[j]));
-          const float h = to_float(he[j]);
-          sq += h * h;
-        }
-        *reinterpret_cast<uint4*>(xs + m * k + c * 8) = hv;
-        if (blockIdx.x == 0) *reinterpret_cast<uint4*>(static_cast<T*>(an.residual_out) + m * k + c * 8) = hv;
-      }
-      sq = warp_sum(sq);
-      if (lane == 0) sums[m][group] = sq;
-    }
-  __syncthreads();
-  if (warp == 0)
-    for (int m = 0; m < rows; ++m) {
-      const float total = warp_sum(lane < groups ? sums[m][lane] : 0.f);
-      if (lane == 0) sums[m][0] = total;  // (lane 0 read its own entry already)
-    }
-  __syncthreads();
-  const T* weight = static_cast<const T*>(an.weight);
-  for (int m = 0; m < rows; ++m) {
-    const float inv = rsqrtf(sums[m][0] / k + an.eps);
-    for (int c = threadIdx.x; c < chunks; c += blockDim.x) {
-      uint4 v = *reinterpret_cast<const uint4*>(xs + m * k + c * 8);
-      const uint4 wv = __ldg(reinterpret_cast<const uint4*>(weight + c * 8));
-      T* ve = reinterpret_cast<T*>(&v);
-      const T* we = reinterpret_cast<const T*>(&wv);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float normed = to_float(ve[j]) * inv, wj = to_float(we[j]);
-        ve[j] = from_float<T>(an.offset == 0.f ? rnd<T>(normed) * wj : normed * (an.offset + wj));
-      }
-      *reinterpret_cast<uint4*>(xs + m * k + c * 8) = v;
-    }
-  }
-  __syncthreads();
-}
-
 // One block per RT row tiles of output features; its warps split K in 4-slice steps, U steps' loads in flight per
 // lane before their math. (Issuing the next U steps' loads before this U's math, in a second register buffer,
 // measured slower: benchmarks/results/2026-11-26-h100-gemv-quant-mma-sweep.txt; so did keeping the block's next
@@ -355,17 +280,11 @@ __device__ __forceinline__ void add_norm_rows(T* xs, const T* __restrict__ x, in
 template <int L> constexpr int kMaxThreads = L == 2 ? 512 : 256;
 template <int L> constexpr int kMinBlocks = L == 1 ? 3 : 1;
 
-// shared memory of a norm-fused launch's normalized rows, rounded up to 16 bytes
-template <typename T> __host__ __device__ __forceinline__ size_t norm_bytes(int rows, int k) {
-  return (static_cast<size_t>(rows) * k * sizeof(T) + 15) & ~size_t{15};
-}
-
-// N: the residual add + RMSNorm in front (AddNorm; every warp has at least one step, the host checks).
-template <typename T, int F, int MT, int RT, int U, int L, bool G, bool N>
+template <typename T, int F, int MT, int RT, int U, int L, bool G>
 __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kernel(
     T* __restrict__ out, const T* __restrict__ x, const uint4* __restrict__ w, const uint16_t* __restrict__ scales,
     const uint16_t* __restrict__ mins, const T* __restrict__ bias, int m_rows, int n_out, int k, int group,
-    int64_t x_stride, int64_t out_stride, int act, bool early, AddNorm norm) {
+    int64_t x_stride, int64_t out_stride, int act, bool early) {
   if (early) pdl_trigger();
   constexpr int kCodes = F == kInt8 ? 16 : 32;  // codes per 16-byte slice
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -373,10 +292,6 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
   const int slices = k / kCodes, steps = (slices + 3) >> 2;
   const int groups = F == kInt8 ? 1 : k / group;
   const int n0 = blockIdx.x * kOutputs<F, G> * RT;
-  extern __shared__ __align__(16) unsigned char smem[];  // N: the normalized rows [m_rows][k]; then the partials
-  T* xs = reinterpret_cast<T*>(smem);
-  const T* xin = N ? xs : x;
-  const int64_t xin_stride = N ? k : x_stride;
   float acc[RT][MT][4] = {};
   for (int step0 = warp; step0 < steps; step0 += warps * U) {
     uint4 code[U][RT][2];
@@ -399,40 +314,36 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
           }
         }
     }
-    if (step0 == warp) {  // the first weights are on their way; x comes from the previous kernel
-      pdl_wait();
-      if constexpr (N) add_norm_rows(xs, x, x_stride, norm, m_rows, k);  // (all warps: each has a first step)
-    }
+    if (step0 == warp) pdl_wait();  // the first weights are on their way; x comes from the previous kernel
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int s = (step0 + u * warps) * 4 + t;
-      mma_step<T, F, MT, RT, N>(acc, code[u], s2[u], m2[u], xin, xin_stride, m_rows, g, t, s, s < slices);
+      mma_step<T, F, MT, RT>(acc, code[u], s2[u], m2[u], x, x_stride, m_rows, g, t, s, s < slices);
     }
   }
   pdl_wait();  // (a warp without steps)
   if (!early) pdl_trigger();
-  float* partial = reinterpret_cast<float*>(smem + (N ? norm_bytes<T>(m_rows, k) : 0));  // [warps][RT*MT*4][32]
+  extern __shared__ float partial[];  // [warps][RT * MT * 4][32]
   reduce_tile<T, F, MT, RT, G>(acc, partial, out, scales, bias, n0, m_rows, n_out, out_stride, act);
 }
 
-template <typename T, int F, int MT, int RT, int L, bool G, bool N>
+template <typename T, int F, int MT, int RT, int L, bool G>
 void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
             const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias, int group,
-            int warps, int act, const AddNorm& norm, cudaStream_t stream) {
+            int warps, int act, cudaStream_t stream) {
   constexpr int U = L == 1 ? (RT == 1 ? 2 : 1) : 4 / RT;  // 16-byte weight loads in flight per lane: 2 U RT
   const int n = out.size(1), k = x.size(1);
   const int blocks = (n + kOutputs<F, G> * RT - 1) / (kOutputs<F, G> * RT);
-  const size_t smem = static_cast<size_t>(warps) * RT * MT * 4 * 32 * sizeof(float) +
-                      (N ? norm_bytes<T>(static_cast<int>(x.size(0)), k) : 0);
+  const size_t smem = static_cast<size_t>(warps) * RT * MT * 4 * 32 * sizeof(float);
   if (smem > 48 * 1024)  // above the default dynamic shared memory limit (4 row tiles x 32 rows x 8 warps)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(quant_mma_kernel<T, F, MT, RT, U, L, G, N>,
+    C10_CUDA_CHECK(cudaFuncSetAttribute(quant_mma_kernel<T, F, MT, RT, U, L, G>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  flux::launch(quant_mma_kernel<T, F, MT, RT, U, L, G, N>, blocks, warps * 32, smem, stream, out.data_ptr<T>(),
+  flux::launch(quant_mma_kernel<T, F, MT, RT, U, L, G>, blocks, warps * 32, smem, stream, out.data_ptr<T>(),
                x.data_ptr<T>(),
                reinterpret_cast<const uint4*>(qweight.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
                F == kInt8 ? nullptr : reinterpret_cast<const uint16_t*>(mins->data_ptr()),
                bias ? bias->data_ptr<T>() : nullptr, static_cast<int>(x.size(0)), n, k, group, x.stride(0),
-               out.stride(0), act, trigger_early(x.size(0)), norm);
+               out.stride(0), act, trigger_early(x.size(0)));
 }
 
 
@@ -452,21 +363,15 @@ template <bool G>
 void dispatch_quant_mma(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight,
                         const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
                         const c10::optional<torch::Tensor>& bias, int group, const QuantLaunch& p,
-                        const AddNorm* norm, cudaStream_t stream) {
+                        cudaStream_t stream) {
   AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "quant_mma", [&] {
     auto pick = [&](auto format_c) {
       constexpr int F = decltype(format_c)::value;
       auto go = [&](auto mt_c, auto rt_c) {
         constexpr int MT = decltype(mt_c)::value, RT = decltype(rt_c)::value;
         auto with_shape = [&](auto l_c) {
-          constexpr int L = decltype(l_c)::value;
-          if constexpr (MT == 1) {  // norm-fused launches: up to 8 rows
-            if (norm != nullptr)
-              return launch_quant<scalar_t, F, MT, RT, L, G, true>(out, x, qweight, scales, mins, bias, group,
-                                                                   p.warps, p.act, *norm, stream);
-          }
-          launch_quant<scalar_t, F, MT, RT, L, G, false>(out, x, qweight, scales, mins, bias, group, p.warps, p.act,
-                                                         AddNorm{}, stream);
+          launch_quant<scalar_t, F, MT, RT, decltype(l_c)::value, G>(out, x, qweight, scales, mins, bias, group,
+                                                                     p.warps, p.act, stream);
         };
         if constexpr (MT <= 2) {  // launch shapes 1 and 2 exist for up to 16 rows
           if (p.shape == 1) return with_shape(std::integral_constant<int, 1>{});
@@ -496,7 +401,6 @@ void dispatch_quant_mma(torch::Tensor& out, const torch::Tensor& x, const torch:
 
 void quant_mma_gated(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight,
                      const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
-                     const c10::optional<torch::Tensor>& bias, int group, const QuantLaunch& p, const AddNorm* norm,
-                     cudaStream_t stream);
+                     const c10::optional<torch::Tensor>& bias, int group, const QuantLaunch& p, cudaStream_t stream);
 
 }  // namespace flux

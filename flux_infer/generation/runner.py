@@ -136,47 +136,27 @@ class DecoderRunner:
         hidden = self.embed(input_ids)  # scaled embeddings (Gemma) scale inside the module
         residual: torch.Tensor | None = None
         for index, parts in enumerate(self.layers):
-            q, k, v, residual = self._qkv(parts, hidden, residual)
-            attn = self._attention(index, parts, q, k, v, cache, meta)
-            fused = (parts.mlp.add_norm_forward(attn, residual, parts.post_attention_norm)
-                     if hasattr(parts.mlp, "add_norm_forward") and _flux_norm(parts.post_attention_norm) else None)
-            if fused is None:
-                x, residual = _add_norm(attn, residual, parts.post_attention_norm)
-                hidden = parts.mlp(x)
-            else:  # the add and the norm inside the gate/up layer's launch
-                hidden, residual = fused
+            x, residual = _add_norm(hidden, residual, parts.input_norm)
+            attn = self._attention(index, parts, x, cache, meta)
+            x, residual = _add_norm(attn, residual, parts.post_attention_norm)
+            hidden = parts.mlp(x)
         x, _ = _add_norm(meta.logit_rows(hidden), meta.logit_rows(residual), self.final_norm)
         logits = self.lm_head(x).float()
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
 
-    def _qkv(self, parts: LayerParts, hidden: torch.Tensor, residual: torch.Tensor | None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The residual add, the input norm and the q/k/v projections: ``(q, k, v, residual)``. A quantized fused
-        q/k/v layer after flux's RMSNorm takes the add and the norm into its own launch."""
+    def _attention(self, index: int, parts: LayerParts, x: torch.Tensor, cache: KVCache, meta: Any) -> torch.Tensor:
+        batch, length, _ = x.shape
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        fused = parts.fused_qkv
-        if (fused is not None and getattr(fused, "quantized", None) is not None and residual is not None
-                and _flux_norm(parts.input_norm)):
-            out, residual = fused.quantized.add_norm(hidden, residual, parts.input_norm)
-            q, k, v = out.split(fused.sizes, dim=-1)
-            return q, k, v, residual
-        x, residual = _add_norm(hidden, residual, parts.input_norm)
-        if fused is not None:
-            q, k, v = fused(x).split(fused.sizes, dim=-1)
+        o_proj = parts.projections[-1]
+        if parts.fused_qkv is not None:
+            q, k, v = parts.fused_qkv(x).split(parts.fused_qkv.sizes, dim=-1)
         elif len(parts.projections) == 4:
             q_proj, k_proj, v_proj, _ = parts.projections
             q, k, v = q_proj(x), k_proj(x), v_proj(x)
         else:
             q, k, v = parts.projections[0](x).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-        return q, k, v, residual
-
-    def _attention(self, index: int, parts: LayerParts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   cache: KVCache, meta: Any) -> torch.Tensor:
-        batch, length, _ = q.shape
-        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        o_proj = parts.projections[-1]
         if parts.q_norm is not None and parts.q_norm.weight.numel() != dim:  # OLMoE: norm over all heads
             q, k = parts.q_norm(q), parts.k_norm(k)
         q = q.reshape(batch, length, heads, dim)
@@ -187,11 +167,6 @@ class DecoderRunner:
         cache.append_rotary(index, q, k, v, self._cos, self._sin, meta)
         out = cache.attend(index, q, meta, scale=parts.scale, window=parts.window)
         return o_proj(out.reshape(batch, length, heads * dim))
-
-
-def _flux_norm(norm: torch.nn.Module) -> bool:
-    """Whether ``norm`` is flux's RMSNorm (``FluxRMSNorm``: weight, eps, weight_offset), which fused launches take."""
-    return getattr(norm, "weight_offset", None) is not None
 
 
 def _add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module

@@ -24,8 +24,6 @@ from flux_infer.kernels.quant import (
     int4_linear_ref,
     int8_linear,
     int8_linear_ref,
-    quantized_add_norm_linear,
-    quantized_add_norm_linear_ref,
     quantized_gated_linear,
     quantized_gated_linear_ref,
 )
@@ -60,8 +58,6 @@ __all__ = [
     "paged_kv_write_",
     "paged_kv_write_ref",
     "quantize_kv_int8",
-    "quantized_add_norm_linear",
-    "quantized_add_norm_linear_ref",
     "quantized_gated_linear",
     "quantized_gated_linear_ref",
     "rms_norm",

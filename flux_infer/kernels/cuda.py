@@ -25,9 +25,6 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 QUANT_MMA_MAX_ROWS = 32  # quantized linear layers: tensor-core kernel up to here, Triton above, and from these
 # rows (INT4, INT8) on cuBLAS over the weight dequantized once: the crossovers measured by benchmarks/prefill_quant.py
 DEQUANT_MATMUL_MIN_ROWS = {4: 128, 8: 320}
-# Up to this many rows, a decoder layer's residual add + RMSNorm runs inside the quantized linear layer after it (each
-# block normalizes the rows itself: one launch fewer); 0 keeps them apart (benchmarks/decode.py's *_normapart A/B)
-NORM_FUSED_MAX_ROWS = 1
 HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)  # what the elementwise kernels compute in float32
 MAX_SHARED_HIDDEN = 12288  # rms_norm stages a row of float32 in 48 KiB of shared memory
 
@@ -248,36 +245,7 @@ def _register(module: Any) -> None:
         gate, up = full.chunk(2, dim=-1)
         return act_mul(gate, up, activation_kind)
 
-    def quantized_add_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                                  weight_offset: float, qweight: torch.Tensor, scales: torch.Tensor,
-                                  mins: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
-                                  activation_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """One launch for up to NORM_FUSED_MAX_ROWS rows where the tensor-core kernel takes the layer (INT8 single
-        rows keep the CUDA-core GEMV); otherwise add_rms_norm and the layer apart (the same values)."""
-        rows = x.numel() // max(1, x.shape[-1])
-        kind = activation.ACTIVATIONS.index(activation_kind) if activation_kind in activation.ACTIVATIONS else -1
-        if (1 <= rows <= NORM_FUSED_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
-                and scales.dtype == x.dtype and norm_weight.dtype == x.dtype and residual.dtype == x.dtype
-                and residual.shape == x.shape and x.shape[-1] % 8 == 0 and layout_fits(x, mins, group_size)
-                and not (rows == 1 and mins is None) and (activation_kind == "" or kind >= 0)
-                and (kind < 0 or qweight.shape[0] % 2 == 0) and qweight.data_ptr() % 16 == 0):
-            x2, r2 = _rows(x), _rows(residual)
-            if all(t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0 for t in (x2, r2)):
-                out, summed = module.quant_mma_add_norm(x2, r2, norm_weight.contiguous(), eps, weight_offset,
-                                                        qweight, scales, mins, group_size, bias, 0, kind)
-                return out.view(*x.shape[:-1], out.shape[-1]), summed.view(x.shape)
-        # apart, through the ops (a test that takes a layer op's kernel away gets its reference here too)
-        normed, summed = norm.add_rms_norm(x, residual, norm_weight, eps, weight_offset)
-        if activation_kind:
-            out = quant.quantized_gated_linear(normed, qweight, scales, mins, group_size, bias, activation_kind)
-        elif mins is None:
-            out = quant.int8_linear(normed, qweight, scales, bias)
-        else:
-            out = quant.int4_linear(normed, qweight, scales, mins, group_size, bias)
-        return out, summed
-
     quant.int8_linear.register("cuda", int8_linear, "cuda")
-    quant.quantized_add_norm_linear.register("cuda", quantized_add_norm_linear, "cuda")
     quant.quantized_gated_linear.register("cuda", quantized_gated_linear, "cuda")
     quant.int4_linear.register("cuda", int4_linear, "cuda")
     norm.rms_norm.register("cuda", rms_norm, "cuda")

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from flux_infer.kernels.activation import act_mul_ref
-from flux_infer.kernels.norm import add_rms_norm_ref
 from flux_infer.kernels.registry import KernelOp
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
@@ -109,39 +108,6 @@ def _(x, qweight, scales, mins, group_size, bias, activation):
     return x.new_empty((*x.shape[:-1], qweight.shape[0] // 2))
 
 
-def quantized_add_norm_linear_ref(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                                  weight_offset: float, qweight: torch.Tensor, scales: torch.Tensor,
-                                  mins: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
-                                  activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """A decoder layer's residual add and RMSNorm, then a quantized linear layer on the normalized rows (a gated
-    ``[gate; up]`` one when ``activation`` is not empty; INT8 when ``mins`` is None): ``s = residual + x`` and
-    ``(layer(rms_norm(s)), s)``, rounded as ``add_rms_norm`` and the layer alone round them."""
-    normed, summed = add_rms_norm_ref(x, residual, norm_weight, eps, weight_offset)
-    if activation:
-        return quantized_gated_linear_ref(normed, qweight, scales, mins, group_size, bias, activation), summed
-    if mins is None:
-        return int8_linear_ref(normed, qweight, scales, bias), summed
-    return int4_linear_ref(normed, qweight, scales, mins, group_size, bias), summed
-
-
-@torch.library.custom_op("flux::quantized_add_norm_linear", mutates_args=())
-def _quantized_add_norm_linear_op(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                                  weight_offset: float, qweight: torch.Tensor, scales: torch.Tensor,
-                                  mins: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
-                                  activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Residual add + RMSNorm + quantized linear layer (gated when ``activation``); returns ``(out, residual + x)``."""
-    return quantized_add_norm_linear_ref(x, residual, norm_weight, eps, weight_offset, qweight, scales, mins,
-                                         group_size, bias, activation)
-
-
-@_quantized_add_norm_linear_op.register_fake
-def _(x, residual, norm_weight, eps, weight_offset, qweight, scales, mins, group_size, bias, activation):
-    width = qweight.shape[0] // 2 if activation else qweight.shape[0]
-    return x.new_empty((*x.shape[:-1], width)), torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
 int8_linear = KernelOp("int8_linear", _int8_linear_op, int8_linear_ref)
 int4_linear = KernelOp("int4_linear", _int4_linear_op, int4_linear_ref)
 quantized_gated_linear = KernelOp("quantized_gated_linear", _quantized_gated_linear_op, quantized_gated_linear_ref)
-quantized_add_norm_linear = KernelOp("quantized_add_norm_linear", _quantized_add_norm_linear_op,
-                                     quantized_add_norm_linear_ref)

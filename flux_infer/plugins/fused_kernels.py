@@ -77,17 +77,6 @@ class FluxGatedMLP(torch.nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(kernels.act_mul(gate, up, self.activation))
 
-    def add_norm_forward(self, x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module
-                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(forward(norm(residual + x)), residual + x)`` with the add and the norm inside the quantized gate/up
-        layer's launch (see ``QuantizedLinear.add_norm``); None when that layer is not a gated quantized one."""
-        fused = getattr(self, "flux_fused_gate_up", None)
-        if (fused is None or fused.quantized is None or fused.sizes[0] != fused.sizes[1]
-                or not self.gated_epilogue):
-            return None
-        hidden, summed = fused.quantized.add_norm(x, residual, norm, self.activation)
-        return self.down_proj(hidden), summed
-
     def extra_repr(self) -> str:
         return f"activation={self.activation}"
 

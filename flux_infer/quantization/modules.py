@@ -84,19 +84,6 @@ class QuantizedLinear(torch.nn.Module):
         return kernels.quantized_gated_linear(x, self.qweight, scales, mins, self.group_size or 0, self.bias,
                                               activation)
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module,
-                 activation: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-        """A decoder layer's residual add and flux RMSNorm (``norm``, a ``FluxRMSNorm``) in front of this layer
-        (gated with ``activation``, see ``gated``): returns ``(layer(norm(residual + x)), residual + x)``. On CUDA
-        at batch 1 one launch: each block normalizes the row itself."""
-        if self.input_perm is not None:  # the permuted input is gathered from the normalized one
-            normed, summed = kernels.add_rms_norm(x, residual, norm.weight, norm.eps, norm.weight_offset)
-            return (self.gated(normed, activation) if activation else self(normed)), summed
-        mins = self.mins if self.bits == 4 else None
-        scales = self.scales if self.bits == 4 else self.scale
-        return kernels.quantized_add_norm_linear(x, residual, norm.weight, norm.eps, norm.weight_offset, self.qweight,
-                                                 scales, mins, self.group_size or 0, self.bias, activation)
-
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
