@@ -39,6 +39,9 @@ FLUX_MODES.update({f"{mode}_unfused": FLUX_MODES[mode] for mode in ("flux_int8",
 # dependents launched after the linear layers' and attention's main loops instead of from their start (an A/B of
 # flux_infer.kernels.cuda.early_trigger)
 FLUX_MODES.update({f"{mode}_late": FLUX_MODES[mode] for mode in ("flux", "flux_int8", "flux_int4")})
+# INT4 with the fused q/k/v layer (6144 x 4096) on biased codes up to 8 rows, the launch plan before 2026-11-27's
+# change (an A/B through flux_infer.kernels.cuda.QUANT_MMA_PLANS)
+FLUX_MODES["flux_int4_qkvbiased"] = FLUX_MODES["flux_int4"]
 # quantized, with every prefill matmul on the Triton dequantize-in-the-loop kernel (an A/B of
 # flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS: cuBLAS on the dequantized weight)
 FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
@@ -165,6 +168,7 @@ def main() -> int:
             set_programmatic_launch(not mode.endswith("_nopdl"))
             FluxGatedMLP.gated_epilogue = not mode.endswith("_unfused")
             cuda_kernels.set_early_trigger(not mode.endswith("_late"))
+            cuda_kernels.QUANT_MMA_PLANS = {(6144, 4096): (8, 2, 1, 1)} if mode.endswith("_qkvbiased") else {}
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = ({bits: 1 << 30 for bits in default_dequant_rows}
                                                     if mode.endswith("_triton_prefill") else dict(default_dequant_rows))
             flux_infer.optimize(model, config=FLUX_MODES[mode])
@@ -194,6 +198,7 @@ def main() -> int:
             set_programmatic_launch(True)
             FluxGatedMLP.gated_epilogue = True
             cuda_kernels.set_early_trigger(True)
+            cuda_kernels.QUANT_MMA_PLANS = {}
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = dict(default_dequant_rows)
             torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}

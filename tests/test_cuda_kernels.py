@@ -280,6 +280,18 @@ def test_quantized_mma_overrides_stay_consistent(n, k, rows, warps, launch_shape
     assert_quantized_close(out, module, x)
 
 
+def test_quant_mma_plans_override_the_launch_plan_per_shape(monkeypatch):
+    module = cuda_kernels._state["module"]
+    binding, calls = module.quant_mma, []
+    monkeypatch.setattr(module, "quant_mma", lambda *args: calls.append(args[6:10]) or binding(*args))
+    monkeypatch.setattr(cuda_kernels, "QUANT_MMA_PLANS", {(1031, 1024): (3, 1, 2, 0)})
+    layer = quantized_case(4, 128, 1031, 1024, torch.bfloat16)
+    for rows in (1, 8, 9):  # up to 8 rows the table's plan, above it the launcher's
+        x = torch.randn(rows, 1024, device="cuda").to(torch.bfloat16)
+        assert_quantized_close(layer(x), layer, x)
+    assert calls == [(3, 1, 2, 0), (3, 1, 2, 0), (0, 0, 0, -1)]
+
+
 def gated_inputs(module):
     return (module.qweight, module.scale if module.bits == 8 else module.scales,
             module.mins if module.bits == 4 else None, module.group_size or 0, module.bias)

@@ -13,7 +13,10 @@ struct Plan {
 };
 
 // Choices measured on H100 (benchmarks/gemv.py --quant --sweep, Llama-3-8B shapes; raw in benchmarks/results/
-// 2026-11-26-h100-gemv-quant-sweep-shapes.txt for 1-16 rows, ...-sweep-rt4.txt for 17-32). Up to 16 rows the
+// 2026-11-26-h100-gemv-quant-sweep-shapes.txt for 1-16 rows, ...-sweep-rt4.txt for 17-32; up to 8 rows, biased
+// codes only for outputs of 14336 and more: at 1 row the fused q/k/v layer, 6144 x 4096, took 7.9 us with
+// per-weight scales, 2 row tiles and 8 warps against 8.3 us biased in ...-sweep-shapes.txt, and 7.3 us in
+// 2026-11-27-h100-gemv-quant-biased16-sweep-rejected.txt, whose per-weight kernel is this one). Up to 16 rows the
 // kernels are latency bound (two to four warps per scheduler, each waiting on its own dependent chain), so layers
 // deeper than wide (q/o, down: few blocks) take 16 warps per block, and wider ones fewer registers for more blocks
 // per SM (launch shape 1) or, for outputs of 14336 and more above 8 rows, 16-warp-capable blocks of 4 row tiles
@@ -24,7 +27,7 @@ inline Plan choose_plan(bool int4, bool biased_ok, int rows, int n, int k) {
   if (rows <= 16) {
     if (!wide) return int4 || rows > 8 ? Plan{false, 2, 16, 2} : Plan{false, 1, 8, 0};
     if (!int4) return {false, 1, 8, 1};
-    if (rows <= 8) return biased_ok ? Plan{true, 2, 8, 1} : Plan{false, 2, big ? 4 : 8, 0};
+    if (rows <= 8) return biased_ok && big ? Plan{true, 2, 8, 1} : Plan{false, 2, big ? 4 : 8, 0};
     return big ? Plan{false, 4, 8, 2} : Plan{false, 2, 8, 1};
   }
   return {false, wide ? 4 : int4 ? 2 : 1, big ? 4 : 8, 0};

@@ -25,6 +25,10 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 QUANT_MMA_MAX_ROWS = 32  # quantized linear layers: tensor-core kernel up to here, Triton above, and from these
 # rows (INT4, INT8) on cuBLAS over the weight dequantized once: the crossovers measured by benchmarks/prefill_quant.py
 DEQUANT_MATMUL_MIN_ROWS = {4: 128, 8: 320}
+# (out_features, in_features) -> (warps, row tiles, INT4 form, launch shape) of the tensor-core kernel up to 8 rows,
+# instead of its launch plan (quant_linear.cu's choose_plan): a tuning hook, and the A/B of plan changes
+# (benchmarks/decode.py's *_qkvbiased mode)
+QUANT_MMA_PLANS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)  # what the elementwise kernels compute in float32
 MAX_SHARED_HIDDEN = 12288  # rms_norm stages a row of float32 in 48 KiB of shared memory
 
@@ -210,7 +214,8 @@ def _register(module: Any) -> None:
         if rows == 1 and mins is None:
             out = module.int8_gemv(x2, qweight, scales, bias)
         elif rows <= QUANT_MMA_MAX_ROWS:
-            out = module.quant_mma(x2, qweight, scales, mins, group, bias, 0, 0, 0, -1, activation)
+            plan = QUANT_MMA_PLANS.get((qweight.shape[0], x2.shape[1]), (0, 0, 0, -1)) if rows <= 8 else (0, 0, 0, -1)
+            out = module.quant_mma(x2, qweight, scales, mins, group, bias, *plan, activation)
         elif rows >= DEQUANT_MATMUL_MIN_ROWS[8 if mins is None else 4] and qweight.is_contiguous():
             out = torch.nn.functional.linear(x2, module.dequantize_weight(qweight, scales, mins, group), bias)
         elif triton_quant.available():
