@@ -29,6 +29,7 @@ DEQUANT_MATMUL_MIN_ROWS = {4: 128, 8: 320}
 # instead of its launch plan (quant_linear.cu's choose_plan): a tuning hook, and the A/B of plan changes
 # (benchmarks/decode.py's *_qkvbiased mode)
 QUANT_MMA_PLANS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+AUTO_PLAN = (0, 0, 0, -1)  # the same four arguments left to the launcher
 HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)  # what the elementwise kernels compute in float32
 MAX_SHARED_HIDDEN = 12288  # rms_norm stages a row of float32 in 48 KiB of shared memory
 
@@ -214,7 +215,7 @@ def _register(module: Any) -> None:
         if rows == 1 and mins is None:
             out = module.int8_gemv(x2, qweight, scales, bias)
         elif rows <= QUANT_MMA_MAX_ROWS:
-            plan = QUANT_MMA_PLANS.get((qweight.shape[0], x2.shape[1]), (0, 0, 0, -1)) if rows <= 8 else (0, 0, 0, -1)
+            plan = QUANT_MMA_PLANS.get((qweight.shape[0], x2.shape[1]), AUTO_PLAN) if rows <= 8 else AUTO_PLAN
             out = module.quant_mma(x2, qweight, scales, mins, group, bias, *plan, activation)
         elif rows >= DEQUANT_MATMUL_MIN_ROWS[8 if mins is None else 4] and qweight.is_contiguous():
             out = torch.nn.functional.linear(x2, module.dequantize_weight(qweight, scales, mins, group), bias)
