@@ -3,7 +3,8 @@ bandwidth measured in the same run. Each timing is a CUDA graph of 32 calls over
 memory than the L2 cache holds.
 
     python benchmarks/gemv.py                    # bf16: cuBLAS vs flux's GEMV
-    python benchmarks/gemv.py --quant [--sweep] [--rows 8,16] [--launch-shapes 0,2]  # INT8 / INT4 vs bf16 cuBLAS
+    python benchmarks/gemv.py --quant [--sweep] [--rows 8,16] [--launch-shapes 0,3] [--shapes down,lm_head]
+                                                 # INT8 / INT4 vs bf16 cuBLAS
 """
 
 from __future__ import annotations
@@ -50,21 +51,28 @@ def graph_time(fn, calls: int = 32) -> float:
     return sorted(times)[2]
 
 
-def sweep_configs(rows: int, shapes: tuple[int, ...] = (0, 1, 2)):
-    """(INT4 form, launch shape, warps, row tiles) of the tensor-core kernel: INT4 biased codes (1) or per-weight
-    scales (2); launch shape 0 (up to 8 warps), 1 (three blocks per SM, fewer loads in flight per warp) or 2 (up
-    to 16 warps), the last two for up to 16 rows."""
+def sweep_configs(rows: int, shapes: tuple[int, ...] = (0, 1, 2, 3)):
+    """(INT4 form, launch shape, warps, row tiles, stages) of the tensor-core kernels: INT4 biased codes (1) or
+    per-weight scales (2); launch shape 0 (up to 8 warps), 1 (three blocks per SM, fewer loads in flight per warp)
+    or 2 (up to 16 warps), the last two for up to 16 rows; 3 (INT4 weights through shared memory, up to 8 rows:
+    consumer warps and stages in flight, 0 = chosen)."""
     for mode in (1, 2):
         for shape in shapes:
-            if shape in (1, 2) and rows > 16:
+            if (shape in (1, 2) and rows > 16) or (shape == 3 and rows > 8):
+                continue
+            if shape == 3:
+                for warps in (4, 8):
+                    for tiles in (1, 2):
+                        for stages in (0, 2, 3, 6):
+                            yield mode, shape, warps, tiles, stages
                 continue
             for warps in (8, 16) if shape == 2 else (4, 8):
                 for tiles in (1, 2, 4):
-                    yield mode, shape, warps, tiles
+                    yield mode, shape, warps, tiles, 0
 
 
 def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
-              shapes: tuple[int, ...] = (0, 1, 2)) -> None:
+              shapes: tuple[int, ...] = (0, 1, 2, 3), names: tuple[str, ...] = tuple(SHAPES)) -> None:
     """Weight-only INT8 / INT4 (group 128) linear layers against bf16 cuBLAS, same shapes. With ``sweep``, every
     warp count / row tiling of the tensor-core kernel too (the launcher's heuristic picks one of them)."""
     from flux_infer.quantization.modules import QuantizedLinear
@@ -73,7 +81,7 @@ def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
     print(f"{'shape':>14} {'rows':>4} {'bf16 us':>8} {'int8 us':>8} {'%bw':>5} {'int4 us':>8} {'%bw':>5} "
           f"{'int4 speedup':>12}")
     for name, (n, k) in SHAPES.items():
-        if name == "k_proj/v_proj":
+        if name == "k_proj/v_proj" or name not in names:
             continue
         copies = max(1, -(-(512 * 2**20) // (n * k * 2)))
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5 for _ in range(copies)]
@@ -91,13 +99,16 @@ def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
                   f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f} {t16 / t4:>12.2f}", flush=True)
             if not sweep:
                 continue
-            for mode, shape, warps, tiles in sweep_configs(rows, shapes):
-                t8 = graph_time(lambda i: module.quant_mma(x, int8[i % copies].qweight, int8[i % copies].scale,
-                                                           None, 0, None, warps, tiles, mode, shape, -1))
+            for mode, shape, warps, tiles, stages in sweep_configs(rows, shapes):
+                module.set_quant_bulk_stages(stages)
+                t8 = float("nan") if shape == 3 else graph_time(
+                    lambda i: module.quant_mma(x, int8[i % copies].qweight, int8[i % copies].scale, None, 0, None,
+                                               warps, tiles, mode, shape, -1))
                 t4 = graph_time(lambda i: module.quant_mma(x, int4[i % copies].qweight, int4[i % copies].scales,
                                                            int4[i % copies].mins, 128, None, warps, tiles, mode,
                                                            shape, -1))
-                label = f"m{mode} l{shape} w{warps} t{tiles}"
+                module.set_quant_bulk_stages(0)
+                label = f"m{mode} l{shape} w{warps} t{tiles}" + (f" s{stages}" if shape == 3 else "")
                 print(f"{label:>14} {rows:>4} {'':>8} {t8 * 1e6:>8.1f} {pct(nbytes8, t8):>5.1f} "
                       f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f}", flush=True)
         del dense, int8, int4
@@ -113,15 +124,19 @@ def main() -> int:
     parser.add_argument("--quant", action="store_true", help="INT8 / INT4 kernels vs bf16 cuBLAS")
     parser.add_argument("--sweep", action="store_true", help="with --quant: every launch the kernel accepts too")
     parser.add_argument("--rows", type=integers, default=(1, 4, 8, 16, 32), help="with --quant: e.g. 8,16")
-    parser.add_argument("--launch-shapes", type=integers, default=(0, 1, 2), help="with --sweep: e.g. 0,2")
+    parser.add_argument("--launch-shapes", type=integers, default=(0, 1, 2, 3), help="with --sweep: e.g. 0,3")
+    parser.add_argument("--shapes", type=lambda text: tuple(text.split(",")), default=tuple(SHAPES),
+                        help=f"with --quant: a comma-separated subset of {', '.join(SHAPES)}")
     args = parser.parse_args()
-    if not set(args.launch_shapes) <= {0, 1, 2} or not all(1 <= r <= 32 for r in args.rows):
-        parser.error("launch shapes are 0, 1 or 2 and rows 1 to 32")
+    if not set(args.launch_shapes) <= {0, 1, 2, 3} or not all(1 <= r <= 32 for r in args.rows):
+        parser.error("launch shapes are 0 to 3 and rows 1 to 32")
+    if not set(args.shapes) <= set(SHAPES):
+        parser.error(f"shapes are among: {', '.join(SHAPES)}")
     assert cuda.load(), cuda.status()
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  copy {bandwidth:.0f} GB/s")
     if args.quant:
-        quantized(bandwidth, sweep=args.sweep, rows_measured=args.rows, shapes=args.launch_shapes)
+        quantized(bandwidth, sweep=args.sweep, rows_measured=args.rows, shapes=args.launch_shapes, names=args.shapes)
         return 0
     print(f"{'shape':>14} {'rows':>4} {'cuBLAS us':>10} {'%bw':>5} {'flux us':>9} {'%bw':>5} {'speedup':>7}")
     for name, (n, k) in SHAPES.items():
