@@ -3,7 +3,7 @@ bandwidth measured in the same run. Each timing is a CUDA graph of 32 calls over
 memory than the L2 cache holds.
 
     python benchmarks/gemv.py                    # bf16: cuBLAS vs flux's GEMV
-    python benchmarks/gemv.py --quant [--sweep] [--rows 8,16] [--launch-shapes 0,3] [--shapes down,lm_head]
+    python benchmarks/gemv.py --quant [--sweep] [--rows 8,16] [--launch-shapes 0,2] [--shapes down,lm_head]
                                                  # INT8 / INT4 vs bf16 cuBLAS
 """
 
@@ -51,28 +51,21 @@ def graph_time(fn, calls: int = 32) -> float:
     return sorted(times)[2]
 
 
-def sweep_configs(rows: int, shapes: tuple[int, ...] = (0, 1, 2, 3)):
-    """(INT4 form, launch shape, warps, row tiles, stages) of the tensor-core kernels: INT4 biased codes (1) or
-    per-weight scales (2); launch shape 0 (up to 8 warps), 1 (three blocks per SM, fewer loads in flight per warp)
-    or 2 (up to 16 warps), the last two for up to 16 rows; 3 (INT4 weights through shared memory, up to 8 rows:
-    consumer warps and stages in flight, 0 = chosen)."""
+def sweep_configs(rows: int, shapes: tuple[int, ...] = (0, 1, 2)):
+    """(INT4 form, launch shape, warps, row tiles) of the tensor-core kernel: INT4 biased codes (1) or per-weight
+    scales (2); launch shape 0 (up to 8 warps), 1 (three blocks per SM, fewer loads in flight per warp) or 2 (up
+    to 16 warps), the last two for up to 16 rows."""
     for mode in (1, 2):
         for shape in shapes:
-            if (shape in (1, 2) and rows > 16) or (shape == 3 and rows > 8):
-                continue
-            if shape == 3:
-                for warps in (4, 8):
-                    for tiles in (1, 2):
-                        for stages in (0, 2, 3, 6):
-                            yield mode, shape, warps, tiles, stages
+            if shape in (1, 2) and rows > 16:
                 continue
             for warps in (8, 16) if shape == 2 else (4, 8):
                 for tiles in (1, 2, 4):
-                    yield mode, shape, warps, tiles, 0
+                    yield mode, shape, warps, tiles
 
 
 def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
-              shapes: tuple[int, ...] = (0, 1, 2, 3), names: tuple[str, ...] = tuple(SHAPES)) -> None:
+              shapes: tuple[int, ...] = (0, 1, 2), names: tuple[str, ...] = tuple(SHAPES)) -> None:
     """Weight-only INT8 / INT4 (group 128) linear layers against bf16 cuBLAS, same shapes. With ``sweep``, every
     warp count / row tiling of the tensor-core kernel too (the launcher's heuristic picks one of them)."""
     from flux_infer.quantization.modules import QuantizedLinear
@@ -99,16 +92,13 @@ def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
                   f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f} {t16 / t4:>12.2f}", flush=True)
             if not sweep:
                 continue
-            for mode, shape, warps, tiles, stages in sweep_configs(rows, shapes):
-                module.set_quant_bulk_stages(stages)
-                t8 = float("nan") if shape == 3 else graph_time(
-                    lambda i: module.quant_mma(x, int8[i % copies].qweight, int8[i % copies].scale, None, 0, None,
-                                               warps, tiles, mode, shape, -1))
+            for mode, shape, warps, tiles in sweep_configs(rows, shapes):
+                t8 = graph_time(lambda i: module.quant_mma(x, int8[i % copies].qweight, int8[i % copies].scale,
+                                                           None, 0, None, warps, tiles, mode, shape, -1))
                 t4 = graph_time(lambda i: module.quant_mma(x, int4[i % copies].qweight, int4[i % copies].scales,
                                                            int4[i % copies].mins, 128, None, warps, tiles, mode,
                                                            shape, -1))
-                module.set_quant_bulk_stages(0)
-                label = f"m{mode} l{shape} w{warps} t{tiles}" + (f" s{stages}" if shape == 3 else "")
+                label = f"m{mode} l{shape} w{warps} t{tiles}"
                 print(f"{label:>14} {rows:>4} {'':>8} {t8 * 1e6:>8.1f} {pct(nbytes8, t8):>5.1f} "
                       f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f}", flush=True)
         del dense, int8, int4
@@ -124,12 +114,12 @@ def main() -> int:
     parser.add_argument("--quant", action="store_true", help="INT8 / INT4 kernels vs bf16 cuBLAS")
     parser.add_argument("--sweep", action="store_true", help="with --quant: every launch the kernel accepts too")
     parser.add_argument("--rows", type=integers, default=(1, 4, 8, 16, 32), help="with --quant: e.g. 8,16")
-    parser.add_argument("--launch-shapes", type=integers, default=(0, 1, 2, 3), help="with --sweep: e.g. 0,3")
+    parser.add_argument("--launch-shapes", type=integers, default=(0, 1, 2), help="with --sweep: e.g. 0,2")
     parser.add_argument("--shapes", type=lambda text: tuple(text.split(",")), default=tuple(SHAPES),
                         help=f"with --quant: a comma-separated subset of {', '.join(SHAPES)}")
     args = parser.parse_args()
-    if not set(args.launch_shapes) <= {0, 1, 2, 3} or not all(1 <= r <= 32 for r in args.rows):
-        parser.error("launch shapes are 0 to 3 and rows 1 to 32")
+    if not set(args.launch_shapes) <= {0, 1, 2} or not all(1 <= r <= 32 for r in args.rows):
+        parser.error("launch shapes are 0, 1 or 2 and rows 1 to 32")
     if not set(args.shapes) <= set(SHAPES):
         parser.error(f"shapes are among: {', '.join(SHAPES)}")
     assert cuda.load(), cuda.status()

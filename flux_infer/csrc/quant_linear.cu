@@ -1,47 +1,39 @@
 // quant_mma: the weight-only quantized linear for 1-32 rows (the kernels: quant_mma.cuh), its launch plans
 // and its binding; dequantize_weight: the dense weight for long prefills (cuBLAS then runs the matmul).
-#include "quant_dispatch.cuh"
+#include "quant_mma.cuh"
 
 namespace flux {
 namespace {
 
-// How a layer runs: INT4 as biased codes or with per-weight scales, row tiles per block, warps per block (launch
-// shape 3: consumer warps), launch shape (L in quant_mma.cuh; 3: quant_bulk.cuh).
+// How a layer runs: INT4 as biased codes or with per-weight scales, row tiles per block, warps per block, launch
+// shape (L above).
 struct Plan {
   bool biased;
   int row_tiles, warps, shape;
 };
 
 // Choices measured on H100 (benchmarks/gemv.py --quant --sweep, Llama-3-8B shapes; raw in benchmarks/results/
-// 2026-11-26-h100-gemv-quant-sweep-shapes.txt for 1-16 rows, ...-sweep-rt4.txt for 17-32; up to 8 rows, biased
-// codes only for outputs of 14336 and more: at 1 row the fused q/k/v layer, 6144 x 4096, took 7.9 us with
-// per-weight scales, 2 row tiles and 8 warps against 8.3 us biased in ...-sweep-shapes.txt, and 7.3 us in
-// 2026-11-27-h100-gemv-quant-biased16-sweep-rejected.txt, whose per-weight kernel is this one). Up to 16 rows the
-// kernels are latency bound (two to four warps per scheduler, each waiting on its own dependent chain), so layers
-// deeper than wide (q/o, down: few blocks) take 16 warps per block, and wider ones fewer registers for more blocks
-// per SM (launch shape 1) or, for outputs of 14336 and more above 8 rows, 16-warp-capable blocks of 4 row tiles
-// (every block re-reads all of x, so wider blocks pay off as rows grow). Above 16 rows: 4 row tiles for layers
-// wider than deep, else 2 (INT4) or 1 (INT8); 4 warps for outputs of 14336 and wider. `bulk_ok`: the layer can take
-// launch shape 3 (bulk_fits).
-inline Plan choose_plan(bool int4, bool biased_ok, bool bulk_ok, int rows, int n, int k) {
+// 2026-11-26-h100-gemv-quant-sweep-shapes.txt for 1-16 rows, ...-sweep-rt4.txt for 17-32). Up to 8 rows INT4 runs
+// with per-weight scales: the per-weight kernel of 2026-11-27 (...-gemv-quant-biased16-sweep-rejected.txt) took
+// the fused q/k/v layer, 6144 x 4096, in 7.3 us at 1 row against 8.3 biased, and in three sweeps of the sixth
+// session (...-gemv-quant-bulk-*-rejected.txt) the fused gate/up layer, 28672 x 4096, in 27.4-27.8 us at 1 and 4
+// rows against 28.8-29.1 biased (launch shape 1, 8 warps), and lm_head, 128256 x 4096, in 101.3-103.2 us with 4
+// warps against 106.4-108.0 biased with 8. Up to 16 rows the kernels are latency bound (two to four warps per
+// scheduler, each waiting on its own dependent chain), so layers deeper than wide (q/o, down: few blocks) take 16
+// warps per block, and wider ones fewer registers for more blocks per SM (launch shape 1; 4 warps for
+// vocabulary-sized outputs, more than 8x the input: thousands of blocks) or, for outputs of 14336 and more above 8
+// rows, 16-warp-capable blocks of 4 row tiles (every block re-reads all of x, so wider blocks pay off as rows
+// grow). Above 16 rows: 4 row tiles for layers wider than deep, else 2 (INT4) or 1 (INT8); 4 warps for outputs of
+// 14336 and wider.
+inline Plan choose_plan(bool int4, int rows, int n, int k) {
   const bool wide = n > k, big = n >= 14336;
-  if (bulk_ok && big) return {biased_ok, 2, 8, 3};
   if (rows <= 16) {
     if (!wide) return int4 || rows > 8 ? Plan{false, 2, 16, 2} : Plan{false, 1, 8, 0};
     if (!int4) return {false, 1, 8, 1};
-    if (rows <= 8) return biased_ok && big ? Plan{true, 2, 8, 1} : Plan{false, 2, big ? 4 : 8, 0};
+    if (rows <= 8) return big ? Plan{false, 2, n > 8 * k ? 4 : 8, 1} : Plan{false, 2, 8, 0};
     return big ? Plan{false, 4, 8, 2} : Plan{false, 2, 8, 1};
   }
   return {false, wide ? 4 : int4 ? 2 : 1, big ? 4 : 8, 0};
-}
-
-// Whether launch shape 3 (weights through shared memory by bulk copies, quant_bulk.cuh) can run a layer: INT4 in
-// groups of 32, 64 or 128, K a multiple of a stage's 1,024 codes, up to 8 rows, 16-byte aligned scales and mins
-// rows, a Hopper (or later) GPU.
-inline bool bulk_fits(bool int4, int64_t rows, int64_t k, int64_t group, const torch::Tensor& scales,
-                      const c10::optional<torch::Tensor>& mins, int device) {
-  return int4 && rows <= 8 && k % kBulkStageCodes == 0 && (group == 32 || group == 64 || group == 128) &&
-         aligned16(scales) && mins && aligned16(*mins) && pdl_supported(device);
 }
 
 // Dense weights [N, K] from INT4 codes: one thread per packed word (8 weights, one 16-byte store). q * scale is
@@ -92,8 +84,7 @@ __global__ void dequantize_int8_kernel(T* __restrict__ out, const int8_t* __rest
 // weight-only quantized linear for 1..32 rows of x: INT8 (qweight int8 [N, K], scale [N]) or INT4 (qweight int32
 // [N, K / 8], scales/mins [N, K / group]). warps (the K split inside a block), row_tiles (16-row tiles per block)
 // and int4_mode (1 = biased codes, 2 = per-weight scales): 0 = chosen from the shape; launch_shape (0, 1, 2: the
-// kernel's register budget, see quant_mma_kernel; 3: weights through shared memory, quant_bulk_kernel): -1 =
-// chosen. activation >= 0: a gated layer, qweight holds
+// kernel's register budget, see quant_mma_kernel): -1 = chosen. activation >= 0: a gated layer, qweight holds
 // [gate; up] and the result is act(gate) * up (0 = silu, 1 = gelu_tanh), half as wide; the plan is the one of the
 // whole [gate; up] layer, so each half sums exactly as that fused layer's un-gated launch does.
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
@@ -119,32 +110,21 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   TORCH_CHECK(activation >= -1 && activation <= 1 && (!gated || n % 2 == 0),
               "quant_mma: activation -1 (none), 0 (silu) or 1 (gelu_tanh); a gated layer has an even N");
   const bool biased_ok = int4 && group % 128 == 0;
-  const bool bulk_ok = flux::bulk_fits(int4, rows, k, group, scales, mins, x.get_device());
-  flux::Plan plan = flux::choose_plan(int4, biased_ok, bulk_ok, static_cast<int>(rows), static_cast<int>(n),
-                                      static_cast<int>(k));
+  flux::Plan plan = flux::choose_plan(int4, static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k));
   if (int4_mode > 0) plan.biased = int4_mode == 1 && biased_ok;
   if (row_tiles > 0) plan.row_tiles = static_cast<int>(row_tiles);
   if (warps > 0) plan.warps = static_cast<int>(warps);
   if (launch_shape >= 0) plan.shape = static_cast<int>(launch_shape);
   // an override of one of warps / launch shape keeps the other consistent: more than 8 warps need shape 2, and a
-  // chosen warp count or row tiling is capped to what an explicit shape allows
+  // chosen warp count is capped to what an explicit shape allows
   if (launch_shape < 0 && plan.warps > 8) plan.shape = 2;
   if (warps <= 0 && plan.shape != 2) plan.warps = std::min(plan.warps, 8);
-  if (plan.shape == 3) {
-    if (warps <= 0) plan.warps = 1 << (31 - __builtin_clz(plan.warps));  // consumers split a stage's 8 steps
-    if (row_tiles <= 0) plan.row_tiles = std::min(plan.row_tiles, 2);
-  }
   const int format = !int4 ? flux::kInt8 : plan.biased ? flux::kInt4Biased : flux::kInt4;
   const int rt = plan.row_tiles, w = plan.warps, shape = plan.shape;
-  TORCH_CHECK(shape >= 0 && shape <= 3 && (shape == 0 || rows <= 16),
-              "quant_mma: launch shape 0, 1 or 2 (<= 16 rows) or 3 (INT4, <= 8 rows)");
-  TORCH_CHECK(shape != 3 || bulk_ok,
-              "quant_mma: launch shape 3 needs INT4 in groups of 32, 64 or 128, K a multiple of 1024, at most 8 rows, "
-              "16-byte aligned scales and mins and a GPU of compute capability 9.0 or later; use launch shape 0-2");
-  TORCH_CHECK(shape == 3 ? (w == 1 || w == 2 || w == 4 || w == 8) && (rt == 1 || rt == 2)
-                         : w >= 1 && w <= (shape == 2 ? 16 : 8) && (rt == 1 || rt == 2 || rt == 4),
-              "quant_mma: 1..8 warps (16 with launch shape 2), 1, 2 or 4 row tiles; launch shape 3: 1, 2, 4 or 8 "
-              "consumer warps, 1 or 2 row tiles");
+  TORCH_CHECK(shape >= 0 && shape <= 2 && (shape == 0 || rows <= 16),
+              "quant_mma: launch shape 0, 1 or 2 (<= 16 rows)");
+  TORCH_CHECK(w >= 1 && w <= (shape == 2 ? 16 : 8) && (rt == 1 || rt == 2 || rt == 4),
+              "quant_mma: 1..8 warps (16 with launch shape 2), 1, 2 or 4 row tiles");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({rows, gated ? n / 2 : n}, x.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -190,10 +170,4 @@ torch::Tensor dequantize_weight(torch::Tensor qweight, torch::Tensor scales, c10
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
-}
-
-// launch shape 3's stages in flight per block (0: chosen from the shared memory they take); a tuning hook
-void set_quant_bulk_stages(int64_t stages) {
-  TORCH_CHECK(stages >= 0 && stages <= 16, "set_quant_bulk_stages: 0 (chosen) to 16 stages");
-  flux::bulk_stages() = static_cast<int>(stages);
 }

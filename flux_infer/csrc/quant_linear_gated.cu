@@ -1,6 +1,6 @@
 // quant_mma's gated layers (act(gate) * up in the epilogue), compiled apart from the plain ones: the two halves of
 // the kernel's instantiations build in parallel.
-#include "quant_dispatch.cuh"
+#include "quant_mma.cuh"
 
 namespace flux {
 

@@ -232,25 +232,23 @@ __device__ __forceinline__ void mma_step(float (&acc)[RT][MT][4], const uint4 (&
   }
 }
 
-// Sum the partial tiles of the block's first `warps` warps (the threads that call this; `sync` is their barrier)
-// over the outputs from n0 and write them. Element (rt, mt, c) of lane l is tile row g + 8 h (g = l / 4,
-// h = c / 2) of row tile rt (its weight row: tile_row) and activation row 8 mt + 2 (l % 4) + c % 2. Gated: the
-// gate half (h = 0) and the up half (h = 1) make act(gate) * up, each rounded as the separate layer and act_mul
-// kernel would.
-template <typename T, int F, int MT, int RT, bool G, typename Sync>
+// Sum the warps' partial tiles of the block's outputs (from n0) and write them. Element (rt, mt, c) of lane l is
+// tile row g + 8 h (g = l / 4, h = c / 2) of row tile rt (its weight row: tile_row) and activation row
+// 8 mt + 2 (l % 4) + c % 2. Gated: the gate half (h = 0) and the up half (h = 1) make act(gate) * up, each
+// rounded as the separate layer and act_mul kernel would.
+template <typename T, int F, int MT, int RT, bool G>
 __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float* partial, T* __restrict__ out,
                                             const uint16_t* __restrict__ scales, const T* __restrict__ bias, int n0,
-                                            int m_rows, int n_out, int64_t out_stride, int act, int warps,
-                                            Sync sync) {
+                                            int m_rows, int n_out, int64_t out_stride, int act) {
   constexpr int kAcc = RT * MT * 4;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
   for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int c = 0; c < 4; ++c) partial[(warp * kAcc + (rt * MT + mt) * 4 + c) * 32 + lane] = acc[rt][mt][c];
-  sync();
+  __syncthreads();
   const auto result = [&](int e, int n) {  // element e summed over the warps, of weight row n
     float total = 0.f;
     for (int wi = 0; wi < warps; ++wi) total += partial[wi * kAcc * 32 + e];
@@ -258,7 +256,7 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
     if (bias != nullptr) total += to_float(bias[n]);
     return total;
   };
-  for (int e = threadIdx.x; e < kAcc * 32; e += warps * 32) {
+  for (int e = threadIdx.x; e < kAcc * 32; e += blockDim.x) {
     const int j = e >> 5, l = e & 31, c = j & 3;
     if (G && c >= 2) continue;  // the up half, read with its gate
     const int n = tile_row<F, G>(n0 + kOutputs<F, G> * (j / (MT * 4)), l >> 2, c >> 1, n_out);
@@ -326,8 +324,7 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
   pdl_wait();  // (a warp without steps)
   if (!early) pdl_trigger();
   extern __shared__ float partial[];  // [warps][RT * MT * 4][32]
-  reduce_tile<T, F, MT, RT, G>(acc, partial, out, scales, bias, n0, m_rows, n_out, out_stride, act, warps,
-                               [] { __syncthreads(); });
+  reduce_tile<T, F, MT, RT, G>(acc, partial, out, scales, bias, n0, m_rows, n_out, out_stride, act);
 }
 
 template <typename T, int F, int MT, int RT, int L, bool G>
@@ -351,4 +348,59 @@ void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tenso
 
 
 }  // namespace
+
+// What quant_mma launches: the format (kInt8 / kInt4 / kInt4Biased), 8-row activation tiles (1, 2 or 4), row tiles
+// per block, warps, launch shape and, for gated layers, the activation.
+struct QuantLaunch {
+  int format, mt, row_tiles, warps, shape, act;
+};
+
+namespace {
+
+// Instantiates the kernel for one launch (G: gated). quant_linear.cu and quant_linear_gated.cu each compile one
+// half, in parallel (internal linkage: each file has its own copy).
+template <bool G>
+void dispatch_quant_mma(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight,
+                        const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
+                        const c10::optional<torch::Tensor>& bias, int group, const QuantLaunch& p,
+                        cudaStream_t stream) {
+  AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "quant_mma", [&] {
+    auto pick = [&](auto format_c) {
+      constexpr int F = decltype(format_c)::value;
+      auto go = [&](auto mt_c, auto rt_c) {
+        constexpr int MT = decltype(mt_c)::value, RT = decltype(rt_c)::value;
+        auto with_shape = [&](auto l_c) {
+          launch_quant<scalar_t, F, MT, RT, decltype(l_c)::value, G>(out, x, qweight, scales, mins, bias, group,
+                                                                     p.warps, p.act, stream);
+        };
+        if constexpr (MT <= 2) {  // launch shapes 1 and 2 exist for up to 16 rows
+          if (p.shape == 1) return with_shape(std::integral_constant<int, 1>{});
+          if (p.shape == 2) return with_shape(std::integral_constant<int, 2>{});
+        }
+        with_shape(std::integral_constant<int, 0>{});
+      };
+      using C1 = std::integral_constant<int, 1>;
+      using C2 = std::integral_constant<int, 2>;
+      using C4 = std::integral_constant<int, 4>;
+      auto with_rt = [&](auto mt_c) {
+        if (p.row_tiles == 1) go(mt_c, C1{});
+        else if (p.row_tiles == 2) go(mt_c, C2{});
+        else go(mt_c, C4{});
+      };
+      if (p.mt == 1) with_rt(C1{});
+      else if (p.mt == 2) with_rt(C2{});
+      else with_rt(C4{});
+    };
+    if (p.format == kInt8) pick(std::integral_constant<int, kInt8>{});
+    else if (p.format == kInt4) pick(std::integral_constant<int, kInt4>{});
+    else pick(std::integral_constant<int, kInt4Biased>{});
+  });
+}
+
+}  // namespace
+
+void quant_mma_gated(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight,
+                     const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
+                     const c10::optional<torch::Tensor>& bias, int group, const QuantLaunch& p, cudaStream_t stream);
+
 }  // namespace flux
