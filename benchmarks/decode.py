@@ -42,10 +42,6 @@ FLUX_MODES.update({f"{mode}_late": FLUX_MODES[mode] for mode in ("flux", "flux_i
 # INT4 with the fused q/k/v layer (6144 x 4096) on biased codes up to 8 rows, the launch plan before 2026-11-27's
 # change (an A/B through flux_infer.kernels.cuda.QUANT_MMA_PLANS)
 FLUX_MODES["flux_int4_qkvbiased"] = FLUX_MODES["flux_int4"]
-# INT4 with the fused gate/up layer and lm_head on biased codes up to 8 rows (launch shape 1, 8 warps), the launch
-# plan before the sixth session's change (an A/B through QUANT_MMA_PLANS)
-BIASED_BIG_PLANS = {(28672, 4096): (8, 2, 1, 1), (128256, 4096): (8, 2, 1, 1)}
-FLUX_MODES["flux_int4_biasedbig"] = FLUX_MODES["flux_int4"]
 # quantized, with every prefill matmul on the Triton dequantize-in-the-loop kernel (an A/B of
 # flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS: cuBLAS on the dequantized weight)
 FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
@@ -172,8 +168,7 @@ def main() -> int:
             set_programmatic_launch(not mode.endswith("_nopdl"))
             FluxGatedMLP.gated_epilogue = not mode.endswith("_unfused")
             cuda_kernels.set_early_trigger(not mode.endswith("_late"))
-            cuda_kernels.QUANT_MMA_PLANS = ({(6144, 4096): (8, 2, 1, 1)} if mode.endswith("_qkvbiased") else
-                                            dict(BIASED_BIG_PLANS) if mode.endswith("_biasedbig") else {})
+            cuda_kernels.QUANT_MMA_PLANS = {(6144, 4096): (8, 2, 1, 1)} if mode.endswith("_qkvbiased") else {}
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = ({bits: 1 << 30 for bits in default_dequant_rows}
                                                     if mode.endswith("_triton_prefill") else dict(default_dequant_rows))
             flux_infer.optimize(model, config=FLUX_MODES[mode])

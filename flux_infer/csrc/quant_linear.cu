@@ -13,24 +13,21 @@ struct Plan {
 };
 
 // Choices measured on H100 (benchmarks/gemv.py --quant --sweep, Llama-3-8B shapes; raw in benchmarks/results/
-// 2026-11-26-h100-gemv-quant-sweep-shapes.txt for 1-16 rows, ...-sweep-rt4.txt for 17-32). Up to 8 rows INT4 runs
-// with per-weight scales: the per-weight kernel of 2026-11-27 (...-gemv-quant-biased16-sweep-rejected.txt) took
-// the fused q/k/v layer, 6144 x 4096, in 7.3 us at 1 row against 8.3 biased, and in three sweeps of the sixth
-// session (...-gemv-quant-bulk-*-rejected.txt) the fused gate/up layer, 28672 x 4096, in 27.4-27.8 us at 1 and 4
-// rows against 28.8-29.1 biased (launch shape 1, 8 warps), and lm_head, 128256 x 4096, in 101.3-103.2 us with 4
-// warps against 106.4-108.0 biased with 8. Up to 16 rows the kernels are latency bound (two to four warps per
-// scheduler, each waiting on its own dependent chain), so layers deeper than wide (q/o, down: few blocks) take 16
-// warps per block, and wider ones fewer registers for more blocks per SM (launch shape 1; 4 warps for
-// vocabulary-sized outputs, more than 8x the input: thousands of blocks) or, for outputs of 14336 and more above 8
-// rows, 16-warp-capable blocks of 4 row tiles (every block re-reads all of x, so wider blocks pay off as rows
-// grow). Above 16 rows: 4 row tiles for layers wider than deep, else 2 (INT4) or 1 (INT8); 4 warps for outputs of
-// 14336 and wider.
-inline Plan choose_plan(bool int4, int rows, int n, int k) {
+// 2026-11-26-h100-gemv-quant-sweep-shapes.txt for 1-16 rows, ...-sweep-rt4.txt for 17-32; up to 8 rows, biased
+// codes only for outputs of 14336 and more: at 1 row the fused q/k/v layer, 6144 x 4096, took 7.9 us with
+// per-weight scales, 2 row tiles and 8 warps against 8.3 us biased in ...-sweep-shapes.txt, and 7.3 us in
+// 2026-11-27-h100-gemv-quant-biased16-sweep-rejected.txt, whose per-weight kernel is this one). Up to 16 rows the
+// kernels are latency bound (two to four warps per scheduler, each waiting on its own dependent chain), so layers
+// deeper than wide (q/o, down: few blocks) take 16 warps per block, and wider ones fewer registers for more blocks
+// per SM (launch shape 1) or, for outputs of 14336 and more above 8 rows, 16-warp-capable blocks of 4 row tiles
+// (every block re-reads all of x, so wider blocks pay off as rows grow). Above 16 rows: 4 row tiles for layers
+// wider than deep, else 2 (INT4) or 1 (INT8); 4 warps for outputs of 14336 and wider.
+inline Plan choose_plan(bool int4, bool biased_ok, int rows, int n, int k) {
   const bool wide = n > k, big = n >= 14336;
   if (rows <= 16) {
     if (!wide) return int4 || rows > 8 ? Plan{false, 2, 16, 2} : Plan{false, 1, 8, 0};
     if (!int4) return {false, 1, 8, 1};
-    if (rows <= 8) return big ? Plan{false, 2, n > 8 * k ? 4 : 8, 1} : Plan{false, 2, 8, 0};
+    if (rows <= 8) return biased_ok && big ? Plan{true, 2, 8, 1} : Plan{false, 2, big ? 4 : 8, 0};
     return big ? Plan{false, 4, 8, 2} : Plan{false, 2, 8, 1};
   }
   return {false, wide ? 4 : int4 ? 2 : 1, big ? 4 : 8, 0};
@@ -110,7 +107,8 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   TORCH_CHECK(activation >= -1 && activation <= 1 && (!gated || n % 2 == 0),
               "quant_mma: activation -1 (none), 0 (silu) or 1 (gelu_tanh); a gated layer has an even N");
   const bool biased_ok = int4 && group % 128 == 0;
-  flux::Plan plan = flux::choose_plan(int4, static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k));
+  flux::Plan plan =
+      flux::choose_plan(int4, biased_ok, static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k));
   if (int4_mode > 0) plan.biased = int4_mode == 1 && biased_ok;
   if (row_tiles > 0) plan.row_tiles = static_cast<int>(row_tiles);
   if (warps > 0) plan.warps = static_cast<int>(warps);
