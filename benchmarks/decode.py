@@ -42,6 +42,8 @@ FLUX_MODES.update({f"{mode}_late": FLUX_MODES[mode] for mode in ("flux", "flux_i
 # INT4 with the fused q/k/v layer (6144 x 4096) on biased codes up to 8 rows, the launch plan before 2026-11-27's
 # change (an A/B through flux_infer.kernels.cuda.QUANT_MMA_PLANS)
 FLUX_MODES["flux_int4_qkvbiased"] = FLUX_MODES["flux_int4"]
+# INT4 with the launch plans given by --plans (a tuning A/B through QUANT_MMA_PLANS)
+FLUX_MODES["flux_int4_plans"] = FLUX_MODES["flux_int4"]
 # quantized, with every prefill matmul on the Triton dequantize-in-the-loop kernel (an A/B of
 # flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS: cuBLAS on the dequantized weight)
 FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
@@ -127,6 +129,19 @@ def weight_bytes(model) -> tuple[int, int]:
     return total, total - embed.numel() * embed.element_size()
 
 
+def parse_plans(text: str) -> dict[tuple[int, int], tuple[int, int, int, int]]:
+    """``"28672x4096=8,2,1,1;..."`` as ``{(28672, 4096): (8, 2, 1, 1), ...}``."""
+    plans = {}
+    for item in filter(None, text.split(";")):
+        shape, _, plan = item.partition("=")
+        out_features, _, in_features = shape.partition("x")
+        values = tuple(int(v) for v in plan.split(","))
+        if len(values) != 4:
+            raise argparse.ArgumentTypeError(f"{item!r}: a plan is warps,row_tiles,int4_form,launch_shape")
+        plans[(int(out_features), int(in_features))] = values
+    return plans
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", default="hf_eager,hf_static_compile,flux")
@@ -138,6 +153,9 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--plans", type=parse_plans, default={},
+                        help="launch plans of flux_int4_plans, e.g. '28672x4096=8,2,1,1;128256x4096=4,2,2,1': "
+                             "(out x in) = warps, row tiles, INT4 form, launch shape (QUANT_MMA_PLANS, up to 8 rows)")
     args = parser.parse_args()
     modes = args.modes.split(",")
     default_gemv_rows = linear_module.GEMV_MAX_ROWS
@@ -168,7 +186,8 @@ def main() -> int:
             set_programmatic_launch(not mode.endswith("_nopdl"))
             FluxGatedMLP.gated_epilogue = not mode.endswith("_unfused")
             cuda_kernels.set_early_trigger(not mode.endswith("_late"))
-            cuda_kernels.QUANT_MMA_PLANS = {(6144, 4096): (8, 2, 1, 1)} if mode.endswith("_qkvbiased") else {}
+            cuda_kernels.QUANT_MMA_PLANS = ({(6144, 4096): (8, 2, 1, 1)} if mode.endswith("_qkvbiased") else
+                                            dict(args.plans) if mode.endswith("_plans") else {})
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = ({bits: 1 << 30 for bits in default_dequant_rows}
                                                     if mode.endswith("_triton_prefill") else dict(default_dequant_rows))
             flux_infer.optimize(model, config=FLUX_MODES[mode])

@@ -3,7 +3,7 @@ bandwidth measured in the same run. Each timing is a CUDA graph of 32 calls over
 memory than the L2 cache holds.
 
     python benchmarks/gemv.py                    # bf16: cuBLAS vs flux's GEMV
-    python benchmarks/gemv.py --quant [--sweep] [--rows 8,16] [--launch-shapes 0,2] [--shapes down,lm_head]
+    python benchmarks/gemv.py --quant [--sweep] [--rows 8,16] [--launch-shapes 0,2] [--shapes down,lm_head] [--gated]
                                                  # INT8 / INT4 vs bf16 cuBLAS
 """
 
@@ -65,12 +65,14 @@ def sweep_configs(rows: int, shapes: tuple[int, ...] = (0, 1, 2)):
 
 
 def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
-              shapes: tuple[int, ...] = (0, 1, 2), names: tuple[str, ...] = tuple(SHAPES)) -> None:
+              shapes: tuple[int, ...] = (0, 1, 2), names: tuple[str, ...] = tuple(SHAPES), gated: bool = False) -> None:
     """Weight-only INT8 / INT4 (group 128) linear layers against bf16 cuBLAS, same shapes. With ``sweep``, every
-    warp count / row tiling of the tensor-core kernel too (the launcher's heuristic picks one of them)."""
+    warp count / row tiling of the tensor-core kernel too (the launcher's heuristic picks one of them). ``gated``:
+    the quantized layers as decode runs a fused gate/up layer, SiLU(gate) * up in the epilogue (half as wide)."""
     from flux_infer.quantization.modules import QuantizedLinear
 
     module = cuda._state["module"]
+    act = 0 if gated else -1
     print(f"{'shape':>14} {'rows':>4} {'bf16 us':>8} {'int8 us':>8} {'%bw':>5} {'int4 us':>8} {'%bw':>5} "
           f"{'int4 speedup':>12}")
     for name, (n, k) in SHAPES.items():
@@ -86,18 +88,24 @@ def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
         for rows in rows_measured:
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             t16 = graph_time(lambda i: F.linear(x, dense[i % copies]))
-            t8 = graph_time(lambda i: int8[i % copies](x))
-            t4 = graph_time(lambda i: int4[i % copies](x))
+            if gated:  # the launcher's own plan (warps, row tiles, form and launch shape left to it)
+                t8 = graph_time(lambda i: module.quant_mma(x, int8[i % copies].qweight, int8[i % copies].scale, None, 0,
+                                                           None, 0, 0, 0, -1, act))
+                t4 = graph_time(lambda i: module.quant_mma(x, int4[i % copies].qweight, int4[i % copies].scales,
+                                                           int4[i % copies].mins, 128, None, 0, 0, 0, -1, act))
+            else:
+                t8 = graph_time(lambda i: int8[i % copies](x))
+                t4 = graph_time(lambda i: int4[i % copies](x))
             print(f"{name:>14} {rows:>4} {t16 * 1e6:>8.1f} {t8 * 1e6:>8.1f} {pct(nbytes8, t8):>5.1f} "
                   f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f} {t16 / t4:>12.2f}", flush=True)
             if not sweep:
                 continue
             for mode, shape, warps, tiles in sweep_configs(rows, shapes):
                 t8 = graph_time(lambda i: module.quant_mma(x, int8[i % copies].qweight, int8[i % copies].scale,
-                                                           None, 0, None, warps, tiles, mode, shape, -1))
+                                                           None, 0, None, warps, tiles, mode, shape, act))
                 t4 = graph_time(lambda i: module.quant_mma(x, int4[i % copies].qweight, int4[i % copies].scales,
                                                            int4[i % copies].mins, 128, None, warps, tiles, mode,
-                                                           shape, -1))
+                                                           shape, act))
                 label = f"m{mode} l{shape} w{warps} t{tiles}"
                 print(f"{label:>14} {rows:>4} {'':>8} {t8 * 1e6:>8.1f} {pct(nbytes8, t8):>5.1f} "
                       f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f}", flush=True)
@@ -115,6 +123,9 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="with --quant: every launch the kernel accepts too")
     parser.add_argument("--rows", type=integers, default=(1, 4, 8, 16, 32), help="with --quant: e.g. 8,16")
     parser.add_argument("--launch-shapes", type=integers, default=(0, 1, 2), help="with --sweep: e.g. 0,2")
+    parser.add_argument("--gated", action="store_true",
+                        help="with --quant: the layers as gated ones (SiLU(gate) * up in the epilogue), as decode runs "
+                             "the fused gate/up layer")
     parser.add_argument("--shapes", type=lambda text: tuple(text.split(",")), default=tuple(SHAPES),
                         help=f"with --quant: a comma-separated subset of {', '.join(SHAPES)}")
     args = parser.parse_args()
@@ -126,7 +137,8 @@ def main() -> int:
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  copy {bandwidth:.0f} GB/s")
     if args.quant:
-        quantized(bandwidth, sweep=args.sweep, rows_measured=args.rows, shapes=args.launch_shapes, names=args.shapes)
+        quantized(bandwidth, sweep=args.sweep, rows_measured=args.rows, shapes=args.launch_shapes, names=args.shapes,
+                  gated=args.gated)
         return 0
     print(f"{'shape':>14} {'rows':>4} {'cuBLAS us':>10} {'%bw':>5} {'flux us':>9} {'%bw':>5} {'speedup':>7}")
     for name, (n, k) in SHAPES.items():

@@ -16,7 +16,10 @@ struct Plan {
 // 2026-11-26-h100-gemv-quant-sweep-shapes.txt for 1-16 rows, ...-sweep-rt4.txt for 17-32; up to 8 rows, biased
 // codes only for outputs of 14336 and more: at 1 row the fused q/k/v layer, 6144 x 4096, took 7.9 us with
 // per-weight scales, 2 row tiles and 8 warps against 8.3 us biased in ...-sweep-shapes.txt, and 7.3 us in
-// 2026-11-27-h100-gemv-quant-biased16-sweep-rejected.txt, whose per-weight kernel is this one). Up to 16 rows the
+// 2026-11-27-h100-gemv-quant-biased16-sweep-rejected.txt, whose per-weight kernel is this one). The fused gate/up
+// layer runs gated in decode, where biased codes are the faster form (29.2 vs 32.3 us at 1 row, gemv.py --gated:
+// ...-gemv-quant-gated-sweep.txt; its plain form measures the other way round, and per-weight for it and lm_head
+// lost end to end, 399.1 vs 416.6 tok/s: docs/benchmarks.md, sixth session). Up to 16 rows the
 // kernels are latency bound (two to four warps per scheduler, each waiting on its own dependent chain), so layers
 // deeper than wide (q/o, down: few blocks) take 16 warps per block, and wider ones fewer registers for more blocks
 // per SM (launch shape 1) or, for outputs of 14336 and more above 8 rows, 16-warp-capable blocks of 4 row tiles
