@@ -64,6 +64,19 @@ def sweep_configs(rows: int, shapes: tuple[int, ...] = (0, 1, 2)):
                     yield mode, shape, warps, tiles
 
 
+def mma_time(layers: list, x: torch.Tensor, plan: tuple[int, int, int, int], act: int) -> float:
+    """Seconds per call of the tensor-core kernel with launch ``plan`` (warps, row tiles, INT4 form, launch shape)
+    over ``layers`` (copies of one quantized layer, rotated); ``act`` >= 0: gated."""
+    module = cuda._state["module"]
+
+    def call(i: int) -> torch.Tensor:
+        layer = layers[i % len(layers)]
+        scales, mins = (layer.scale, None) if layer.bits == 8 else (layer.scales, layer.mins)
+        return module.quant_mma(x, layer.qweight, scales, mins, layer.group_size or 0, None, *plan, act)
+
+    return graph_time(call)
+
+
 def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
               shapes: tuple[int, ...] = (0, 1, 2), names: tuple[str, ...] = tuple(SHAPES), gated: bool = False) -> None:
     """Weight-only INT8 / INT4 (group 128) linear layers against bf16 cuBLAS, same shapes. With ``sweep``, every
@@ -71,7 +84,6 @@ def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
     the quantized layers as decode runs a fused gate/up layer, SiLU(gate) * up in the epilogue (half as wide)."""
     from flux_infer.quantization.modules import QuantizedLinear
 
-    module = cuda._state["module"]
     act = 0 if gated else -1
     print(f"{'shape':>14} {'rows':>4} {'bf16 us':>8} {'int8 us':>8} {'%bw':>5} {'int4 us':>8} {'%bw':>5} "
           f"{'int4 speedup':>12}")
@@ -89,10 +101,7 @@ def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
             x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
             t16 = graph_time(lambda i: F.linear(x, dense[i % copies]))
             if gated:  # the launcher's own plan (warps, row tiles, form and launch shape left to it)
-                t8 = graph_time(lambda i: module.quant_mma(x, int8[i % copies].qweight, int8[i % copies].scale, None, 0,
-                                                           None, 0, 0, 0, -1, act))
-                t4 = graph_time(lambda i: module.quant_mma(x, int4[i % copies].qweight, int4[i % copies].scales,
-                                                           int4[i % copies].mins, 128, None, 0, 0, 0, -1, act))
+                t8, t4 = mma_time(int8, x, cuda.AUTO_PLAN, act), mma_time(int4, x, cuda.AUTO_PLAN, act)
             else:
                 t8 = graph_time(lambda i: int8[i % copies](x))
                 t4 = graph_time(lambda i: int4[i % copies](x))
@@ -101,11 +110,8 @@ def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
             if not sweep:
                 continue
             for mode, shape, warps, tiles in sweep_configs(rows, shapes):
-                t8 = graph_time(lambda i: module.quant_mma(x, int8[i % copies].qweight, int8[i % copies].scale,
-                                                           None, 0, None, warps, tiles, mode, shape, act))
-                t4 = graph_time(lambda i: module.quant_mma(x, int4[i % copies].qweight, int4[i % copies].scales,
-                                                           int4[i % copies].mins, 128, None, warps, tiles, mode,
-                                                           shape, act))
+                plan = (warps, tiles, mode, shape)
+                t8, t4 = mma_time(int8, x, plan, act), mma_time(int4, x, plan, act)
                 label = f"m{mode} l{shape} w{warps} t{tiles}"
                 print(f"{label:>14} {rows:>4} {'':>8} {t8 * 1e6:>8.1f} {pct(nbytes8, t8):>5.1f} "
                       f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f}", flush=True)
