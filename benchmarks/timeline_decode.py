@@ -1,0 +1,121 @@
+"""Where the time of a decode step goes once kernels overlap (programmatic dependent launch): each kernel's
+*exposed* time, the part of the step it alone adds (its end minus the latest end of the kernels before it), from
+the CUDA timeline of graph-replayed decode steps (torch.profiler, chrome trace).
+
+A kernel's own duration (what profile_decode.py sums) includes its wait for the kernel before it under PDL, so
+durations add up to more than the step; exposed times add up to the step exactly.
+
+    python benchmarks/timeline_decode.py --quantization int4 --batch 1 --steps 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import flux_infer  # noqa: E402
+from benchmarks.decode import build_model  # noqa: E402
+
+
+def label(event: dict) -> str:
+    """A kernel's short name, its template arguments (flux kernels) and grid: one label per distinct launch."""
+    name = event["name"]
+    short = re.sub(r"^void |\(anonymous namespace\)::|flux::|at::native::|c10::", "", name)
+    short = re.sub(r"\(.*$", "", short)[:70]
+    grid = event.get("args", {}).get("grid", "")
+    return f"{short} grid={grid}"
+
+
+def kernels_of(trace: dict) -> list[dict]:
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "kernel"]
+    return sorted(events, key=lambda e: e["ts"])
+
+
+def exposed_times(events: list[dict]) -> list[float]:
+    """Per kernel (in start order): its end minus the latest end before it, at least 0 (microseconds)."""
+    out, latest = [], None
+    for e in events:
+        end = e["ts"] + e["dur"]
+        out.append(e["dur"] if latest is None else max(0.0, end - latest))
+        latest = end if latest is None else max(latest, end)
+    return out
+
+
+def summarize(events: list[dict], steps: int) -> str:
+    """The exposed time per distinct kernel over the whole decode steps of a generate call of ``steps`` tokens
+    (its prefill and first token excluded)."""
+    labels = [label(e) for e in events]
+    counts = collections.Counter(labels)
+    durations = collections.defaultdict(list)
+    for lab, e in zip(labels, events):
+        durations[lab].append(e["dur"])
+    # lm_head: the longest kernel on average among those that run once per generated token
+    common = [lab for lab, c in counts.items() if steps - 1 <= c <= steps + 1]
+    lm_head = max(common, key=lambda lab: sum(durations[lab]) / len(durations[lab]))
+    marks = [i for i, lab in enumerate(labels) if lab == lm_head]
+    first, last = marks[1] + 1, marks[-1] + 1  # whole decode steps: after the 2nd lm_head through the last
+    steps = len(marks) - 2
+    window = events[first:last]
+    exposed = exposed_times(events)[first:last]
+    step_us = (window[-1]["ts"] + window[-1]["dur"] - (events[first - 1]["ts"] + events[first - 1]["dur"])) / steps
+    rows = collections.defaultdict(lambda: [0, 0.0, 0.0, 0.0])  # calls, duration, exposed, overlap with the previous
+    latest = events[first - 1]["ts"] + events[first - 1]["dur"]
+    for e, x in zip(window, exposed):
+        r = rows[label(e)]
+        r[0] += 1
+        r[1] += e["dur"]
+        r[2] += x
+        r[3] += max(0.0, latest - e["ts"])
+        latest = max(latest, e["ts"] + e["dur"])
+    lines = [f"decode steps: {steps}, step {step_us:.1f} us (first kernel after one lm_head to the next lm_head's end)",
+             f"{'kernel':<95} {'calls/step':>10} {'dur us':>8} {'exposed us':>10} {'overlap us':>10} "
+             f"{'exposed/step':>12} {'share':>6}"]
+    total = sum(r[2] for r in rows.values())
+    for lab, (calls, dur, exp, ovl) in sorted(rows.items(), key=lambda kv: -kv[1][2]):
+        lines.append(f"{lab[:95]:<95} {calls / steps:>10.1f} {dur / calls:>8.2f} {exp / calls:>10.2f} "
+                     f"{ovl / calls:>10.2f} {exp / steps:>12.1f} {exp / total:>6.1%}")
+    lines.append(f"sum of exposed per step: {total / steps:.1f} us")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--quantization", default=None, choices=["int8", "int4"])
+    parser.add_argument("--trace", type=Path, default=None, help="also keep the chrome trace here")
+    args = parser.parse_args()
+    if args.batch < 1 or args.steps < 4:
+        parser.error("--batch >= 1 and --steps >= 4")
+    model = build_model(args.layers)
+    config = flux_infer.InferenceConfig(optimization_level="O1", quantization=args.quantization,
+                                        quantize_lm_head=args.quantization is not None)
+    flux_infer.optimize(model, config=config)
+    ids = torch.randint(100, 120000, (args.batch, 128), device="cuda")
+    kwargs = dict(max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False, temperature=None,
+                  top_p=None, top_k=None)
+    model.generate(input_ids=ids, **kwargs)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        model.generate(input_ids=ids, **kwargs)
+        torch.cuda.synchronize()
+    path = args.trace or Path(tempfile.mkdtemp()) / "trace.json"
+    prof.export_chrome_trace(str(path))
+    print(f"quantization {args.quantization}, batch {args.batch}, {args.layers} layers, "
+          f"{torch.cuda.get_device_name()}")
+    print(summarize(kernels_of(json.loads(path.read_text())), args.steps))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
