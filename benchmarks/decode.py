@@ -129,17 +129,16 @@ def weight_bytes(model) -> tuple[int, int]:
     return total, total - embed.numel() * embed.element_size()
 
 
-def parse_plans(text: str) -> dict[tuple[int, int], tuple[int, int, int, int, int]]:
-    """``"28672x4096=8,2,1,1,4;..."`` as ``{(28672, 4096): (8, 2, 1, 1, 4), ...}`` (splits 0, the launcher's
-    choice, when the fifth value is left out)."""
+def parse_plans(text: str) -> dict[tuple[int, int], tuple[int, int, int, int]]:
+    """``"28672x4096=8,2,1,1;..."`` as ``{(28672, 4096): (8, 2, 1, 1), ...}``."""
     plans = {}
     for item in filter(None, text.split(";")):
         shape, _, plan = item.partition("=")
         out_features, _, in_features = shape.partition("x")
         values = tuple(int(v) for v in plan.split(","))
-        if len(values) not in (4, 5):
-            raise argparse.ArgumentTypeError(f"{item!r}: a plan is warps,row_tiles,int4_form,launch_shape[,splits]")
-        plans[(int(out_features), int(in_features))] = values + (0,) * (5 - len(values))
+        if len(values) != 4:
+            raise argparse.ArgumentTypeError(f"{item!r}: a plan is warps,row_tiles,int4_form,launch_shape")
+        plans[(int(out_features), int(in_features))] = values
     return plans
 
 
@@ -155,9 +154,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--plans", type=parse_plans, default={},
-                        help="launch plans of flux_int4_plans, e.g. '28672x4096=8,2,1,1,4;128256x4096=4,2,2,1': "
-                             "(out x in) = warps, row tiles, INT4 form, launch shape[, splits] (QUANT_MMA_PLANS, "
-                             "up to 8 rows)")
+                        help="launch plans of flux_int4_plans, e.g. '28672x4096=8,2,1,1;128256x4096=4,2,2,1': "
+                             "(out x in) = warps, row tiles, INT4 form, launch shape (QUANT_MMA_PLANS, up to 8 rows)")
     args = parser.parse_args()
     modes = args.modes.split(",")
     default_gemv_rows = linear_module.GEMV_MAX_ROWS
@@ -188,7 +186,7 @@ def main() -> int:
             set_programmatic_launch(not mode.endswith("_nopdl"))
             FluxGatedMLP.gated_epilogue = not mode.endswith("_unfused")
             cuda_kernels.set_early_trigger(not mode.endswith("_late"))
-            cuda_kernels.QUANT_MMA_PLANS = ({(6144, 4096): (8, 2, 1, 1, 1)} if mode.endswith("_qkvbiased") else
+            cuda_kernels.QUANT_MMA_PLANS = ({(6144, 4096): (8, 2, 1, 1)} if mode.endswith("_qkvbiased") else
                                             dict(args.plans) if mode.endswith("_plans") else {})
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = ({bits: 1 << 30 for bits in default_dequant_rows}
                                                     if mode.endswith("_triton_prefill") else dict(default_dequant_rows))

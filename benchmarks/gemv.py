@@ -51,23 +51,22 @@ def graph_time(fn, calls: int = 32) -> float:
     return sorted(times)[2]
 
 
-def sweep_configs(rows: int, shapes: tuple[int, ...] = (0, 1, 2), splits: tuple[int, ...] = (1,)):
-    """(INT4 form, launch shape, warps, row tiles, splits) of the tensor-core kernel: INT4 biased codes (1) or
-    per-weight scales (2); launch shape 0 (up to 8 warps), 1 (three blocks per SM, fewer loads in flight per warp)
-    or 2 (up to 16 warps), the last two for up to 16 rows; blocks per tile (a cluster splitting K)."""
+def sweep_configs(rows: int, shapes: tuple[int, ...] = (0, 1, 2)):
+    """(INT4 form, launch shape, warps, row tiles) of the tensor-core kernel: INT4 biased codes (1) or per-weight
+    scales (2); launch shape 0 (up to 8 warps), 1 (three blocks per SM, fewer loads in flight per warp) or 2 (up
+    to 16 warps), the last two for up to 16 rows."""
     for mode in (1, 2):
         for shape in shapes:
             if shape in (1, 2) and rows > 16:
                 continue
             for warps in (8, 16) if shape == 2 else (4, 8):
                 for tiles in (1, 2, 4):
-                    for split in splits:
-                        yield mode, shape, warps, tiles, split
+                    yield mode, shape, warps, tiles
 
 
-def mma_time(layers: list, x: torch.Tensor, plan: tuple[int, int, int, int, int], act: int) -> float:
-    """Seconds per call of the tensor-core kernel with launch ``plan`` (warps, row tiles, INT4 form, launch shape,
-    splits) over ``layers`` (copies of one quantized layer, rotated); ``act`` >= 0: gated."""
+def mma_time(layers: list, x: torch.Tensor, plan: tuple[int, int, int, int], act: int) -> float:
+    """Seconds per call of the tensor-core kernel with launch ``plan`` (warps, row tiles, INT4 form, launch shape)
+    over ``layers`` (copies of one quantized layer, rotated); ``act`` >= 0: gated."""
     module = cuda._state["module"]
 
     def call(i: int) -> torch.Tensor:
@@ -79,8 +78,7 @@ def mma_time(layers: list, x: torch.Tensor, plan: tuple[int, int, int, int, int]
 
 
 def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
-              shapes: tuple[int, ...] = (0, 1, 2), names: tuple[str, ...] = tuple(SHAPES), gated: bool = False,
-              splits: tuple[int, ...] = (1,)) -> None:
+              shapes: tuple[int, ...] = (0, 1, 2), names: tuple[str, ...] = tuple(SHAPES), gated: bool = False) -> None:
     """Weight-only INT8 / INT4 (group 128) linear layers against bf16 cuBLAS, same shapes. With ``sweep``, every
     warp count / row tiling of the tensor-core kernel too (the launcher's heuristic picks one of them). ``gated``:
     the quantized layers as decode runs a fused gate/up layer, SiLU(gate) * up in the epilogue (half as wide)."""
@@ -111,10 +109,10 @@ def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
                   f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f} {t16 / t4:>12.2f}", flush=True)
             if not sweep:
                 continue
-            for mode, shape, warps, tiles, split in sweep_configs(rows, shapes, splits):
-                plan = (warps, tiles, mode, shape, split)
+            for mode, shape, warps, tiles in sweep_configs(rows, shapes):
+                plan = (warps, tiles, mode, shape)
                 t8, t4 = mma_time(int8, x, plan, act), mma_time(int4, x, plan, act)
-                label = f"m{mode} l{shape} w{warps} t{tiles}" + (f" s{split}" if split != 1 else "")
+                label = f"m{mode} l{shape} w{warps} t{tiles}"
                 print(f"{label:>14} {rows:>4} {'':>8} {t8 * 1e6:>8.1f} {pct(nbytes8, t8):>5.1f} "
                       f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f}", flush=True)
         del dense, int8, int4
@@ -131,8 +129,6 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="with --quant: every launch the kernel accepts too")
     parser.add_argument("--rows", type=integers, default=(1, 4, 8, 16, 32), help="with --quant: e.g. 8,16")
     parser.add_argument("--launch-shapes", type=integers, default=(0, 1, 2), help="with --sweep: e.g. 0,2")
-    parser.add_argument("--splits", type=integers, default=(1,),
-                        help="with --sweep: blocks per tile of outputs (a cluster splitting K), e.g. 1,2,4,8")
     parser.add_argument("--gated", action="store_true",
                         help="with --quant: the layers as gated ones (SiLU(gate) * up in the epilogue), as decode runs "
                              "the fused gate/up layer")
@@ -141,8 +137,6 @@ def main() -> int:
     args = parser.parse_args()
     if not set(args.launch_shapes) <= {0, 1, 2} or not all(1 <= r <= 32 for r in args.rows):
         parser.error("launch shapes are 0, 1 or 2 and rows 1 to 32")
-    if not set(args.splits) <= {1, 2, 4, 8}:
-        parser.error("splits are 1, 2, 4 or 8")
     if not set(args.shapes) <= set(SHAPES):
         parser.error(f"shapes are among: {', '.join(SHAPES)}")
     assert cuda.load(), cuda.status()
@@ -150,7 +144,7 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  copy {bandwidth:.0f} GB/s")
     if args.quant:
         quantized(bandwidth, sweep=args.sweep, rows_measured=args.rows, shapes=args.launch_shapes, names=args.shapes,
-                  gated=args.gated, splits=args.splits)
+                  gated=args.gated)
         return 0
     print(f"{'shape':>14} {'rows':>4} {'cuBLAS us':>10} {'%bw':>5} {'flux us':>9} {'%bw':>5} {'speedup':>7}")
     for name, (n, k) in SHAPES.items():

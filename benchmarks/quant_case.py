@@ -36,7 +36,7 @@ def run_case(args: argparse.Namespace) -> None:
     module = cuda._state["module"]
     for _ in range(6):
         module.quant_mma(x, layer.qweight, layer.scales, layer.mins, 128, None, args.warps, args.row_tiles,
-                         args.int4_mode, args.launch_shape, args.splits, -1)
+                         args.int4_mode, args.launch_shape, -1)
     torch.cuda.synchronize()
 
 
@@ -64,7 +64,6 @@ def main() -> int:
     parser.add_argument("--warps", type=int, default=0)
     parser.add_argument("--row-tiles", type=int, default=0)
     parser.add_argument("--launch-shape", type=int, default=-1)
-    parser.add_argument("--splits", type=int, default=0, help="blocks per tile (a cluster splitting K), 0 chosen")
     parser.add_argument("--sass", metavar="REGEX", help="print the SASS opcode mix of matching instantiations")
     args = parser.parse_args()
     given = [v is not None for v in (args.n, args.k, args.rows)]

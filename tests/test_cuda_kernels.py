@@ -261,51 +261,12 @@ def test_quantized_mma_launch_shapes(bits, group, warps, row_tiles, launch_shape
     x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
     mins = module.mins if bits == 4 else None
     scales = module.scales if bits == 4 else module.scale
-    args = (x, module.qweight, scales, mins, group or 0, module.bias, warps, row_tiles, int4_mode, launch_shape, 1,
-            -1)
+    args = (x, module.qweight, scales, mins, group or 0, module.bias, warps, row_tiles, int4_mode, launch_shape, -1)
     if launch_shape and rows > 16:
         with pytest.raises(RuntimeError, match="launch shape 0, 1 or 2"):
             cuda_kernels._state["module"].quant_mma(*args)
         return
     assert_quantized_close(cuda_kernels._state["module"].quant_mma(*args), module, x)
-
-
-@pytest.mark.parametrize("bits, group", [(8, None), (4, 64), (4, 128)])
-@pytest.mark.parametrize("warps, row_tiles, launch_shape", [(3, 1, 0), (8, 2, 1), (5, 4, 0), (16, 2, 2)])
-@pytest.mark.parametrize("rows", [1, 5, 8])
-@pytest.mark.parametrize("int4_mode", [1, 2])
-@pytest.mark.parametrize("splits", [2, 4, 8])
-@pytest.mark.parametrize("activation", [None, "silu"])
-def test_quantized_mma_cluster_splits(bits, group, warps, row_tiles, launch_shape, rows, int4_mode, splits,
-                                      activation):
-    """K split over the blocks of a thread block cluster (their totals added through distributed shared memory),
-    plain and gated, against the reference; K = 1152 leaves some of the cluster's warps without steps at 8 splits."""
-    k = 1152 if group == 128 else 1088
-    half = 515
-    module = quantized_case(bits, group, 2 * half if activation else 1031, k, torch.bfloat16, bias=rows != 5)
-    x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
-    qweight, scales, mins, group_size, bias = gated_inputs(module)
-    act = -1 if activation is None else kernels.ACTIVATIONS.index(activation)
-    out = cuda_kernels._state["module"].quant_mma(x, qweight, scales, mins, group_size, bias, warps, row_tiles,
-                                                  int4_mode, launch_shape, splits, act)
-    if activation is None:
-        assert_quantized_close(out, module, x)
-        return
-    full = torch.nn.functional.linear(x.double(), module.dequantize().double(), bias.double() if bias is not None
-                                      else None)
-    truth = kernels.act_mul_ref(*full.chunk(2, dim=-1), activation)
-    reference = kernels.quantized_gated_linear_ref(x, qweight, scales, mins, group_size, bias, activation)
-    assert out.shape == reference.shape
-    assert rel_err(out, truth) <= 2 * rel_err(reference, truth) + ULP[x.dtype]
-
-
-@pytest.mark.parametrize("rows, splits, match", [(9, 2, "for up to 8 rows"), (1, 3, "splits 1, or 2, 4 or 8")])
-def test_quantized_mma_rejects_a_split_it_cannot_run(rows, splits, match):
-    module = quantized_case(4, 128, 1031, 1024, torch.bfloat16)
-    x = torch.randn(rows, 1024, device="cuda").to(torch.bfloat16)
-    with pytest.raises(RuntimeError, match=match):
-        cuda_kernels._state["module"].quant_mma(x, module.qweight, module.scales, module.mins, 128, None, 0, 0, 0,
-                                                -1, splits, -1)
 
 
 @pytest.mark.parametrize("n, k, rows", [(1031, 1024, 12), (577, 1152, 3), (1031, 1024, 5)])
@@ -315,20 +276,20 @@ def test_quantized_mma_overrides_stay_consistent(n, k, rows, warps, launch_shape
     module = quantized_case(4, 128, n, k, torch.bfloat16)
     x = torch.randn(rows, k, device="cuda").to(torch.bfloat16)
     out = cuda_kernels._state["module"].quant_mma(x, module.qweight, module.scales, module.mins, 128, module.bias,
-                                                  warps, 0, 0, launch_shape, 0, -1)
+                                                  warps, 0, 0, launch_shape, -1)
     assert_quantized_close(out, module, x)
 
 
 def test_quant_mma_plans_override_the_launch_plan_per_shape(monkeypatch):
     module = cuda_kernels._state["module"]
     binding, calls = module.quant_mma, []
-    monkeypatch.setattr(module, "quant_mma", lambda *args: calls.append(args[6:11]) or binding(*args))
-    monkeypatch.setattr(cuda_kernels, "QUANT_MMA_PLANS", {(1031, 1024): (3, 1, 2, 0, 2)})
+    monkeypatch.setattr(module, "quant_mma", lambda *args: calls.append(args[6:10]) or binding(*args))
+    monkeypatch.setattr(cuda_kernels, "QUANT_MMA_PLANS", {(1031, 1024): (3, 1, 2, 0)})
     layer = quantized_case(4, 128, 1031, 1024, torch.bfloat16)
     for rows in (1, 8, 9):  # up to 8 rows the table's plan, above it the launcher's
         x = torch.randn(rows, 1024, device="cuda").to(torch.bfloat16)
         assert_quantized_close(layer(x), layer, x)
-    assert calls == [(3, 1, 2, 0, 2), (3, 1, 2, 0, 2), (0, 0, 0, -1, 0)]
+    assert calls == [(3, 1, 2, 0), (3, 1, 2, 0), (0, 0, 0, -1)]
 
 
 def gated_inputs(module):
@@ -366,7 +327,7 @@ def test_quantized_gated_launch_shapes(bits, group, warps, row_tiles, launch_sha
     x = torch.randn(rows, k, device="cuda").to(torch.float16)
     qweight, scales, mins, group_size, bias = gated_inputs(module)
     out = cuda_kernels._state["module"].quant_mma(x, qweight, scales, mins, group_size, bias, warps, row_tiles,
-                                                  int4_mode, launch_shape, 1, kernels.ACTIVATIONS.index(activation))
+                                                  int4_mode, launch_shape, kernels.ACTIVATIONS.index(activation))
     full = torch.nn.functional.linear(x.double(), module.dequantize().double(), bias.double())
     truth = kernels.act_mul_ref(*full.chunk(2, dim=-1), activation)
     reference = kernels.quantized_gated_linear_ref(x, qweight, scales, mins, group_size, bias, activation)
@@ -378,7 +339,7 @@ def test_quantized_gated_linear_rejects_an_odd_layer():
     module = quantized_case(4, 64, 515, 1024, torch.bfloat16)
     x = torch.randn(3, 1024, device="cuda").to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="even N"):
-        cuda_kernels._state["module"].quant_mma(x, *gated_inputs(module), 0, 0, 0, -1, 0, 0)
+        cuda_kernels._state["module"].quant_mma(x, *gated_inputs(module), 0, 0, 0, -1, 0)
 
 
 @pytest.mark.parametrize("bits, group", [(8, None), (4, 32), (4, 64), (4, 128)])

@@ -619,7 +619,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
 
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                         int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles,
-                        int64_t int4_mode, int64_t launch_shape, int64_t splits, int64_t activation);
+                        int64_t int4_mode, int64_t launch_shape, int64_t activation);
 
 torch::Tensor dequantize_weight(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                                 int64_t group);

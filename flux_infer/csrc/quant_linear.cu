@@ -6,10 +6,10 @@ namespace flux {
 namespace {
 
 // How a layer runs: INT4 as biased codes or with per-weight scales, row tiles per block, warps per block, launch
-// shape (L above), blocks per tile of outputs (a thread block cluster splitting K; 1: none).
+// shape (L above).
 struct Plan {
   bool biased;
-  int row_tiles, warps, shape, splits = 1;
+  int row_tiles, warps, shape;
 };
 
 // Choices measured on H100 (benchmarks/gemv.py --quant --sweep, Llama-3-8B shapes; raw in benchmarks/results/
@@ -82,15 +82,14 @@ __global__ void dequantize_int8_kernel(T* __restrict__ out, const int8_t* __rest
 }  // namespace flux
 
 // weight-only quantized linear for 1..32 rows of x: INT8 (qweight int8 [N, K], scale [N]) or INT4 (qweight int32
-// [N, K / 8], scales/mins [N, K / group]). warps (the K split inside a block), row_tiles (16-row tiles per block),
-// int4_mode (1 = biased codes, 2 = per-weight scales) and splits (1, 2, 4, 8 blocks per tile of outputs, a thread
-// block cluster splitting K further): 0 = chosen from the shape; launch_shape (0, 1, 2: the kernel's register
-// budget, see quant_mma_kernel): -1 = chosen. activation >= 0: a gated layer, qweight holds
+// [N, K / 8], scales/mins [N, K / group]). warps (the K split inside a block), row_tiles (16-row tiles per block)
+// and int4_mode (1 = biased codes, 2 = per-weight scales): 0 = chosen from the shape; launch_shape (0, 1, 2: the
+// kernel's register budget, see quant_mma_kernel): -1 = chosen. activation >= 0: a gated layer, qweight holds
 // [gate; up] and the result is act(gate) * up (0 = silu, 1 = gelu_tanh), half as wide; the plan is the one of the
 // whole [gate; up] layer, so each half sums exactly as that fused layer's un-gated launch does.
 torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                         int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles,
-                        int64_t int4_mode, int64_t launch_shape, int64_t splits, int64_t activation) {
+                        int64_t int4_mode, int64_t launch_shape, int64_t activation) {
   using flux::aligned16;
   flux::check_cuda(x, "x");
   const bool int4 = qweight.scalar_type() == at::kInt;
@@ -117,7 +116,6 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   if (row_tiles > 0) plan.row_tiles = static_cast<int>(row_tiles);
   if (warps > 0) plan.warps = static_cast<int>(warps);
   if (launch_shape >= 0) plan.shape = static_cast<int>(launch_shape);
-  if (splits > 0) plan.splits = static_cast<int>(splits);
   // an override of one of warps / launch shape keeps the other consistent: more than 8 warps need shape 2, and a
   // chosen warp count is capped to what an explicit shape allows
   if (launch_shape < 0 && plan.warps > 8) plan.shape = 2;
@@ -128,14 +126,10 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
               "quant_mma: launch shape 0, 1 or 2 (<= 16 rows)");
   TORCH_CHECK(w >= 1 && w <= (shape == 2 ? 16 : 8) && (rt == 1 || rt == 2 || rt == 4),
               "quant_mma: 1..8 warps (16 with launch shape 2), 1, 2 or 4 row tiles");
-  TORCH_CHECK(plan.splits == 1 || ((plan.splits == 2 || plan.splits == 4 || plan.splits == 8) && rows <= 8 &&
-                                   flux::pdl_supported(x.get_device())),
-              "quant_mma: splits 1, or 2, 4 or 8 for up to 8 rows (thread block clusters: compute capability 9.0 "
-              "or later)");
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty({rows, gated ? n / 2 : n}, x.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const flux::QuantLaunch launch{format, rows <= 8 ? 1 : rows <= 16 ? 2 : 4, rt, w, shape, plan.splits,
+  const flux::QuantLaunch launch{format, rows <= 8 ? 1 : rows <= 16 ? 2 : 4, rt, w, shape,
                                  static_cast<int>(activation)};
   if (gated) flux::quant_mma_gated(out, x, qweight, scales, mins, bias, static_cast<int>(group), launch, stream);
   else flux::dispatch_quant_mma<false>(out, x, qweight, scales, mins, bias, static_cast<int>(group), launch, stream);

@@ -232,49 +232,14 @@ __device__ __forceinline__ void mma_step(float (&acc)[RT][MT][4], const uint4 (&
   }
 }
 
-// ---- thread block clusters (Hopper): a layer's K split over the `splits` blocks of a cluster ------------------
-// The blocks of a cluster share one tile of outputs; each sums its warps' partial tiles, then the cluster's blocks
-// add their totals through distributed shared memory, in rank order (deterministic), each finishing a share of
-// the tile's outputs.
-__device__ __forceinline__ int cluster_rank() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t rank;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  return static_cast<int>(rank);
-#else
-  return 0;
-#endif
-}
-// every thread of every block of the cluster arrives; shared-memory writes before it are visible to all after it
-__device__ __forceinline__ void cluster_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-#endif
-}
-// a float of block `rank`'s shared memory, at the address `p` has in this block's
-__device__ __forceinline__ float load_cluster_shared(const float* p, int rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint32_t local = static_cast<uint32_t>(__cvta_generic_to_shared(p));
-  uint32_t remote;
-  float v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-  return v;
-#else
-  return *p;
-#endif
-}
-
 // Sum the warps' partial tiles of the block's outputs (from n0) and write them. Element (rt, mt, c) of lane l is
 // tile row g + 8 h (g = l / 4, h = c / 2) of row tile rt (its weight row: tile_row) and activation row
 // 8 mt + 2 (l % 4) + c % 2. Gated: the gate half (h = 0) and the up half (h = 1) make act(gate) * up, each
-// rounded as the separate layer and act_mul kernel would. splits > 1: the block is rank `split` of a cluster
-// that shares the tile (see cluster_rank); `partial` then has room for the block's totals after the warps' tiles.
+// rounded as the separate layer and act_mul kernel would.
 template <typename T, int F, int MT, int RT, bool G>
 __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float* partial, T* __restrict__ out,
                                             const uint16_t* __restrict__ scales, const T* __restrict__ bias, int n0,
-                                            int m_rows, int n_out, int64_t out_stride, int act, int split,
-                                            int splits) {
+                                            int m_rows, int n_out, int64_t out_stride, int act) {
   constexpr int kAcc = RT * MT * 4;
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
@@ -284,28 +249,14 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
 #pragma unroll
       for (int c = 0; c < 4; ++c) partial[(warp * kAcc + (rt * MT + mt) * 4 + c) * 32 + lane] = acc[rt][mt][c];
   __syncthreads();
-  const auto block_total = [&](int e) {  // element e summed over this block's warps
+  const auto result = [&](int e, int n) {  // element e summed over the warps, of weight row n
     float total = 0.f;
     for (int wi = 0; wi < warps; ++wi) total += partial[wi * kAcc * 32 + e];
-    return total;
-  };
-  float* totals = partial + warps * kAcc * 32;  // [kAcc * 32] (splits > 1)
-  if (splits > 1) {
-    for (int e = threadIdx.x; e < kAcc * 32; e += blockDim.x) totals[e] = block_total(e);
-    cluster_sync();
-  }
-  const auto result = [&](int e, int n) {  // element e summed over the warps (and the cluster), of weight row n
-    float total = 0.f;
-    if (splits > 1) {
-      for (int r = 0; r < splits; ++r) total += load_cluster_shared(totals + e, r);
-    } else {
-      total = block_total(e);
-    }
     if constexpr (F == kInt8) total *= to_float(reinterpret_cast<const T*>(scales)[n]);
     if (bias != nullptr) total += to_float(bias[n]);
     return total;
   };
-  for (int e = threadIdx.x + split * blockDim.x; e < kAcc * 32; e += blockDim.x * splits) {
+  for (int e = threadIdx.x; e < kAcc * 32; e += blockDim.x) {
     const int j = e >> 5, l = e & 31, c = j & 3;
     if (G && c >= 2) continue;  // the up half, read with its gate
     const int n = tile_row<F, G>(n0 + kOutputs<F, G> * (j / (MT * 4)), l >> 2, c >> 1, n_out);
@@ -318,7 +269,6 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
       out[m * out_stride + n] = from_float<T>(result(e, n));
     }
   }
-  if (splits > 1) cluster_sync();  // the other blocks read this one's totals until here
 }
 
 // One block per RT row tiles of output features; its warps split K in 4-slice steps, U steps' loads in flight per
@@ -334,17 +284,14 @@ template <typename T, int F, int MT, int RT, int U, int L, bool G>
 __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kernel(
     T* __restrict__ out, const T* __restrict__ x, const uint4* __restrict__ w, const uint16_t* __restrict__ scales,
     const uint16_t* __restrict__ mins, const T* __restrict__ bias, int m_rows, int n_out, int k, int group,
-    int64_t x_stride, int64_t out_stride, int act, int cluster, bool early) {
+    int64_t x_stride, int64_t out_stride, int act, bool early) {
   if (early) pdl_trigger();
-  const int splits = MT == 1 ? cluster : 1;  // (up to 8 rows: more rows leave no registers for it)
   constexpr int kCodes = F == kInt8 ? 16 : 32;  // codes per 16-byte slice
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  // the K split over the warps of all `splits` blocks of the cluster that shares this block's tile
-  const int split = splits > 1 ? cluster_rank() : 0;
-  const int warps = (blockDim.x >> 5) * splits, warp = (threadIdx.x >> 5) + split * (blockDim.x >> 5);
+  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
   const int slices = k / kCodes, steps = (slices + 3) >> 2;
   const int groups = F == kInt8 ? 1 : k / group;
-  const int n0 = (blockIdx.x / splits) * kOutputs<F, G> * RT;
+  const int n0 = blockIdx.x * kOutputs<F, G> * RT;
   float acc[RT][MT][4] = {};
   for (int step0 = warp; step0 < steps; step0 += warps * U) {
     uint4 code[U][RT][2];
@@ -376,36 +323,36 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
   }
   pdl_wait();  // (a warp without steps)
   if (!early) pdl_trigger();
-  extern __shared__ float partial[];  // [block's warps][RT * MT * 4][32] (+ [RT * MT * 4][32] with splits)
-  reduce_tile<T, F, MT, RT, G>(acc, partial, out, scales, bias, n0, m_rows, n_out, out_stride, act, split, splits);
+  extern __shared__ float partial[];  // [warps][RT * MT * 4][32]
+  reduce_tile<T, F, MT, RT, G>(acc, partial, out, scales, bias, n0, m_rows, n_out, out_stride, act);
 }
 
 template <typename T, int F, int MT, int RT, int L, bool G>
 void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
             const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias, int group,
-            int warps, int splits, int act, cudaStream_t stream) {
+            int warps, int act, cudaStream_t stream) {
   constexpr int U = L == 1 ? (RT == 1 ? 2 : 1) : 4 / RT;  // 16-byte weight loads in flight per lane: 2 U RT
   const int n = out.size(1), k = x.size(1);
-  const int blocks = (n + kOutputs<F, G> * RT - 1) / (kOutputs<F, G> * RT) * splits;
-  const size_t smem = static_cast<size_t>(warps + (splits > 1 ? 1 : 0)) * RT * MT * 4 * 32 * sizeof(float);
+  const int blocks = (n + kOutputs<F, G> * RT - 1) / (kOutputs<F, G> * RT);
+  const size_t smem = static_cast<size_t>(warps) * RT * MT * 4 * 32 * sizeof(float);
   if (smem > 48 * 1024)  // above the default dynamic shared memory limit (4 row tiles x 32 rows x 8 warps)
     C10_CUDA_CHECK(cudaFuncSetAttribute(quant_mma_kernel<T, F, MT, RT, U, L, G>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  flux::launch_cluster(quant_mma_kernel<T, F, MT, RT, U, L, G>, blocks, warps * 32, smem, splits, stream,
-                       out.data_ptr<T>(), x.data_ptr<T>(),
+  flux::launch(quant_mma_kernel<T, F, MT, RT, U, L, G>, blocks, warps * 32, smem, stream, out.data_ptr<T>(),
+               x.data_ptr<T>(),
                reinterpret_cast<const uint4*>(qweight.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
                F == kInt8 ? nullptr : reinterpret_cast<const uint16_t*>(mins->data_ptr()),
                bias ? bias->data_ptr<T>() : nullptr, static_cast<int>(x.size(0)), n, k, group, x.stride(0),
-               out.stride(0), act, splits, trigger_early(x.size(0)));
+               out.stride(0), act, trigger_early(x.size(0)));
 }
 
 
 }  // namespace
 
 // What quant_mma launches: the format (kInt8 / kInt4 / kInt4Biased), 8-row activation tiles (1, 2 or 4), row tiles
-// per block, warps, launch shape, blocks per tile (a cluster that splits K) and, for gated layers, the activation.
+// per block, warps, launch shape and, for gated layers, the activation.
 struct QuantLaunch {
-  int format, mt, row_tiles, warps, shape, splits, act;
+  int format, mt, row_tiles, warps, shape, act;
 };
 
 namespace {
@@ -424,7 +371,7 @@ void dispatch_quant_mma(torch::Tensor& out, const torch::Tensor& x, const torch:
         constexpr int MT = decltype(mt_c)::value, RT = decltype(rt_c)::value;
         auto with_shape = [&](auto l_c) {
           launch_quant<scalar_t, F, MT, RT, decltype(l_c)::value, G>(out, x, qweight, scales, mins, bias, group,
-                                                                     p.warps, p.splits, p.act, stream);
+                                                                     p.warps, p.act, stream);
         };
         if constexpr (MT <= 2) {  // launch shapes 1 and 2 exist for up to 16 rows
           if (p.shape == 1) return with_shape(std::integral_constant<int, 1>{});

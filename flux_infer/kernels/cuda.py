@@ -25,11 +25,11 @@ CSRC = Path(__file__).resolve().parent.parent / "csrc"
 QUANT_MMA_MAX_ROWS = 32  # quantized linear layers: tensor-core kernel up to here, Triton above, and from these
 # rows (INT4, INT8) on cuBLAS over the weight dequantized once: the crossovers measured by benchmarks/prefill_quant.py
 DEQUANT_MATMUL_MIN_ROWS = {4: 128, 8: 320}
-# (out_features, in_features) -> (warps, row tiles, INT4 form, launch shape, splits) of the tensor-core kernel up to
-# 8 rows, instead of its launch plan (quant_linear.cu's choose_plan): a tuning hook, and the A/B of plan changes
+# (out_features, in_features) -> (warps, row tiles, INT4 form, launch shape) of the tensor-core kernel up to 8 rows,
+# instead of its launch plan (quant_linear.cu's choose_plan): a tuning hook, and the A/B of plan changes
 # (benchmarks/decode.py's *_qkvbiased mode and --plans)
-QUANT_MMA_PLANS: dict[tuple[int, int], tuple[int, int, int, int, int]] = {}
-AUTO_PLAN = (0, 0, 0, -1, 0)  # the same five arguments left to the launcher
+QUANT_MMA_PLANS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+AUTO_PLAN = (0, 0, 0, -1)  # the same four arguments left to the launcher
 HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)  # what the elementwise kernels compute in float32
 MAX_SHARED_HIDDEN = 12288  # rms_norm stages a row of float32 in 48 KiB of shared memory
 
