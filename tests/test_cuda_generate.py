@@ -80,6 +80,31 @@ def test_cuda_graph_decode_equals_the_eager_loop(smollm2_cuda):
     assert torch.equal(run(graphed, single, tokenizer, 20).sequences, run(eager, single, tokenizer, 20).sequences)
 
 
+def test_greedy_steps_on_the_device_equal_the_step_by_step_loop(smollm2_cuda, monkeypatch):
+    """Plain greedy decoding selects its tokens inside the captured graph (GREEDY_GRAPH_STEPS steps per graph, then
+    one-step graphs): the same sequences as the loop that selects on the host each step (forced here by asking for
+    the scores), with EOS stops, a length that is not a multiple of the graph's steps, padding rows of the batch
+    bucket, and graphs reused across calls and EOS settings."""
+    from flux_infer.generation import decoder as decoder_module
+
+    advance, ran = decoder_module.GreedyDecode.advance, []
+    monkeypatch.setattr(decoder_module.GreedyDecode, "advance",
+                        lambda self, limit: ran.append((bool(self.graphs), advance(self, limit))) or ran[-1][1])
+    base, tokenizer, inputs = smollm2_cuda
+    model = copy.deepcopy(base)
+    flux_infer.optimize(model, "O1")
+    greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id)
+    three = {k: v[:3] for k, v in inputs.items()}  # a batch of 3 in the bucket of 4
+    for batch_inputs in (inputs, three, {k: v[1:2] for k, v in inputs.items()}):
+        for options in (dict(max_new_tokens=45), dict(max_new_tokens=37, eos_token_id=[tokenizer.eos_token_id, 28]),
+                        dict(max_new_tokens=9, eos_token_id=None)):
+            fast = model.generate(**batch_inputs, **greedy, **options)
+            step_by_step = model.generate(**batch_inputs, **greedy, **options, return_dict_in_generate=True,
+                                          output_scores=True).sequences
+            assert torch.equal(fast, step_by_step), options
+    assert {steps for graphed, steps in ran if graphed} == {1, decoder_module.GREEDY_GRAPH_STEPS}
+
+
 def test_revert_on_cuda_restores_weights(smollm2_cuda):
     base, tokenizer, inputs = smollm2_cuda
     model = copy.deepcopy(base)

@@ -6,10 +6,13 @@ transformers' own ``generate`` for that call, with one warning naming the option
 
 The loop keeps everything on the device: tokens, finished flags and the first finishing step of each row. The
 host looks at them only every ``SYNC_EVERY`` steps (to stop early) or every step when a streamer is attached.
+Plain greedy decoding (no sampling, penalty, streamer, stop strings or per-step outputs) hands the steps after
+the first to ``FluxDecoder.greedy``, which selects the tokens inside the (graph-captured) step as well.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import warnings
 from typing import Any
@@ -21,6 +24,9 @@ from flux_infer.generation.decoder import FluxDecoder
 from flux_infer.generation.sampling import SamplingParams, TokenSelector
 
 SYNC_EVERY = 16
+# plain greedy decoding selects its tokens on the device, inside the captured step (FluxDecoder.greedy); False:
+# the host-driven loop, one step at a time (an A/B switch for benchmarks/decode.py)
+GREEDY_ON_DEVICE = True
 
 # GenerationConfig fields the loop implements.
 SUPPORTED = {
@@ -159,6 +165,9 @@ def _decode_loop(model: Any, decoder: FluxDecoder, input_ids: torch.Tensor, atte
     finish_step = torch.full((batch,), max_new, dtype=torch.long, device=device)
     stop_checker = _StopStrings(config.stop_strings, tokenizer, prompt_len) if config.stop_strings else None
     sync_every = 1 if streamer is not None else SYNC_EVERY
+    greedy_on_device = (GREEDY_ON_DEVICE and select.plain_greedy and streamer is None and stop_checker is None and not keep_scores
+                        and not keep_logits and (min_new <= 1 or eos_ids is None)
+                        and hasattr(decoder, "greedy"))  # (the paged decoder steps token by token)
     steps = 0
     for step in range(max_new):
         tokens, scores = select(logits, suppress_eos=step < min_new)
@@ -178,6 +187,10 @@ def _decode_loop(model: Any, decoder: FluxDecoder, input_ids: torch.Tensor, atte
             streamer.put(tokens.cpu())
         if steps == max_new:
             break
+        if greedy_on_device:
+            steps = _greedy_rest(decoder, tokens, unfinished, finish_step, meta, eos_ids, pad_id, max_new,
+                                 sequences[:, prompt_len:])
+            break
         if steps % sync_every == 0:
             if stop_checker is not None:
                 stop_checker.apply(sequences, steps, unfinished, finish_step)
@@ -192,6 +205,52 @@ def _decode_loop(model: Any, decoder: FluxDecoder, input_ids: torch.Tensor, atte
         if f + 1 < length:
             sequences[row, prompt_len + f + 1:] = pad_id
     return _finish(config, sequences[:, :prompt_len + length], scores_out[:length], logits_out[:length], streamer)
+
+
+def _greedy_rest(decoder: FluxDecoder, tokens: torch.Tensor, unfinished: torch.Tensor, finish_step: torch.Tensor,
+                 meta: Any, eos_ids: torch.Tensor | None, pad_id: int, max_new: int, generated: torch.Tensor) -> int:
+    """Greedy steps 1 .. max_new - 1 on the device after the first token ``tokens``: fills ``generated``
+    ``[B, max_new]`` and ``unfinished`` / ``finish_step`` in place; returns the number of steps taken. Every
+    ``SYNC_EVERY`` steps it reads whether any row was still unfinished one window earlier: the device keeps a
+    window of steps queued while the host waits, and stopping a window late only computes pad tokens."""
+    batch = tokens.shape[0]
+    run = decoder.greedy(tokens, unfinished, finish_step, meta, eos_ids, pad_id)
+    steps, since_sync = 1, 0
+    pending: collections.deque[_DeviceFlag] = collections.deque()
+    while steps < max_new:
+        done = run.advance(max_new - steps)
+        steps, since_sync = steps + done, since_sync + done
+        if since_sync >= SYNC_EVERY and steps < max_new and eos_ids is not None:  # (no EOS: no row can finish)
+            since_sync = 0
+            pending.append(_DeviceFlag(run.state.unfinished[:batch].any()))
+            # the flag of the window before this one: the device still has this window's steps queued meanwhile
+            if len(pending) > 1 and not pending.popleft().value():
+                break
+    state = run.state
+    generated[:, 1:steps].copy_(state.out[:batch, 1:steps])
+    unfinished.copy_(state.unfinished[:batch])
+    finish_step.copy_(state.finish_step[:batch])
+    return steps
+
+
+class _DeviceFlag:
+    """A 0-d boolean on the device, read later without stalling the device: copied to pinned host memory behind
+    an event (on the CPU, read at once)."""
+
+    def __init__(self, flag: torch.Tensor) -> None:
+        self.event: torch.cuda.Event | None = None
+        if flag.device.type != "cuda":
+            self.host = flag
+            return
+        self.host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        self.host.copy_(flag, non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def value(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host)
 
 
 def _finish(config: Any, sequences: torch.Tensor, scores: list[torch.Tensor], logits: list[torch.Tensor],
