@@ -24,13 +24,18 @@ struct Plan {
 // deeper than wide (q/o, down: few blocks) take 16 warps per block, and wider ones fewer registers for more blocks
 // per SM (launch shape 1) or, for outputs of 14336 and more above 8 rows, 16-warp-capable blocks of 4 row tiles
 // (every block re-reads all of x, so wider blocks pay off as rows grow). Above 16 rows: 4 row tiles for layers
-// wider than deep, else 2 (INT4) or 1 (INT8); 4 warps for outputs of 14336 and wider.
+// wider than deep, else 2 (INT4) or 1 (INT8); 4 warps for outputs of 14336 and wider. A single INT4 row (decode
+// of one sequence) runs square layers (q/o) on 8-warp blocks of one row tile, and the wide biased layers (gate/up,
+// lm_head) with the 16-warp-capable register budget at 8 warps (two blocks per SM): gemv.py --sweep 4.7 vs 5.0,
+// 28.1 vs 31.2 (gated) and 101.2 vs 110.4 us (...-2026-11-27-h100-gemv-quant-cluster-splits*-rejected.txt, the
+// split-1 rows), end to end 426.0 vs 422.2 and 424.6 vs 420.2 tok/s in two runs (decode.py --plans,
+// ...-decode-greedy-on-device*.json).
 inline Plan choose_plan(bool int4, bool biased_ok, int rows, int n, int k) {
   const bool wide = n > k, big = n >= 14336;
   if (rows <= 16) {
-    if (!wide) return int4 || rows > 8 ? Plan{false, 2, 16, 2} : Plan{false, 1, 8, 0};
+    if (!wide) return (int4 && (rows > 1 || k >= 2 * n)) || rows > 8 ? Plan{false, 2, 16, 2} : Plan{false, 1, 8, 0};
     if (!int4) return {false, 1, 8, 1};
-    if (rows <= 8) return biased_ok && big ? Plan{true, 2, 8, 1} : Plan{false, 2, big ? 4 : 8, 0};
+    if (rows <= 8) return biased_ok && big ? Plan{true, 2, 8, rows == 1 ? 2 : 1} : Plan{false, 2, big ? 4 : 8, 0};
     return big ? Plan{false, 4, 8, 2} : Plan{false, 2, 8, 1};
   }
   return {false, wide ? 4 : int4 ? 2 : 1, big ? 4 : 8, 0};
