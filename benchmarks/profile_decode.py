@@ -17,6 +17,25 @@ import flux_infer  # noqa: E402
 from benchmarks.decode import build_model  # noqa: E402
 
 
+def profiled_generate(layers: int, batch: int, steps: int, quantization: str | None,
+                      graphs: bool) -> torch.profiler.profile:
+    """The CUDA activity of one ``generate`` of ``steps`` tokens (128-token prompts) by a flux O1 model of the
+    Llama-3-8B shape, after a warm-up call (graph capture, autotuning)."""
+    model = build_model(layers)
+    config = flux_infer.InferenceConfig(optimization_level="O1", use_cuda_graphs=graphs, quantization=quantization,
+                                        quantize_lm_head=quantization is not None)
+    flux_infer.optimize(model, config=config)
+    ids = torch.randint(100, 120000, (batch, 128), device="cuda")
+    kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, temperature=None, top_p=None,
+                  top_k=None)
+    model.generate(input_ids=ids, **kwargs)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        model.generate(input_ids=ids, **kwargs)
+        torch.cuda.synchronize()
+    return prof
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=1)
@@ -27,18 +46,7 @@ def main() -> int:
     parser.add_argument("--quantization", default=None, choices=["int8", "int4"],
                         help="weight-only quantization (lm_head included), as benchmarks/decode.py's flux_int8/int4")
     args = parser.parse_args()
-    model = build_model(args.layers)
-    config = flux_infer.InferenceConfig(optimization_level="O1", use_cuda_graphs=args.graphs,
-                                        quantization=args.quantization, quantize_lm_head=args.quantization is not None)
-    flux_infer.optimize(model, config=config)
-    ids = torch.randint(100, 120000, (args.batch, 128), device="cuda")
-    kwargs = dict(max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False, temperature=None,
-                  top_p=None, top_k=None)
-    model.generate(input_ids=ids, **kwargs)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        model.generate(input_ids=ids, **kwargs)
-        torch.cuda.synchronize()
+    prof = profiled_generate(args.layers, args.batch, args.steps, args.quantization, args.graphs)
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     return 0
 

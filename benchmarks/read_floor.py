@@ -16,6 +16,8 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gemv import graph_time  # noqa: E402
+
 # bytes of the INT4 (group 128) layers of a Llama-3-8B decode step: codes + bf16 scales and mins
 LAYERS = {"q/o 4096x4096": (4096, 4096), "qkv 6144x4096": (6144, 4096), "gate_up 28672x4096": (28672, 4096),
           "down 4096x14336": (4096, 14336), "lm_head 128256x4096": (128256, 4096)}
@@ -36,26 +38,6 @@ def read(x: torch.Tensor, out: torch.Tensor, block: int, iters: int, warps: int)
     _read_kernel[(triton.cdiv(n, block * iters),)](x, out, n, BLOCK=block, ITERS=iters, num_warps=warps)
 
 
-def time_graph(fn, calls: int = 32) -> float:
-    fn(0)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / calls)
-    return best
-
-
 def main() -> int:
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__)
     for name, (n, k) in LAYERS.items():
@@ -67,7 +49,7 @@ def main() -> int:
         results = []
         for block, iters, warps in [(1024, 4, 4), (2048, 4, 8), (4096, 2, 8), (1024, 8, 4), (2048, 8, 8),
                                     (4096, 4, 16), (8192, 2, 16)]:
-            us = time_graph(lambda i: read(bufs[i % copies], out, block, iters, warps))
+            us = graph_time(lambda i: read(bufs[i % copies], out, block, iters, warps)) * 1e6
             results.append((us, block, iters, warps))
         us, block, iters, warps = min(results)
         print(f"{name:<22} {nbytes / 1e6:8.1f} MB  best {us:7.2f} us  {nbytes / us / 1e3:7.0f} GB/s  "

@@ -22,8 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import flux_infer  # noqa: E402
-from benchmarks.decode import build_model  # noqa: E402
+from benchmarks.profile_decode import profiled_generate  # noqa: E402
 
 
 def label(event: dict) -> str:
@@ -97,18 +96,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.batch < 1 or args.steps < 4:
         parser.error("--batch >= 1 and --steps >= 4")
-    model = build_model(args.layers)
-    config = flux_infer.InferenceConfig(optimization_level="O1", quantization=args.quantization,
-                                        quantize_lm_head=args.quantization is not None)
-    flux_infer.optimize(model, config=config)
-    ids = torch.randint(100, 120000, (args.batch, 128), device="cuda")
-    kwargs = dict(max_new_tokens=args.steps, min_new_tokens=args.steps, do_sample=False, temperature=None,
-                  top_p=None, top_k=None)
-    model.generate(input_ids=ids, **kwargs)
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        model.generate(input_ids=ids, **kwargs)
-        torch.cuda.synchronize()
+    prof = profiled_generate(args.layers, args.batch, args.steps, args.quantization, graphs=True)
     path = args.trace or Path(tempfile.mkdtemp()) / "trace.json"
     prof.export_chrome_trace(str(path))
     print(f"quantization {args.quantization}, batch {args.batch}, {args.layers} layers, "
