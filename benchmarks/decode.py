@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flux_infer  # noqa: E402
 from flux_infer.generation import generate as generate_module  # noqa: E402
-from flux_infer.generation import runner as runner_module  # noqa: E402
 from flux_infer.kernels import cuda as cuda_kernels  # noqa: E402
 from flux_infer.kernels import matmul as linear_module  # noqa: E402
 from flux_infer.plugins.fused_kernels import FluxGatedMLP  # noqa: E402
@@ -49,9 +48,6 @@ FLUX_MODES["flux_int4_plans"] = FLUX_MODES["flux_int4"]
 # greedy tokens selected by the host-driven loop step by step, instead of inside the captured decode graphs (an
 # A/B of flux_infer.generation.generate.GREEDY_ON_DEVICE)
 FLUX_MODES.update({f"{mode}_hostgreedy": FLUX_MODES[mode] for mode in ("flux", "flux_int8", "flux_int4")})
-# quantized, with the fused q/k/v layer and the rotary + KV-cache write kernel apart (an A/B of
-# flux_infer.generation.runner.QKV_ROTARY_IN_LAYER)
-FLUX_MODES.update({f"{mode}_rotaryapart": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
 # quantized, with every prefill matmul on the Triton dequantize-in-the-loop kernel (an A/B of
 # flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS: cuBLAS on the dequantized weight)
 FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
@@ -195,7 +191,6 @@ def main() -> int:
             FluxGatedMLP.gated_epilogue = not mode.endswith("_unfused")
             cuda_kernels.set_early_trigger(not mode.endswith("_late"))
             generate_module.GREEDY_ON_DEVICE = not mode.endswith("_hostgreedy")
-            runner_module.QKV_ROTARY_IN_LAYER = not mode.endswith("_rotaryapart")
             cuda_kernels.QUANT_MMA_PLANS = ({(6144, 4096): (8, 2, 1, 1)} if mode.endswith("_qkvbiased") else
                                             dict(args.plans) if mode.endswith("_plans") else {})
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = ({bits: 1 << 30 for bits in default_dequant_rows}
@@ -228,7 +223,6 @@ def main() -> int:
             FluxGatedMLP.gated_epilogue = True
             cuda_kernels.set_early_trigger(True)
             generate_module.GREEDY_ON_DEVICE = True
-            runner_module.QKV_ROTARY_IN_LAYER = True
             cuda_kernels.QUANT_MMA_PLANS = {}
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = dict(default_dequant_rows)
             torch.cuda.empty_cache()

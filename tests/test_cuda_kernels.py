@@ -292,62 +292,6 @@ def test_quant_mma_plans_override_the_launch_plan_per_shape(monkeypatch):
     assert calls == [(3, 1, 2, 0), (3, 1, 2, 0), (0, 0, 0, -1)]
 
 
-def rope_tables(positions, dim, dtype=torch.float32):
-    inv = 1.0 / (500000.0 ** (torch.arange(0, dim, 2, device="cuda", dtype=torch.float32) / dim))
-    angles = torch.outer(torch.arange(positions, device="cuda", dtype=torch.float32), inv)
-    emb = torch.cat([angles, angles], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-@pytest.mark.parametrize("bits, group", [(8, None), (4, 64), (4, 128)])
-@pytest.mark.parametrize("rows, tokens", [(1, 1), (2, 1), (5, 1), (8, 1), (12, 1), (16, 1), (3, 4), (1, 32)])
-@pytest.mark.parametrize("heads, kv_heads, dim", [(32, 8, 128), (4, 2, 64), (3, 1, 96)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_quantized_qkv_rotary_equals_the_layer_then_the_rotary_kernel(monkeypatch, bits, group, rows, tokens, heads,
-                                                                      kv_heads, dim, dtype):
-    """Rotary embedding and the KV-cache write in the q/k/v layer's epilogue: bit for bit the layer followed by
-    rotary_cache_write_ (output with q and k rotated, k and v at their slots, every other cache entry untouched)."""
-    from flux_infer.kernels.quant import qkv_heads
-
-    module_ = cuda_kernels._state["module"]
-    binding, calls = module_.quant_mma_rotary, []
-    monkeypatch.setattr(module_, "quant_mma_rotary", lambda *args: calls.append(1) or binding(*args))
-    n, k = (heads + 2 * kv_heads) * dim, 1024
-    layer = quantized_case(bits, group, n, k, dtype, bias=rows % 2 == 0)
-    x = torch.randn(rows, tokens, k, device="cuda").to(dtype)
-    positions = torch.randint(0, 300, (rows, tokens), device="cuda")
-    cos, sin = rope_tables(512, dim)
-    slots = torch.randperm(40, device="cuda")[:tokens] + 3
-    caches = [torch.randn(rows + 1, kv_heads, 48, dim, device="cuda").to(dtype) for _ in range(2)]
-    fused_caches = [c.clone() for c in caches]
-    qweight, scales, mins, group_size, bias = gated_inputs(layer)
-    fused = kernels.quantized_qkv_rotary(x, qweight, scales, mins, group_size, bias, cos, sin, positions,
-                                         *fused_caches, slots, heads, kv_heads)
-    out = layer(x)
-    kernels.rotary_cache_write_(*qkv_heads(out, heads, kv_heads, dim), cos, sin, positions, *caches, slots)
-    assert torch.equal(fused, out)
-    assert torch.equal(fused_caches[0], caches[0]) and torch.equal(fused_caches[1], caches[1])
-    assert len(calls) == (0 if bits == 8 and rows * tokens == 1 else 1)  # INT8 single rows: the CUDA-core GEMV
-
-
-def test_quantized_qkv_rotary_falls_back_for_partial_rotary():
-    """A rotary narrower than the head (cos/sin of 32 of 64 dims) runs the layer and the rotary kernel apart."""
-    layer = quantized_case(4, 64, (4 + 2 * 2) * 64, 1024, torch.bfloat16)
-    x = torch.randn(2, 1, 1024, device="cuda").to(torch.bfloat16)
-    cos, sin = rope_tables(64, 32)
-    positions, slots = torch.tensor([[5], [9]], device="cuda"), torch.tensor([7], device="cuda")
-    caches = [torch.zeros(2, 2, 16, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-    qweight, scales, mins, group_size, bias = gated_inputs(layer)
-    out = kernels.quantized_qkv_rotary(x, qweight, scales, mins, group_size, bias, cos, sin, positions, *caches,
-                                       slots, 4, 2)
-    reference_caches = [torch.zeros_like(c) for c in caches]
-    reference = kernels.quantized_qkv_rotary_ref(x, qweight, scales, mins, group_size, bias, cos, sin, positions,
-                                                 *reference_caches, slots, 4, 2)
-    torch.testing.assert_close(out, reference, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(caches[0], reference_caches[0], rtol=2e-2, atol=2e-2)
-    assert caches[1].abs().sum() > 0 and caches[1][:, :, 7].abs().sum() == caches[1].abs().sum()
-
-
 def gated_inputs(module):
     return (module.qweight, module.scale if module.bits == 8 else module.scales,
             module.mins if module.bits == 4 else None, module.group_size or 0, module.bias)

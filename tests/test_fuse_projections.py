@@ -120,34 +120,3 @@ def test_fused_model_saves_and_loads_with_transformers(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).state_dict()
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, loaded[name]), name
-
-
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_quantized_fused_qkv_rotates_and_fills_the_static_cache(quantization, monkeypatch):
-    """On the static cache the runner hands a quantized fused q/k/v layer the rotary embedding and the cache write
-    (QuantizedLinear.rotary_qkv, one op; on CUDA the matmul's epilogue): prefill and decode logits as without
-    fusion."""
-    from flux_infer.generation.decoder import FluxDecoder
-    from flux_infer.generation.runner import DecoderRunner
-    from flux_infer.quantization.modules import QuantizedLinear
-
-    model = tiny_model("llama")
-    flux_infer.optimize(model, config=flux_infer.InferenceConfig(optimization_level="O0", quantization=quantization,
-                                                                 quantization_group_size=32))
-    adapter = get_plugin_manager().adapter_for(model)
-    ids = torch.tensor([[5, 9, 2, 7, 11], [3, 3, 8, 1, 4]])
-
-    def run():
-        decoder = FluxDecoder(DecoderRunner(model, adapter), use_cuda_graphs=False)
-        logits, meta = decoder.prefill(ids, torch.ones_like(ids), 4)
-        steps = [logits]
-        for _ in range(3):
-            steps.append(decoder.decode(steps[-1].argmax(-1)[:, None], meta))
-        return torch.stack(steps)
-
-    expected = run()
-    fuse(model)
-    rotary_qkv, calls = QuantizedLinear.rotary_qkv, []
-    monkeypatch.setattr(QuantizedLinear, "rotary_qkv", lambda self, *a: calls.append(1) or rotary_qkv(self, *a))
-    torch.testing.assert_close(run(), expected, rtol=1e-5, atol=1e-5)
-    assert len(calls) == 4 * len(model.model.layers)  # prefill + 3 decode steps, every layer

@@ -621,12 +621,6 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
                         int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles,
                         int64_t int4_mode, int64_t launch_shape, int64_t activation);
 
-torch::Tensor quant_mma_rotary(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                               c10::optional<torch::Tensor> mins, int64_t group, c10::optional<torch::Tensor> bias,
-                               int64_t warps, int64_t row_tiles, int64_t int4_mode, int64_t launch_shape,
-                               torch::Tensor cos, torch::Tensor sin, torch::Tensor positions, torch::Tensor k_cache,
-                               torch::Tensor v_cache, torch::Tensor slots, int64_t heads, int64_t kv_heads);
-
 torch::Tensor dequantize_weight(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                                 int64_t group);
 
@@ -638,8 +632,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemv", &int8_gemv, "weight-only INT8 linear for one row of x");
   m.def("quant_mma", &quant_mma,
         "weight-only INT8/INT4 linear (optionally gated: act(gate) * up) for up to 32 rows of x, on the tensor cores");
-  m.def("quant_mma_rotary", &quant_mma_rotary,
-        "a fused q/k/v INT8/INT4 layer for up to 32 rows with rotary embedding and the KV-cache write in its epilogue");
   m.def("dequantize_weight", &dequantize_weight, "the dense weight INT8/INT4 codes stand for (long prefills)");
   m.def("programmatic_launch", [] { return flux::pdl_enabled() && flux::pdl_supported(c10::cuda::current_device()); },
         "whether flux kernels launch with programmatic dependent launch on the current device");

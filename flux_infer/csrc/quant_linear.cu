@@ -92,15 +92,11 @@ __global__ void dequantize_int8_kernel(T* __restrict__ out, const int8_t* __rest
 // kernel's register budget, see quant_mma_kernel): -1 = chosen. activation >= 0: a gated layer, qweight holds
 // [gate; up] and the result is act(gate) * up (0 = silu, 1 = gelu_tanh), half as wide; the plan is the one of the
 // whole [gate; up] layer, so each half sums exactly as that fused layer's un-gated launch does.
-namespace flux {
-namespace {
-
-// quant_mma's checks of x, the weights and the overrides, and the launch they lead to (see quant_mma below).
-QuantLaunch plan_launch(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
-                        const c10::optional<torch::Tensor>& mins, int64_t group,
-                        const c10::optional<torch::Tensor>& bias, int64_t warps, int64_t row_tiles, int64_t int4_mode,
-                        int64_t launch_shape, int64_t activation) {
-  check_cuda(x, "x");
+torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
+                        int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles,
+                        int64_t int4_mode, int64_t launch_shape, int64_t activation) {
+  using flux::aligned16;
+  flux::check_cuda(x, "x");
   const bool int4 = qweight.scalar_type() == at::kInt;
   const int64_t rows = x.size(0), k = x.size(1), n = qweight.size(0);
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && rows >= 1 && rows <= 32 && x.stride(0) % 8 == 0 && aligned16(x),
@@ -119,7 +115,8 @@ QuantLaunch plan_launch(const torch::Tensor& x, const torch::Tensor& qweight, co
   TORCH_CHECK(activation >= -1 && activation <= 1 && (!gated || n % 2 == 0),
               "quant_mma: activation -1 (none), 0 (silu) or 1 (gelu_tanh); a gated layer has an even N");
   const bool biased_ok = int4 && group % 128 == 0;
-  Plan plan = choose_plan(int4, biased_ok, static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k));
+  flux::Plan plan =
+      flux::choose_plan(int4, biased_ok, static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k));
   if (int4_mode > 0) plan.biased = int4_mode == 1 && biased_ok;
   if (row_tiles > 0) plan.row_tiles = static_cast<int>(row_tiles);
   if (warps > 0) plan.warps = static_cast<int>(warps);
@@ -128,84 +125,19 @@ QuantLaunch plan_launch(const torch::Tensor& x, const torch::Tensor& qweight, co
   // chosen warp count is capped to what an explicit shape allows
   if (launch_shape < 0 && plan.warps > 8) plan.shape = 2;
   if (warps <= 0 && plan.shape != 2) plan.warps = std::min(plan.warps, 8);
-  const int format = !int4 ? kInt8 : plan.biased ? kInt4Biased : kInt4;
+  const int format = !int4 ? flux::kInt8 : plan.biased ? flux::kInt4Biased : flux::kInt4;
   const int rt = plan.row_tiles, w = plan.warps, shape = plan.shape;
   TORCH_CHECK(shape >= 0 && shape <= 2 && (shape == 0 || rows <= 16),
               "quant_mma: launch shape 0, 1 or 2 (<= 16 rows)");
   TORCH_CHECK(w >= 1 && w <= (shape == 2 ? 16 : 8) && (rt == 1 || rt == 2 || rt == 4),
               "quant_mma: 1..8 warps (16 with launch shape 2), 1, 2 or 4 row tiles");
-  return QuantLaunch{format, rows <= 8 ? 1 : rows <= 16 ? 2 : 4, rt, w, shape, static_cast<int>(activation)};
-}
-
-}  // namespace
-}  // namespace flux
-
-torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
-                        int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles,
-                        int64_t int4_mode, int64_t launch_shape, int64_t activation) {
-  const flux::QuantLaunch launch =
-      flux::plan_launch(x, qweight, scales, mins, group, bias, warps, row_tiles, int4_mode, launch_shape, activation);
   const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t n = qweight.size(0);
-  auto out = torch::empty({x.size(0), activation >= 0 ? n / 2 : n}, x.options());
+  auto out = torch::empty({rows, gated ? n / 2 : n}, x.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  if (activation >= 0) {
-    flux::quant_mma_gated(out, x, qweight, scales, mins, bias, static_cast<int>(group), launch, stream);
-  } else {
-    flux::dispatch_quant_mma<flux::kPlainOut>(out, x, qweight, scales, mins, bias, static_cast<int>(group), launch,
-                                              flux::RopeArgs{}, stream);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
-}
-
-// A fused q/k/v layer (qweight rows: heads, then kv_heads, then kv_heads of head_dim features) for 1..32 rows of x
-// (tokens), with rotary embedding over whole heads applied to q and k (cos/sin [positions, head_dim] float32, one
-// int64 position per token) and k and v written into the layer's caches ([rows, kv_heads, slots, head_dim], the
-// same strides, unit stride in head_dim) at slots[t] for token (row, t), t < len(slots): bit for bit quant_mma
-// with the same plan overrides followed by rotary_embedding with caches. Returns the layer's output with q and k
-// rotated.
-torch::Tensor quant_mma_rotary(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
-                               c10::optional<torch::Tensor> mins, int64_t group, c10::optional<torch::Tensor> bias,
-                               int64_t warps, int64_t row_tiles, int64_t int4_mode, int64_t launch_shape,
-                               torch::Tensor cos, torch::Tensor sin, torch::Tensor positions, torch::Tensor k_cache,
-                               torch::Tensor v_cache, torch::Tensor slots, int64_t heads, int64_t kv_heads) {
-  const flux::QuantLaunch launch = flux::plan_launch(x, qweight, scales, mins, group, bias, warps, row_tiles,
-                                                     int4_mode, launch_shape, -1);
-  const int64_t n = qweight.size(0), rows = x.size(0), head_dim = k_cache.size(-1);
-  TORCH_CHECK(heads > 0 && kv_heads > 0 && head_dim % 2 == 0 && (heads + 2 * kv_heads) * head_dim == n,
-              "quant_mma_rotary: the layer must be heads + 2 kv_heads heads of the caches' head_dim");
-  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
-                  sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(1) == head_dim,
-              "quant_mma_rotary: cos/sin must be contiguous float32 [positions, head_dim] tables");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == rows,
-              "quant_mma_rotary: one int64 position per row of x");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() >= 1 &&
-                  rows % slots.numel() == 0,
-              "quant_mma_rotary: int64 slots, rows of x a multiple of their number");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.strides() == v_cache.strides() && k_cache.sizes() == v_cache.sizes() &&
-                  k_cache.stride(3) == 1 && k_cache.size(1) == kv_heads &&
-                  rows / slots.numel() <= k_cache.size(0) && k_cache.scalar_type() == x.scalar_type() &&
-                  v_cache.scalar_type() == x.scalar_type(),
-              "quant_mma_rotary: k/v caches [rows, kv_heads, slots, head_dim] in x's dtype with the same strides");
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto out = torch::empty({rows, n}, x.options());
-  flux::RopeArgs rope;
-  rope.cos = cos.data_ptr<float>();
-  rope.sin = sin.data_ptr<float>();
-  rope.positions = positions.data_ptr<int64_t>();
-  rope.slots = slots.data_ptr<int64_t>();
-  rope.k_cache = k_cache.data_ptr();
-  rope.v_cache = v_cache.data_ptr();
-  rope.cache_row = k_cache.stride(0);
-  rope.cache_head = k_cache.stride(1);
-  rope.cache_slot = k_cache.stride(2);
-  rope.heads = static_cast<int>(heads);
-  rope.kv_heads = static_cast<int>(kv_heads);
-  rope.head_dim = static_cast<int>(head_dim);
-  rope.tokens_per_row = static_cast<int>(slots.numel());
-  flux::quant_mma_rotary(out, x, qweight, scales, mins, bias, static_cast<int>(group), launch, rope,
-                         c10::cuda::getCurrentCUDAStream());
+  const flux::QuantLaunch launch{format, rows <= 8 ? 1 : rows <= 16 ? 2 : 4, rt, w, shape,
+                                 static_cast<int>(activation)};
+  if (gated) flux::quant_mma_gated(out, x, qweight, scales, mins, bias, static_cast<int>(group), launch, stream);
+  else flux::dispatch_quant_mma<false>(out, x, qweight, scales, mins, bias, static_cast<int>(group), launch, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

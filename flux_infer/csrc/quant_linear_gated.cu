@@ -7,7 +7,7 @@ namespace flux {
 void quant_mma_gated(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight,
                      const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
                      const c10::optional<torch::Tensor>& bias, int group, const QuantLaunch& p, cudaStream_t stream) {
-  dispatch_quant_mma<kGatedOut>(out, x, qweight, scales, mins, bias, group, p, RopeArgs{}, stream);
+  dispatch_quant_mma<true>(out, x, qweight, scales, mins, bias, group, p, stream);
 }
 
 }  // namespace flux

@@ -28,27 +28,9 @@
 #include "common.cuh"
 
 namespace flux {
-
-// The rotary epilogue's inputs: cos/sin tables [positions, head_dim] (float32, rotary over whole heads), a
-// position per row of x, and the layer's caches [rows, kv_heads, slots, head_dim] (strides in elements) written at
-// slots[row % tokens_per_row] of cache row row / tokens_per_row.
-struct RopeArgs {
-  const float* cos = nullptr;
-  const float* sin = nullptr;
-  const int64_t* positions = nullptr;
-  const int64_t* slots = nullptr;
-  void* k_cache = nullptr;
-  void* v_cache = nullptr;
-  int64_t cache_row = 0, cache_head = 0, cache_slot = 0;
-  int heads = 0, kv_heads = 0, head_dim = 0, tokens_per_row = 1;
-};
-
 namespace {
 
 enum Format : int { kInt8 = 0, kInt4 = 1, kInt4Biased = 2 };
-// What the epilogue makes of the sums: the layer's outputs; act(gate) * up of a [gate; up] layer; or a fused
-// q/k/v projection's outputs with rotary embedding applied to q and k, and k and v written into the KV cache.
-enum Epilogue : int { kPlainOut = 0, kGatedOut = 1, kRotaryOut = 2 };
 
 // packed 2 x 16-bit arithmetic on raw 32-bit registers; B is the exponent bias the INT4 magic number encodes
 template <typename T> struct Pair {
@@ -131,21 +113,17 @@ __device__ __forceinline__ uint4 load_x(const uint4* p, bool valid) {
 
 template <int F> constexpr int kFeatures = F == kInt4Biased ? 15 : 16;  // output features per 16-row tile
 
-// Paired epilogues: tile row g (< 8) and row g + 8 carry the two features one output needs, so one lane ends up
-// with both and the epilogue needs no exchange: 8 pairs per tile (7 for kInt4Biased, whose row 15 carries sum(x)).
-// Gated layers: the weight holds [gate; up] (n_out rows each), pair j is gate feature j and up feature j, and the
-// output act(gate) * up is n_out wide. Rotary: pair j is features i and i + head_dim / 2 of head j / (head_dim / 2)
-// (the two that rotate together), and the output is as wide as the layer (n_out).
-template <int F, int E> constexpr int kOutputs = E != kPlainOut ? (F == kInt4Biased ? 7 : 8) : kFeatures<F>;
+// Gated layers (G): the weight holds [gate; up] (n_out rows each) and the output is act(gate) * up, n_out wide.
+// Tile row g (< 8) carries gate feature j and row g + 8 the matching up feature, so one lane ends up with both
+// halves of its outputs and the epilogue needs no exchange: 8 outputs per tile (7 for kInt4Biased, whose row 15
+// carries sum(x)).
+template <int F, bool G> constexpr int kOutputs = G ? (F == kInt4Biased ? 7 : 8) : kFeatures<F>;
 
-// The weight row that tile row g + 8 h reads, in the tile of outputs (pairs) from j0; -1 for a row without one.
-template <int F, int E> __device__ __forceinline__ int tile_row(int j0, int g, int h, int n_out, int head_dim) {
-  if constexpr (E == kGatedOut) {
+// The weight row that tile row g + 8 h reads, in the tile of outputs from j0; -1 for a row without one.
+template <int F, bool G> __device__ __forceinline__ int tile_row(int j0, int g, int h, int n_out) {
+  if constexpr (G) {
     const int j = j0 + g;
-    return g < kOutputs<F, E> && j < n_out ? j + h * n_out : -1;
-  } else if constexpr (E == kRotaryOut) {
-    const int j = j0 + g, half = head_dim >> 1, head = j / half;
-    return g < kOutputs<F, E> && 2 * j < n_out ? head * head_dim + (j - head * half) + h * half : -1;
+    return g < kOutputs<F, G> && j < n_out ? j + h * n_out : -1;
   }
   const int r = g + 8 * h, j = j0 + r;
   return r < kFeatures<F> && j < n_out ? j : -1;
@@ -257,13 +235,11 @@ __device__ __forceinline__ void mma_step(float (&acc)[RT][MT][4], const uint4 (&
 // Sum the warps' partial tiles of the block's outputs (from n0) and write them. Element (rt, mt, c) of lane l is
 // tile row g + 8 h (g = l / 4, h = c / 2) of row tile rt (its weight row: tile_row) and activation row
 // 8 mt + 2 (l % 4) + c % 2. Gated: the gate half (h = 0) and the up half (h = 1) make act(gate) * up, each
-// rounded as the separate layer and act_mul kernel would. Rotary: the pair is rounded as the layer's output, then
-// rotated as the rotary kernel does (bit for bit), and k / v also go to the cache.
-template <typename T, int F, int MT, int RT, int E>
+// rounded as the separate layer and act_mul kernel would.
+template <typename T, int F, int MT, int RT, bool G>
 __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float* partial, T* __restrict__ out,
                                             const uint16_t* __restrict__ scales, const T* __restrict__ bias, int n0,
-                                            int m_rows, int n_out, int64_t out_stride, int act,
-                                            const RopeArgs& rope) {
+                                            int m_rows, int n_out, int64_t out_stride, int act) {
   constexpr int kAcc = RT * MT * 4;
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
@@ -282,36 +258,13 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
   };
   for (int e = threadIdx.x; e < kAcc * 32; e += blockDim.x) {
     const int j = e >> 5, l = e & 31, c = j & 3;
-    if (E != kPlainOut && c >= 2) continue;  // the pair's second feature, read with its first
-    const int n = tile_row<F, E>(n0 + kOutputs<F, E> * (j / (MT * 4)), l >> 2, c >> 1, n_out, rope.head_dim);
+    if (G && c >= 2) continue;  // the up half, read with its gate
+    const int n = tile_row<F, G>(n0 + kOutputs<F, G> * (j / (MT * 4)), l >> 2, c >> 1, n_out);
     const int m = 8 * ((j >> 2) % MT) + 2 * (l & 3) + (c & 1);
     if (n < 0 || m >= m_rows) continue;
-    if constexpr (E == kGatedOut) {
+    if constexpr (G) {
       const float gate = rnd<T>(result(e, n)), up = rnd<T>(result(e + 64, n + n_out));  // e + 64: element c + 2
       out[m * out_stride + n] = from_float<T>(rnd<T>(activation(gate, act)) * up);
-    } else if constexpr (E == kRotaryOut) {
-      const int half = rope.head_dim >> 1, head = n / rope.head_dim, i = n - head * rope.head_dim;
-      const float x1 = rnd<T>(result(e, n)), x2 = rnd<T>(result(e + 64, n + half));
-      T y1 = from_float<T>(x1), y2 = from_float<T>(x2);
-      if (head < rope.heads + rope.kv_heads) {  // q or k: t * cos + rotate_half(t) * sin, as rotary_kernel rounds
-        const float* c_row = rope.cos + rope.positions[m] * rope.head_dim;
-        const float* s_row = rope.sin + rope.positions[m] * rope.head_dim;
-        const float c1 = rnd<T>(c_row[i]), c2 = rnd<T>(c_row[i + half]);
-        const float s1 = rnd<T>(s_row[i]), s2 = rnd<T>(s_row[i + half]);
-        y1 = from_float<T>(__fadd_rn(rnd<T>(__fmul_rn(x1, c1)), rnd<T>(__fmul_rn(-x2, s1))));
-        y2 = from_float<T>(__fadd_rn(rnd<T>(__fmul_rn(x2, c2)), rnd<T>(__fmul_rn(x1, s2))));
-      }
-      out[m * out_stride + n] = y1;
-      out[m * out_stride + n + half] = y2;
-      if (head >= rope.heads) {  // k or v: into the cache too
-        const bool key = head < rope.heads + rope.kv_heads;
-        T* cache = static_cast<T*>(key ? rope.k_cache : rope.v_cache) +
-                   (m / rope.tokens_per_row) * rope.cache_row +
-                   (head - rope.heads - (key ? 0 : rope.kv_heads)) * rope.cache_head +
-                   rope.slots[m % rope.tokens_per_row] * rope.cache_slot;
-        cache[i] = y1;
-        cache[i + half] = y2;
-      }
     } else {
       out[m * out_stride + n] = from_float<T>(result(e, n));
     }
@@ -327,18 +280,18 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
 template <int L> constexpr int kMaxThreads = L == 2 ? 512 : 256;
 template <int L> constexpr int kMinBlocks = L == 1 ? 3 : 1;
 
-template <typename T, int F, int MT, int RT, int U, int L, int E>
+template <typename T, int F, int MT, int RT, int U, int L, bool G>
 __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kernel(
     T* __restrict__ out, const T* __restrict__ x, const uint4* __restrict__ w, const uint16_t* __restrict__ scales,
     const uint16_t* __restrict__ mins, const T* __restrict__ bias, int m_rows, int n_out, int k, int group,
-    int64_t x_stride, int64_t out_stride, int act, bool early, const RopeArgs rope) {
+    int64_t x_stride, int64_t out_stride, int act, bool early) {
   if (early) pdl_trigger();
   constexpr int kCodes = F == kInt8 ? 16 : 32;  // codes per 16-byte slice
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int slices = k / kCodes, steps = (slices + 3) >> 2;
   const int groups = F == kInt8 ? 1 : k / group;
-  const int n0 = blockIdx.x * kOutputs<F, E> * RT;
+  const int n0 = blockIdx.x * kOutputs<F, G> * RT;
   float acc[RT][MT][4] = {};
   for (int step0 = warp; step0 < steps; step0 += warps * U) {
     uint4 code[U][RT][2];
@@ -350,7 +303,7 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
       for (int rt = 0; rt < RT; ++rt)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int n = tile_row<F, E>(n0 + kOutputs<F, E> * rt, g, h, n_out, rope.head_dim);
+          const int n = tile_row<F, G>(n0 + kOutputs<F, G> * rt, g, h, n_out);
           const bool valid = s < slices && n >= 0;
           code[u][rt][h] = valid ? load_stream(w + static_cast<int64_t>(n) * slices + s) : make_uint4(0, 0, 0, 0);
           if constexpr (F != kInt8) {
@@ -371,27 +324,26 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
   pdl_wait();  // (a warp without steps)
   if (!early) pdl_trigger();
   extern __shared__ float partial[];  // [warps][RT * MT * 4][32]
-  reduce_tile<T, F, MT, RT, E>(acc, partial, out, scales, bias, n0, m_rows, n_out, out_stride, act, rope);
+  reduce_tile<T, F, MT, RT, G>(acc, partial, out, scales, bias, n0, m_rows, n_out, out_stride, act);
 }
 
-template <typename T, int F, int MT, int RT, int L, int E>
+template <typename T, int F, int MT, int RT, int L, bool G>
 void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
             const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias, int group,
-            int warps, int act, const RopeArgs& rope, cudaStream_t stream) {
+            int warps, int act, cudaStream_t stream) {
   constexpr int U = L == 1 ? (RT == 1 ? 2 : 1) : 4 / RT;  // 16-byte weight loads in flight per lane: 2 U RT
   const int n = out.size(1), k = x.size(1);
-  const int outputs = E == kRotaryOut ? n / 2 : n;  // (rotary: pairs)
-  const int blocks = (outputs + kOutputs<F, E> * RT - 1) / (kOutputs<F, E> * RT);
+  const int blocks = (n + kOutputs<F, G> * RT - 1) / (kOutputs<F, G> * RT);
   const size_t smem = static_cast<size_t>(warps) * RT * MT * 4 * 32 * sizeof(float);
   if (smem > 48 * 1024)  // above the default dynamic shared memory limit (4 row tiles x 32 rows x 8 warps)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(quant_mma_kernel<T, F, MT, RT, U, L, E>,
+    C10_CUDA_CHECK(cudaFuncSetAttribute(quant_mma_kernel<T, F, MT, RT, U, L, G>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  flux::launch(quant_mma_kernel<T, F, MT, RT, U, L, E>, blocks, warps * 32, smem, stream, out.data_ptr<T>(),
+  flux::launch(quant_mma_kernel<T, F, MT, RT, U, L, G>, blocks, warps * 32, smem, stream, out.data_ptr<T>(),
                x.data_ptr<T>(),
                reinterpret_cast<const uint4*>(qweight.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
                F == kInt8 ? nullptr : reinterpret_cast<const uint16_t*>(mins->data_ptr()),
                bias ? bias->data_ptr<T>() : nullptr, static_cast<int>(x.size(0)), n, k, group, x.stride(0),
-               out.stride(0), act, trigger_early(x.size(0)), rope);
+               out.stride(0), act, trigger_early(x.size(0)));
 }
 
 
@@ -405,21 +357,21 @@ struct QuantLaunch {
 
 namespace {
 
-// Instantiates the kernel for one launch (E: the epilogue). quant_linear.cu, quant_linear_gated.cu and
-// quant_linear_rotary.cu each compile one epilogue's, in parallel (internal linkage: each file has its own copy).
-template <int E>
+// Instantiates the kernel for one launch (G: gated). quant_linear.cu and quant_linear_gated.cu each compile one
+// half, in parallel (internal linkage: each file has its own copy).
+template <bool G>
 void dispatch_quant_mma(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight,
                         const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
                         const c10::optional<torch::Tensor>& bias, int group, const QuantLaunch& p,
-                        const RopeArgs& rope, cudaStream_t stream) {
+                        cudaStream_t stream) {
   AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "quant_mma", [&] {
     auto pick = [&](auto format_c) {
       constexpr int F = decltype(format_c)::value;
       auto go = [&](auto mt_c, auto rt_c) {
         constexpr int MT = decltype(mt_c)::value, RT = decltype(rt_c)::value;
         auto with_shape = [&](auto l_c) {
-          launch_quant<scalar_t, F, MT, RT, decltype(l_c)::value, E>(out, x, qweight, scales, mins, bias, group,
-                                                                     p.warps, p.act, rope, stream);
+          launch_quant<scalar_t, F, MT, RT, decltype(l_c)::value, G>(out, x, qweight, scales, mins, bias, group,
+                                                                     p.warps, p.act, stream);
         };
         if constexpr (MT <= 2) {  // launch shapes 1 and 2 exist for up to 16 rows
           if (p.shape == 1) return with_shape(std::integral_constant<int, 1>{});
@@ -450,9 +402,5 @@ void dispatch_quant_mma(torch::Tensor& out, const torch::Tensor& x, const torch:
 void quant_mma_gated(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight,
                      const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
                      const c10::optional<torch::Tensor>& bias, int group, const QuantLaunch& p, cudaStream_t stream);
-void quant_mma_rotary(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight,
-                      const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
-                      const c10::optional<torch::Tensor>& bias, int group, const QuantLaunch& p, const RopeArgs& rope,
-                      cudaStream_t stream);
 
 }  // namespace flux

@@ -118,13 +118,6 @@ class StaticKVCache:
         """Rotate q, k ``[B, T, heads, head_dim]`` in place and store k, v at ``meta.slots`` (one kernel on CUDA)."""
         kernels.rotary_cache_write_(q, k, v, cos, sin, meta.positions, self.k[layer], self.v[layer], meta.slots)
 
-    def project_rotary(self, layer: int, projection: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                       meta: StepMetadata, heads: int, kv_heads: int) -> torch.Tensor:
-        """A quantized fused q/k/v ``projection`` of ``x`` ``[B, T, hidden]`` with ``append_rotary`` done inside
-        (``QuantizedLinear.rotary_qkv``): returns ``[B, T, (heads + 2 kv_heads) * head_dim]``, q and k rotated."""
-        return projection.rotary_qkv(x, cos, sin, meta.positions, self.k[layer], self.v[layer], meta.slots, heads,
-                                     kv_heads)
-
     def attend(self, layer: int, q: torch.Tensor, meta: StepMetadata, *, scale: float, window: int) -> torch.Tensor:
         """q ``[B, T, heads, head_dim]`` -> ``[B, T, heads, head_dim]`` over the valid slots of each row."""
         batch = q.shape[0]

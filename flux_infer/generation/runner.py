@@ -21,10 +21,6 @@ from flux_infer.support import Support
 
 # rope types whose cos/sin depend only on the position (a table computed once is exact)
 STATIC_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
-# a quantized fused q/k/v layer applies the rotary embedding and writes the cache itself where the cache layout
-# offers it (StaticKVCache.project_rotary; on CUDA the matmul's epilogue); False: the layer, then the rotary kernel
-# (an A/B switch for benchmarks/decode.py)
-QKV_ROTARY_IN_LAYER = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,16 +150,8 @@ class DecoderRunner:
         batch, length, _ = x.shape
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         o_proj = parts.projections[-1]
-        fused = parts.fused_qkv
-        project = getattr(cache, "project_rotary", None) if QKV_ROTARY_IN_LAYER else None
-        if (fused is not None and fused.quantized is not None and project is not None and parts.q_norm is None
-                and self._cos.shape[-1] == dim):  # the quantized layer rotates and writes the cache itself
-            qkv = project(index, fused.quantized, x, self._cos, self._sin, meta, heads, kv_heads)
-            q = qkv[..., : heads * dim].reshape(batch, length, heads, dim)
-            out = cache.attend(index, q, meta, scale=parts.scale, window=parts.window)
-            return o_proj(out.reshape(batch, length, heads * dim))
-        if fused is not None:
-            q, k, v = fused(x).split(fused.sizes, dim=-1)
+        if parts.fused_qkv is not None:
+            q, k, v = parts.fused_qkv(x).split(parts.fused_qkv.sizes, dim=-1)
         elif len(parts.projections) == 4:
             q_proj, k_proj, v_proj, _ = parts.projections
             q, k, v = q_proj(x), k_proj(x), v_proj(x)

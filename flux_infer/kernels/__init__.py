@@ -26,8 +26,6 @@ from flux_infer.kernels.quant import (
     int8_linear_ref,
     quantized_gated_linear,
     quantized_gated_linear_ref,
-    quantized_qkv_rotary,
-    quantized_qkv_rotary_ref,
 )
 from flux_infer.kernels.norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
 from flux_infer.kernels.registry import implementation
@@ -62,8 +60,6 @@ __all__ = [
     "quantize_kv_int8",
     "quantized_gated_linear",
     "quantized_gated_linear_ref",
-    "quantized_qkv_rotary",
-    "quantized_qkv_rotary_ref",
     "rms_norm",
     "rms_norm_ref",
     "rotary_cache_write_",

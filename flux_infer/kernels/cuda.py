@@ -98,8 +98,7 @@ def _build() -> Any:
     target.mkdir(parents=True, exist_ok=True)
     return load_extension(
         name="flux_infer_kernels",
-        sources=[str(CSRC / name) for name in ("flux_kernels.cu", "quant_linear.cu", "quant_linear_gated.cu",
-                                               "quant_linear_rotary.cu")],
+        sources=[str(CSRC / name) for name in ("flux_kernels.cu", "quant_linear.cu", "quant_linear_gated.cu")],
         build_directory=str(target),
         extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
         extra_cflags=["-O3"],
@@ -129,15 +128,6 @@ def early_trigger() -> bool:
 def set_early_trigger(enabled: bool) -> None:
     if load():
         _state["module"].set_early_trigger(enabled)
-
-
-def _mma_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as the ``[rows, K]`` the tensor-core kernels take: unit stride in K, 16-byte aligned rows (copying only
-    if it must)."""
-    x2 = x.reshape(x.numel() // x.shape[-1], x.shape[-1])
-    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
-        x2 = x2.contiguous()
-    return x2
 
 
 def _token_heads(t: torch.Tensor) -> torch.Tensor | None:
@@ -217,7 +207,9 @@ def _register(module: Any) -> None:
         gated = activation >= 0
         if gated and (rows > QUANT_MMA_MAX_ROWS or (rows == 1 and mins is None)):
             return None
-        x2 = _mma_rows(x)
+        x2 = x.reshape(rows, x.shape[-1])
+        if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+            x2 = x2.contiguous()
         if qweight.data_ptr() % 16:
             return None
         if rows == 1 and mins is None:
@@ -259,32 +251,7 @@ def _register(module: Any) -> None:
         gate, up = full.chunk(2, dim=-1)
         return act_mul(gate, up, activation_kind)
 
-    def quantized_qkv_rotary(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                             group_size: int, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                             positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                             slots: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
-        """The tensor-core kernel with the rotary embedding and the cache write in its epilogue, for 1-32 rows
-        (INT8 from 2: a single row keeps the CUDA-core GEMV) and rotary over whole heads; otherwise the layer,
-        then the rotary kernel."""
-        rows = x.numel() // x.shape[-1] if x.numel() else 0
-        dim = k_cache.shape[-1]
-        if (0 < rows <= QUANT_MMA_MAX_ROWS and not (rows == 1 and mins is None) and x.dtype == scales.dtype
-                and x.dtype in (torch.bfloat16, torch.float16) and layout_fits(x, mins, group_size)
-                and qweight.data_ptr() % 16 == 0 and cos.dtype == torch.float32 and cos.shape[-1] == dim
-                and k_cache.dtype == x.dtype and k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1):
-            plan = QUANT_MMA_PLANS.get((qweight.shape[0], x.shape[-1]), AUTO_PLAN) if rows <= 8 else AUTO_PLAN
-            out = module.quant_mma_rotary(_mma_rows(x), qweight, scales, mins, group_size, bias, *plan,
-                                          cos.contiguous(), sin.contiguous(), positions.reshape(-1).contiguous(),
-                                          k_cache, v_cache, slots.contiguous(), heads, kv_heads)
-            return out.view(*x.shape[:-1], out.shape[-1])
-        out = (int8_linear(x, qweight, scales, bias) if mins is None
-               else int4_linear(x, qweight, scales, mins, group_size, bias))
-        rotary_cache_write_(*quant.qkv_heads(out, heads, kv_heads, dim), cos, sin, positions, k_cache, v_cache,
-                            slots)
-        return out
-
     quant.int8_linear.register("cuda", int8_linear, "cuda")
-    quant.quantized_qkv_rotary.register("cuda", quantized_qkv_rotary, "cuda")
     quant.quantized_gated_linear.register("cuda", quantized_gated_linear, "cuda")
     quant.int4_linear.register("cuda", int4_linear, "cuda")
     norm.rms_norm.register("cuda", rms_norm, "cuda")

@@ -1,6 +1,5 @@
-"""Weight-only quantized linear layers: ``torch.ops.flux.int8_linear``, ``torch.ops.flux.int4_linear``, the gated
-MLP's first half on a quantized ``[gate; up]`` weight, ``torch.ops.flux.quantized_gated_linear``, and a fused q/k/v
-projection with the rotary embedding and the KV-cache write, ``torch.ops.flux.quantized_qkv_rotary``.
+"""Weight-only quantized linear layers: ``torch.ops.flux.int8_linear``, ``torch.ops.flux.int4_linear`` and the gated
+MLP's first half on a quantized ``[gate; up]`` weight, ``torch.ops.flux.quantized_gated_linear``.
 
 Formats (what flux stores and its kernels read):
 
@@ -19,7 +18,6 @@ import torch.nn.functional as F
 
 from flux_infer.kernels.activation import act_mul_ref
 from flux_infer.kernels.registry import KernelOp
-from flux_infer.kernels.rotary import rotary_cache_write_ref
 
 def unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     """int32 ``[N, K // 8]`` -> int32 values 0..15 ``[N, K]``."""
@@ -110,47 +108,6 @@ def _(x, qweight, scales, mins, group_size, bias, activation):
     return x.new_empty((*x.shape[:-1], qweight.shape[0] // 2))
 
 
-def quantized_qkv_rotary_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                             group_size: int, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                             positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                             heads: int, kv_heads: int) -> torch.Tensor:
-    """A fused q/k/v projection ``x`` ``[B, T, K]`` -> ``[B, T, (heads + 2 kv_heads) * D]`` on one quantized weight,
-    then ``rotary_cache_write_`` on its q, k, v (``D`` the caches' head dim): returns the output with q and k
-    rotated; k and v are written into ``k_cache`` / ``v_cache`` ``[B', kv_heads, S, D]`` at ``slots``."""
-    if mins is None:
-        out = int8_linear_ref(x, qweight, scales, bias)
-    else:
-        out = int4_linear_ref(x, qweight, scales, mins, group_size, bias)
-    rotary_cache_write_ref(*qkv_heads(out, heads, kv_heads, k_cache.shape[-1]), cos, sin, positions, k_cache, v_cache,
-                           slots)
-    return out
-
-
-def qkv_heads(out: torch.Tensor, heads: int, kv_heads: int, dim: int) -> tuple[torch.Tensor, ...]:
-    """Views ``[..., heads, dim]``, ``[..., kv_heads, dim]`` (twice) of a fused q/k/v output ``[..., N]``."""
-    q, k, v = out.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
-    lead = out.shape[:-1]
-    return q.view(*lead, heads, dim), k.view(*lead, kv_heads, dim), v.view(*lead, kv_heads, dim)
-
-
-@torch.library.custom_op("flux::quantized_qkv_rotary", mutates_args=("k_cache", "v_cache"))
-def _quantized_qkv_rotary_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None,
-                             group_size: int, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                             positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                             slots: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
-    """A quantized fused q/k/v layer, q and k rotated, k and v written into the cache."""
-    return quantized_qkv_rotary_ref(x, qweight, scales, mins, group_size, bias, cos, sin, positions, k_cache,
-                                    v_cache, slots, heads, kv_heads)
-
-
-@_quantized_qkv_rotary_op.register_fake
-def _(x, qweight, scales, mins, group_size, bias, cos, sin, positions, k_cache, v_cache, slots, heads, kv_heads):
-    torch._check(qweight.shape[0] == (heads + 2 * kv_heads) * k_cache.shape[-1],
-                 lambda: "quantized_qkv_rotary: the layer is heads + 2 kv_heads heads of the cache's head dim")
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
-
-
 int8_linear = KernelOp("int8_linear", _int8_linear_op, int8_linear_ref)
 int4_linear = KernelOp("int4_linear", _int4_linear_op, int4_linear_ref)
 quantized_gated_linear = KernelOp("quantized_gated_linear", _quantized_gated_linear_op, quantized_gated_linear_ref)
-quantized_qkv_rotary = KernelOp("quantized_qkv_rotary", _quantized_qkv_rotary_op, quantized_qkv_rotary_ref)

@@ -84,19 +84,6 @@ class QuantizedLinear(torch.nn.Module):
         return kernels.quantized_gated_linear(x, self.qweight, scales, mins, self.group_size or 0, self.bias,
                                               activation)
 
-    def rotary_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, heads: int,
-                   kv_heads: int) -> torch.Tensor:
-        """A fused q/k/v layer (rows: heads, kv_heads, kv_heads heads) with q and k rotated and k and v written
-        into the caches at ``slots`` (``kernels.quantized_qkv_rotary``): on CUDA, for up to 32 rows (INT8: 2 to
-        32), in the matmul kernel's epilogue; otherwise the layer, then the rotary kernel (the same values)."""
-        if self.input_perm is not None:
-            x = x.index_select(-1, self.input_perm)
-        mins = self.mins if self.bits == 4 else None
-        scales = self.scales if self.bits == 4 else self.scale
-        return kernels.quantized_qkv_rotary(x, self.qweight, scales, mins, self.group_size or 0, self.bias, cos, sin,
-                                            positions, k_cache, v_cache, slots, heads, kv_heads)
-
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
