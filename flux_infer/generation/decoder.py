@@ -168,13 +168,10 @@ class GreedyDecode:
             for _ in range(2):  # warm-up: lazy initialization and autotuning stay out of the graphs
                 self._steps(1)
         torch.cuda.current_stream(device).wait_stream(stream)
-        for steps in (GREEDY_GRAPH_STEPS, 1):
-            initial = [t.clone() for t in (self.meta.positions, self.meta.slots, self.meta.kv_end)]
+        for steps in (GREEDY_GRAPH_STEPS, 1):  # (capturing runs nothing; load() sets the state before a replay)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self._steps(steps)
-            for tensor, value in zip((self.meta.positions, self.meta.slots, self.meta.kv_end), initial, strict=True):
-                tensor.copy_(value)
             self.graphs[steps] = graph
 
     def _steps(self, n: int) -> None:
