@@ -39,16 +39,6 @@ def kernels_of(trace: dict) -> list[dict]:
     return sorted(events, key=lambda e: e["ts"])
 
 
-def exposed_times(events: list[dict]) -> list[float]:
-    """Per kernel (in start order): its end minus the latest end before it, at least 0 (microseconds)."""
-    out, latest = [], None
-    for e in events:
-        end = e["ts"] + e["dur"]
-        out.append(e["dur"] if latest is None else max(0.0, end - latest))
-        latest = end if latest is None else max(latest, end)
-    return out
-
-
 def summarize(events: list[dict], steps: int) -> str:
     """The exposed time per distinct kernel over the whole decode steps of a generate call of ``steps`` tokens
     (its prefill and first token excluded)."""
@@ -62,27 +52,26 @@ def summarize(events: list[dict], steps: int) -> str:
     lm_head = max(common, key=lambda lab: sum(durations[lab]) / len(durations[lab]))
     marks = [i for i, lab in enumerate(labels) if lab == lm_head]
     first, last = marks[1] + 1, marks[-1] + 1  # whole decode steps: after the 2nd lm_head through the last
-    steps = len(marks) - 2
-    window = events[first:last]
-    exposed = exposed_times(events)[first:last]
-    step_us = (window[-1]["ts"] + window[-1]["dur"] - (events[first - 1]["ts"] + events[first - 1]["dur"])) / steps
+    decode_steps = len(marks) - 2
+    start = latest = max(e["ts"] + e["dur"] for e in events[:first])
     rows = collections.defaultdict(lambda: [0, 0.0, 0.0, 0.0])  # calls, duration, exposed, overlap with the previous
-    latest = events[first - 1]["ts"] + events[first - 1]["dur"]
-    for e, x in zip(window, exposed):
-        r = rows[label(e)]
+    for lab, e in zip(labels[first:last], events[first:last]):
+        end = e["ts"] + e["dur"]
+        r = rows[lab]
         r[0] += 1
         r[1] += e["dur"]
-        r[2] += x
+        r[2] += max(0.0, end - latest)  # exposed: its end minus the latest end before it
         r[3] += max(0.0, latest - e["ts"])
-        latest = max(latest, e["ts"] + e["dur"])
-    lines = [f"decode steps: {steps}, step {step_us:.1f} us (first kernel after one lm_head to the next lm_head's end)",
+        latest = max(latest, end)
+    step_us = (latest - start) / decode_steps
+    lines = [f"decode steps: {decode_steps}, step {step_us:.1f} us (from one lm_head's end to the next one's)",
              f"{'kernel':<95} {'calls/step':>10} {'dur us':>8} {'exposed us':>10} {'overlap us':>10} "
              f"{'exposed/step':>12} {'share':>6}"]
     total = sum(r[2] for r in rows.values())
     for lab, (calls, dur, exp, ovl) in sorted(rows.items(), key=lambda kv: -kv[1][2]):
-        lines.append(f"{lab[:95]:<95} {calls / steps:>10.1f} {dur / calls:>8.2f} {exp / calls:>10.2f} "
-                     f"{ovl / calls:>10.2f} {exp / steps:>12.1f} {exp / total:>6.1%}")
-    lines.append(f"sum of exposed per step: {total / steps:.1f} us")
+        lines.append(f"{lab[:95]:<95} {calls / decode_steps:>10.1f} {dur / calls:>8.2f} {exp / calls:>10.2f} "
+                     f"{ovl / calls:>10.2f} {exp / decode_steps:>12.1f} {exp / total:>6.1%}")
+    lines.append(f"sum of exposed per step: {total / decode_steps:.1f} us")
     return "\n".join(lines)
 
 

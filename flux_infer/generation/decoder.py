@@ -3,9 +3,11 @@
 On CUDA both phases run as captured graphs: the prefill per (batch bucket, prompt-length bucket), and the decode
 step per batch bucket. Plain greedy decoding keeps the whole step on the device (``greedy``): the argmax, the
 finished flags and the next step's input are part of the captured graph, which holds ``GREEDY_GRAPH_STEPS``
-steps, so the host launches one graph per that many tokens and no small kernels in between. On CUDA the prompt is always left-padded up to its bucket (the padding is masked, so the
-result is the same; it also makes the eager and the graphed paths one computation). Buckets: batch 1, 2, 4, 8, ...; prompt lengths in multiples of ``PREFILL_BUCKET``. The cache grows (and
-the graphs are recaptured) only when a call needs a larger batch or a longer sequence. On the CPU, or with
+steps, so the host launches one graph per that many tokens and no small kernels in between. On CUDA the prompt
+is always left-padded up to its bucket (the padding is masked, so the result is the same; it also makes the
+eager and the graphed paths one computation). Buckets: batch 1, 2, 4, 8, ...; prompt lengths in multiples of
+``PREFILL_BUCKET``. The cache grows (and the graphs are recaptured) only when a call needs a larger batch or a
+longer sequence. On the CPU, or with
 graphs off, the same runner runs eagerly.
 """
 
@@ -31,6 +33,20 @@ def batch_bucket(batch: int) -> int:
 
 def round_up(length: int, multiple: int) -> int:
     return -(-length // multiple) * multiple
+
+
+def load_metadata(static: StepMetadata, meta: StepMetadata, rows: int, *, decode: bool) -> None:
+    """Copy a batch of ``rows`` rows' ``meta`` into a graph's ``static`` metadata (more rows: padding at position 0
+    that attends only to itself). A prefill graph keeps its own slots and lengths; a decode graph takes the slot
+    and the valid lengths, padding rows the longest."""
+    static.positions.zero_()
+    static.positions[:rows].copy_(meta.positions)
+    static.kv_start.zero_()
+    static.kv_start[:rows].copy_(meta.kv_start)
+    if decode:
+        static.slots.copy_(meta.slots)
+        static.kv_end.copy_(meta.kv_end.max().expand_as(static.kv_end))
+        static.kv_end[:rows].copy_(meta.kv_end)
 
 
 class CapturedStep:
@@ -75,14 +91,7 @@ class CapturedStep:
         rows = input_ids.shape[0]
         self.input_ids.zero_()
         self.input_ids[:rows].copy_(input_ids)
-        self.meta.positions.zero_()
-        self.meta.positions[:rows].copy_(meta.positions)
-        self.meta.kv_start.zero_()
-        self.meta.kv_start[:rows].copy_(meta.kv_start)
-        if self.decode:
-            self.meta.slots.copy_(meta.slots)
-            self.meta.kv_end.copy_(meta.kv_end.max().expand(self.batch))
-            self.meta.kv_end[:rows].copy_(meta.kv_end)
+        load_metadata(self.meta, meta, rows, decode=self.decode)
 
     def run(self, input_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Replay (after copying in ``input_ids`` if given); returns the static logits ``[batch, vocab]``."""
@@ -182,17 +191,10 @@ class GreedyDecode:
              meta: StepMetadata) -> None:
         """Start from the first generated token ``tokens`` ``[B]`` and the first decode step's ``meta``."""
         self.state.load(tokens, unfinished, finish_step)
-        if not self.graphs:
+        if self.graphs:
+            load_metadata(self.meta, meta, tokens.shape[0], decode=True)
+        else:
             self.meta = meta
-            return
-        rows = tokens.shape[0]
-        for name in ("positions", "kv_start"):
-            static = getattr(self.meta, name)
-            static.zero_()
-            static[:rows].copy_(getattr(meta, name))
-        self.meta.slots.copy_(meta.slots)
-        self.meta.kv_end.copy_(meta.kv_end.max().expand_as(self.meta.kv_end))
-        self.meta.kv_end[:rows].copy_(meta.kv_end)
 
     def advance(self, limit: int) -> int:
         """Run up to ``limit`` (>= 1) more steps; returns how many ran."""

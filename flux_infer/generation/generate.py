@@ -165,8 +165,8 @@ def _decode_loop(model: Any, decoder: FluxDecoder, input_ids: torch.Tensor, atte
     finish_step = torch.full((batch,), max_new, dtype=torch.long, device=device)
     stop_checker = _StopStrings(config.stop_strings, tokenizer, prompt_len) if config.stop_strings else None
     sync_every = 1 if streamer is not None else SYNC_EVERY
-    greedy_on_device = (GREEDY_ON_DEVICE and select.plain_greedy and streamer is None and stop_checker is None and not keep_scores
-                        and not keep_logits and (min_new <= 1 or eos_ids is None)
+    greedy_on_device = (GREEDY_ON_DEVICE and select.plain_greedy and streamer is None and stop_checker is None
+                        and not keep_scores and not keep_logits and (min_new <= 1 or eos_ids is None)
                         and hasattr(decoder, "greedy"))  # (the paged decoder steps token by token)
     steps = 0
     for step in range(max_new):
