@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flux_infer  # noqa: E402
+from flux_infer.generation import cache as cache_module  # noqa: E402
 from flux_infer.generation import generate as generate_module  # noqa: E402
 from flux_infer.kernels import cuda as cuda_kernels  # noqa: E402
 from flux_infer.kernels import matmul as linear_module  # noqa: E402
@@ -48,6 +49,9 @@ FLUX_MODES["flux_int4_plans"] = FLUX_MODES["flux_int4"]
 # greedy tokens selected by the host-driven loop step by step, instead of inside the captured decode graphs (an
 # A/B of flux_infer.generation.generate.GREEDY_ON_DEVICE)
 FLUX_MODES.update({f"{mode}_hostgreedy": FLUX_MODES[mode] for mode in ("flux", "flux_int8", "flux_int4")})
+# rotary embedding + cache write, then split-K attention and its merge, as three launches per layer instead of
+# flux::rotary_cache_attention's one (an A/B of flux_infer.generation.cache.FUSED_ROTARY_ATTENTION)
+FLUX_MODES.update({f"{mode}_attnapart": FLUX_MODES[mode] for mode in ("flux", "flux_int8", "flux_int4")})
 # quantized, with every prefill matmul on the Triton dequantize-in-the-loop kernel (an A/B of
 # flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS: cuBLAS on the dequantized weight)
 FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
@@ -191,6 +195,7 @@ def main() -> int:
             FluxGatedMLP.gated_epilogue = not mode.endswith("_unfused")
             cuda_kernels.set_early_trigger(not mode.endswith("_late"))
             generate_module.GREEDY_ON_DEVICE = not mode.endswith("_hostgreedy")
+            cache_module.FUSED_ROTARY_ATTENTION = not mode.endswith("_attnapart")
             cuda_kernels.QUANT_MMA_PLANS = ({(6144, 4096): (8, 2, 1, 1)} if mode.endswith("_qkvbiased") else
                                             dict(args.plans) if mode.endswith("_plans") else {})
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = ({bits: 1 << 30 for bits in default_dequant_rows}

@@ -188,6 +188,73 @@ def test_decode_attention_against_float64(heads, kv_heads, dim, window):
     assert rel_err(out, truth) <= 2 * rel_err(low, truth) + 1e-3
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads, kv_heads, dim, rot", [
+    (32, 8, 128, 128), (9, 3, 64, 64), (8, 1, 64, 32), (4, 4, 128, 128), (16, 2, 128, 64)])
+@pytest.mark.parametrize("window", [0, 7])
+@pytest.mark.parametrize("launch", [(0, 0), (1, 1), (3, 2), (8, 4), (2, 8)])
+def test_rotary_cache_attention_against_float64(dtype, heads, kv_heads, dim, rot, window, launch, monkeypatch):
+    """One launch for rotary + cache write + decode attention: the caches bit for bit the rotary kernel's, the
+    output as close to float64 attention (on the same rotated q and cache) as the reference in dtype is."""
+    torch.manual_seed(0)
+    monkeypatch.setattr(cuda_kernels, "ROTARY_ATTENTION_LAUNCH", launch)
+    batch, slots, slot = 3, 300, 130
+    qkv = torch.randn(batch, 1, heads + 2 * kv_heads, dim, device="cuda").to(dtype)  # views of a fused projection
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
+    table = torch.randn(512, rot, device="cuda")
+    positions = torch.tensor([[3], [200], [511]], device="cuda")
+    caches = [torch.randn(batch + 1, kv_heads, slots, dim, device="cuda").to(dtype) for _ in range(2)]
+    start = torch.tensor([0, 5, 17], device="cuda", dtype=torch.int32)
+    end = torch.tensor([1, 133, 300], device="cuda", dtype=torch.int32)  # row 0 ends before the written slot
+    where = torch.tensor([slot], device="cuda")
+    scale = dim**-0.5
+    ref = [t.clone() for t in (q, k, *caches)]
+    kernels.rotary_cache_write_ref(ref[0], ref[1], v, table, table.flip(0), positions, ref[2], ref[3], where)
+    before = qkv.clone()
+    assert cuda_kernels.rotary_attention_fits(q, k, v, table, *caches, where)
+    out = kernels.rotary_cache_attention(q, k, v, table, table.flip(0), positions, caches[0], caches[1], where, start,
+                                         end, scale, window)
+    assert torch.equal(qkv, before)  # q and k are not rotated in place
+    assert torch.equal(caches[0], ref[2]) and torch.equal(caches[1], ref[3])
+    rows = slice(0, batch)
+    truth = kernels.cache_attention_ref(ref[0].double(), ref[2][rows].double(), ref[3][rows].double(), start, end,
+                                        scale, window)
+    low = kernels.cache_attention_ref(ref[0], ref[2][rows], ref[3][rows], start, end, scale, window)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    assert rel_err(out, truth) <= 2 * rel_err(low, truth) + 1e-3
+
+
+def test_rotary_cache_attention_in_a_graph_follows_the_device_metadata():
+    """Captured once, replayed as the step's slot and lengths move on the device: each replay equals an eager call
+    on fresh caches (the kernel reads positions, slot and lengths from device memory)."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, slots = 32, 8, 128, 256
+    qkv = torch.randn(1, 1, heads + 2 * kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
+    table = torch.randn(slots, dim, device="cuda")
+    caches = [torch.randn(1, kv_heads, slots, dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    positions, where = torch.tensor([[20]], device="cuda"), torch.tensor([20], device="cuda")
+    start, end = torch.zeros(1, dtype=torch.int32, device="cuda"), torch.full((1,), 21, dtype=torch.int32,
+                                                                              device="cuda")
+
+    def step(kc, vc):
+        return kernels.rotary_cache_attention(q, k, v, table, table.flip(0), positions, kc, vc, where, start, end,
+                                              0.1, 0)
+
+    live = [c.clone() for c in caches]
+    step(*live)  # compiled and warmed outside the capture
+    live = [c.clone() for c in caches]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(*live)
+    for _ in range(40):  # 20 .. 59: across several 16-key steps
+        expected = step(*[c.clone() for c in live])
+        graph.replay()
+        assert torch.equal(out, expected)
+        positions.add_(1), where.add_(1), end.add_(1)
+    torch.cuda.synchronize()
+
+
 def test_opcheck_on_cuda():
     x = torch.randn(3, 5, 64, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(64, device="cuda", dtype=torch.bfloat16)
@@ -210,6 +277,10 @@ def test_opcheck_on_cuda():
     gate_up = quantized_case(4, 64, 96, 128, torch.bfloat16)
     torch.library.opcheck(torch.ops.flux.quantized_gated_linear.default,
                           (x[0, :2, :].repeat(1, 2), *gated_inputs(gate_up), "silu"))
+    torch.library.opcheck(torch.ops.flux.rotary_cache_attention.default,
+                          (q[:, :1], k[:, :1], k[:, 1:2], table, table, torch.randint(0, 16, (2, 1), device="cuda"),
+                           kc.clone(), kc.clone(), torch.tensor([9], device="cuda"), start,
+                           torch.full((2,), 10, dtype=torch.int32, device="cuda"), 0.125, 0))
     torch.library.opcheck(torch.ops.flux.rotary_cache_write_.default,
                           (q, k, k.clone(), table, table, torch.randint(0, 16, (2, 3), device="cuda"), kc.clone(),
                            kc.clone(), torch.tensor([4, 5, 6], device="cuda")))

@@ -74,3 +74,26 @@ def test_ops_trace_under_torch_compile():
 
 def test_implementation_defaults_to_reference_on_cpu():
     assert kernels.implementation("rms_norm", "cpu") == "reference"
+
+
+def test_rotary_cache_attention_reference_is_the_two_step_path():
+    """The one-launch decode op's contract: the caches as rotary_cache_write_ leaves them, q and k untouched, and
+    the attention of the rotated q over them (what StaticKVCache runs on CPU in two steps)."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim, slots = 6, 2, 32, 24
+    qkv = torch.randn(2, 1, heads + 2 * kv_heads, dim)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=2)
+    table = torch.randn(slots, dim)
+    positions, where = torch.tensor([[9], [4]]), torch.tensor([9])
+    start, end = torch.tensor([0, 5], dtype=torch.int32), torch.tensor([10, 10], dtype=torch.int32)
+    caches = [torch.randn(3, kv_heads, slots, dim) for _ in range(2)]
+    two_step = [t.clone() for t in (q, k, *caches)]
+    kernels.rotary_cache_write_(*two_step[:2], v, table, table.flip(0), positions, *two_step[2:], where)
+    expected = kernels.cache_attention(two_step[0], two_step[2][:2], two_step[3][:2], start, end, 0.2, 0)
+    before = qkv.clone()
+    out = kernels.rotary_cache_attention(q, k, v, table, table.flip(0), positions, *caches, where, start, end, 0.2, 0)
+    assert torch.equal(out, expected) and torch.equal(qkv, before)
+    assert torch.equal(caches[0], two_step[2]) and torch.equal(caches[1], two_step[3])
+    torch.library.opcheck(torch.ops.flux.rotary_cache_attention.default,
+                          (q, k, v, table, table, positions, caches[0].clone(), caches[1].clone(), where, start, end,
+                           0.2, 0))

@@ -53,7 +53,7 @@ def test_o1_report_says_what_ran(smollm2):
     assert fused.details == {"norms": 30 * 2 + 1, "gated_mlps": 30}
     assert report.kernels == {"attention": "sdpa", "rms_norm": "reference", "act_mul": "reference",
                               "rotary_cache_write_": "reference", "cache_attention": "reference",
-                              "add_rms_norm": "reference"}
+                              "rotary_cache_attention": "reference", "add_rms_norm": "reference"}
     assert report.applied[2].details == {"kv_cache": "static", "cuda_graphs": False}
     assert report.memory_before.model_bytes == report.memory_after.model_bytes > 500 * 2**20
     assert model.config._attn_implementation == "flux"

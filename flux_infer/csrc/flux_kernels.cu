@@ -158,8 +158,7 @@ __global__ void act_mul_vec_kernel(T* __restrict__ out, const T* __restrict__ ga
 // (b, t) are also written to k_cache/v_cache[b, head, slots[t], :]. kVec (16-bit types, rot / 2 and head_dim
 // multiples of 8, 16-byte aligned rows): a thread rotates 8 pairs or copies 8 elements with 16-byte loads and
 // stores, so a decode step is one round trip for q/k/v and the position and one for the cos/sin rows; else one
-// element pair per thread. __fmul_rn/__fadd_rn keep the compiler from contracting into FMAs the reference does not
-// do: both forms are bit for bit the reference.
+// element pair per thread. Both forms are bit for bit the reference (rotate_pair).
 template <typename T, bool kVec>
 __global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const T* __restrict__ v,
                               T* __restrict__ k_cache, T* __restrict__ v_cache, const float* __restrict__ cos,
@@ -189,12 +188,6 @@ __global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const T* __r
     return head < heads ? q + token * q_token_stride + head * q_head_stride
                         : k + token * k_token_stride + (head - heads) * k_head_stride;
   };
-  // reference: t * cos + rotate_half(t) * sin, each product and the sum rounded to the storage type
-  const auto rotate = [](float x1, float x2, float c1, float c2, float s1, float s2, T& y1, T& y2) {
-    c1 = rnd<T>(c1), c2 = rnd<T>(c2), s1 = rnd<T>(s1), s2 = rnd<T>(s2);
-    y1 = from_float<T>(__fadd_rn(rnd<T>(__fmul_rn(x1, c1)), rnd<T>(__fmul_rn(-x2, s1))));
-    y2 = from_float<T>(__fadd_rn(rnd<T>(__fmul_rn(x2, c2)), rnd<T>(__fmul_rn(x1, s2))));
-  };
   if constexpr (kVec) {
     const int per_head = half / 8, tail = (head_dim - rot) / 8, whole = head_dim / 8;
     const int rotations = (heads + kv_heads) * per_head;
@@ -217,7 +210,7 @@ __global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const T* __r
         T* y2 = reinterpret_cast<T*>(&yb);
 #pragma unroll
         for (int j = 0; j < 8; ++j)
-          rotate(to_float(x1[j]), to_float(x2[j]), c8[j], c8[8 + j], s8[j], s8[8 + j], y1[j], y2[j]);
+          flux::rotate_pair<T>(to_float(x1[j]), to_float(x2[j]), c8[j], c8[8 + j], s8[j], s8[8 + j], y1[j], y2[j]);
         *reinterpret_cast<uint4*>(base + i) = ya;
         *reinterpret_cast<uint4*>(base + i + half) = yb;
         if (kh >= 0 && k_out != nullptr) {
@@ -239,7 +232,7 @@ __global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const T* __r
       const int head = p / half, i = p - head * half, kh = head - heads;
       T* base = head_of(head);
       T y1, y2;
-      rotate(to_float(base[i]), to_float(base[i + half]), c[i], c[i + half], s[i], s[i + half], y1, y2);
+      flux::rotate_pair<T>(to_float(base[i]), to_float(base[i + half]), c[i], c[i + half], s[i], s[i + half], y1, y2);
       base[i] = y1;
       base[i + half] = y2;
       if (kh >= 0 && k_out != nullptr) {
@@ -624,10 +617,17 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
 torch::Tensor dequantize_weight(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                                 int64_t group);
 
+torch::Tensor rotary_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos,
+                               torch::Tensor sin, torch::Tensor positions, torch::Tensor k_cache,
+                               torch::Tensor v_cache, torch::Tensor slots, torch::Tensor kv_start,
+                               torch::Tensor kv_end, double scale, int64_t window, int64_t parts, int64_t warps);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm, optionally fused with the residual add");
   m.def("act_mul", &act_mul, "act(gate) * up (0 = silu, 1 = gelu_tanh)");
   m.def("rotary_embedding", &rotary_embedding, "rotary embedding of q and k in place (+ KV cache write)");
+  m.def("rotary_attention", &rotary_attention,
+        "one decode step's rotary embedding, KV-cache write and attention over the static cache, in one launch");
   m.def("gemv", &gemv, "x @ w.T (+ bias) for up to 8 rows of x");
   m.def("int8_gemv", &int8_gemv, "weight-only INT8 linear for one row of x");
   m.def("quant_mma", &quant_mma,

@@ -15,6 +15,11 @@ import torch
 
 from flux_infer import kernels
 
+# A decode step over the static cache runs rotary embedding, cache write and attention as one CUDA kernel
+# (flux::rotary_cache_attention) instead of the rotary kernel then cache_attention: a switch for A/B runs
+# (benchmarks/decode.py's *_attnapart modes).
+FUSED_ROTARY_ATTENTION = True
+
 
 @dataclasses.dataclass
 class StepMetadata:
@@ -99,6 +104,9 @@ class KVCache(Protocol):
 
     def attend(self, layer: int, q: torch.Tensor, meta: Any, *, scale: float, window: int) -> torch.Tensor: ...
 
+    def rotary_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, meta: Any, *, scale: float, window: int) -> torch.Tensor: ...
+
 
 class StaticKVCache:
     """Contiguous KV cache; ``append_rotary`` writes this step's keys/values, ``attend`` reads the valid slots."""
@@ -117,6 +125,16 @@ class StaticKVCache:
                       sin: torch.Tensor, meta: StepMetadata) -> None:
         """Rotate q, k ``[B, T, heads, head_dim]`` in place and store k, v at ``meta.slots`` (one kernel on CUDA)."""
         kernels.rotary_cache_write_(q, k, v, cos, sin, meta.positions, self.k[layer], self.v[layer], meta.slots)
+
+    def rotary_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, meta: StepMetadata, *, scale: float, window: int) -> torch.Tensor:
+        """``append_rotary`` then ``attend``; a decode step on CUDA runs both as one kernel (q and k are then left
+        unrotated: only the result and the cache are defined)."""
+        if FUSED_ROTARY_ATTENTION and q.shape[1] == 1 and kernels.rotary_cache_attention.native(q.device):
+            return kernels.rotary_cache_attention(q, k, v, cos, sin, meta.positions, self.k[layer], self.v[layer],
+                                                  meta.slots, meta.kv_start, meta.kv_end, scale, window)
+        self.append_rotary(layer, q, k, v, cos, sin, meta)
+        return self.attend(layer, q, meta, scale=scale, window=window)
 
     def attend(self, layer: int, q: torch.Tensor, meta: StepMetadata, *, scale: float, window: int) -> torch.Tensor:
         """q ``[B, T, heads, head_dim]`` -> ``[B, T, heads, head_dim]`` over the valid slots of each row."""

@@ -109,6 +109,11 @@ class PagedKVCache:
         scales = (self.k_scale[layer], self.v_scale[layer]) if self.int8 else (None, None)
         kernels.paged_kv_write_(k[0], v[0], self.k[layer], self.v[layer], meta.slot_mapping, *scales)
 
+    def rotary_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, meta: PagedMetadata, *, scale: float, window: int) -> torch.Tensor:
+        self.append_rotary(layer, q, k, v, cos, sin, meta)
+        return self.attend(layer, q, meta, scale=scale, window=window)
+
     def attend(self, layer: int, q: torch.Tensor, meta: PagedMetadata, *, scale: float, window: int) -> torch.Tensor:
         scales = (self.k_scale[layer], self.v_scale[layer]) if self.int8 else (None, None)
         out = kernels.paged_attention(q[0], self.k[layer], self.v[layer], meta.block_tables, meta.context_lens,

@@ -164,8 +164,7 @@ class DecoderRunner:
         v = v.reshape(batch, length, kv_heads, dim)
         if parts.q_norm is not None and parts.q_norm.weight.numel() == dim:  # Qwen3, Gemma 3: per head
             q, k = parts.q_norm(q), parts.k_norm(k)
-        cache.append_rotary(index, q, k, v, self._cos, self._sin, meta)
-        out = cache.attend(index, q, meta, scale=parts.scale, window=parts.window)
+        out = cache.rotary_attend(index, q, k, v, self._cos, self._sin, meta, scale=parts.scale, window=parts.window)
         return o_proj(out.reshape(batch, length, heads * dim))
 
 

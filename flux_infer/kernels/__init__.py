@@ -17,6 +17,8 @@ from flux_infer.kernels.attention import (
     paged_kv_write_,
     paged_kv_write_ref,
     quantize_kv_int8,
+    rotary_cache_attention,
+    rotary_cache_attention_ref,
 )
 from flux_infer.kernels.matmul import linear, linear_ref
 from flux_infer.kernels.quant import (
@@ -62,6 +64,8 @@ __all__ = [
     "quantized_gated_linear_ref",
     "rms_norm",
     "rms_norm_ref",
+    "rotary_cache_attention",
+    "rotary_cache_attention_ref",
     "rotary_cache_write_",
     "rotary_cache_write_ref",
     "rotary_embedding_",

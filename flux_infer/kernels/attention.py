@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from flux_infer.kernels import rotary
 from flux_infer.kernels.registry import KernelOp
 
 
@@ -60,6 +61,39 @@ def _(q, k_cache, v_cache, kv_start, kv_end, scale, window):
 
 
 cache_attention = KernelOp("cache_attention", _cache_attention_op, cache_attention_ref)
+
+
+def rotary_cache_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                               sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               slots: torch.Tensor, kv_start: torch.Tensor, kv_end: torch.Tensor, scale: float,
+                               window: int) -> torch.Tensor:
+    """One decode step's attention with its rotary embedding and cache write: ``rotary_cache_write_`` (on copies
+    of q and k, which are left as they are) and then ``cache_attention`` over rows ``[0, B)`` of the caches.
+
+    q ``[B, 1, heads, D]``, k/v ``[B, 1, kv_heads, D]``, caches ``[B', kv_heads, S, D]`` -> ``[B, 1, heads, D]``.
+    """
+    q, k = q.clone(), k.clone()
+    rotary.rotary_cache_write_ref(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
+    rows = q.shape[0]
+    return cache_attention_ref(q, k_cache[:rows], v_cache[:rows], kv_start, kv_end, scale, window)
+
+
+@torch.library.custom_op("flux::rotary_cache_attention", mutates_args=("k_cache", "v_cache"))
+def _rotary_cache_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                               sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                               v_cache: torch.Tensor, slots: torch.Tensor, kv_start: torch.Tensor,
+                               kv_end: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+    """Rotary embedding, cache write and attention of one new token per row (one kernel on CUDA)."""
+    return rotary_cache_attention_ref(q, k, v, cos, sin, positions, k_cache, v_cache, slots, kv_start, kv_end,
+                                      scale, window)
+
+
+@_rotary_cache_attention_op.register_fake
+def _(q, k, v, cos, sin, positions, k_cache, v_cache, slots, kv_start, kv_end, scale, window):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+rotary_cache_attention = KernelOp("rotary_cache_attention", _rotary_cache_attention_op, rotary_cache_attention_ref)
 
 
 def paged_attention_ref(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, block_tables: torch.Tensor,

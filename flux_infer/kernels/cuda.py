@@ -30,6 +30,8 @@ DEQUANT_MATMUL_MIN_ROWS = {4: 128, 8: 320}
 # (benchmarks/decode.py's *_qkvbiased mode and --plans)
 QUANT_MMA_PLANS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 AUTO_PLAN = (0, 0, 0, -1)  # the same four arguments left to the launcher
+# (blocks per (row, kv head), warps per block) of the one-launch decode attention; 0 = chosen by the launcher
+ROTARY_ATTENTION_LAUNCH = (0, 0)
 HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)  # what the elementwise kernels compute in float32
 MAX_SHARED_HIDDEN = 12288  # rms_norm stages a row of float32 in 48 KiB of shared memory
 
@@ -98,7 +100,8 @@ def _build() -> Any:
     target.mkdir(parents=True, exist_ok=True)
     return load_extension(
         name="flux_infer_kernels",
-        sources=[str(CSRC / name) for name in ("flux_kernels.cu", "quant_linear.cu", "quant_linear_gated.cu")],
+        sources=[str(CSRC / name) for name in ("flux_kernels.cu", "quant_linear.cu", "quant_linear_gated.cu",
+                                                  "decode_attention.cu")],
         build_directory=str(target),
         extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
         extra_cflags=["-O3"],
@@ -128,6 +131,24 @@ def early_trigger() -> bool:
 def set_early_trigger(enabled: bool) -> None:
     if load():
         _state["module"].set_early_trigger(enabled)
+
+
+def rotary_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor) -> bool:
+    """Whether ``flux::rotary_cache_attention`` runs as one kernel (csrc/decode_attention.cu) for these inputs."""
+    rows, length, heads, dim = q.shape
+    kv_heads = k.shape[2]
+
+    def rows_fit(t: torch.Tensor) -> bool:  # [rows, 1, heads, D] with 16-byte aligned heads
+        return (t.dtype == q.dtype and t.stride(-1) == 1 and t.stride(0) % 8 == 0 and t.stride(2) % 8 == 0
+                and t.data_ptr() % 16 == 0)
+
+    return (length == 1 and q.dtype in (torch.bfloat16, torch.float16) and dim in (64, 128)
+            and heads % kv_heads == 0 and heads // kv_heads <= 8 and k.shape[-1] == dim and v.shape[2] == kv_heads
+            and rows_fit(q) and rows_fit(k) and rows_fit(v)
+            and cos.dtype == torch.float32 and cos.shape[-1] % 16 == 0 and cos.shape[-1] <= dim
+            and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and k_cache.stride() == v_cache.stride()
+            and k_cache.stride(-1) == 1 and k_cache.stride(-2) == dim and slots.numel() == 1)
 
 
 def _token_heads(t: torch.Tensor) -> torch.Tensor | None:
@@ -178,6 +199,21 @@ def _register(module: Any) -> None:
             return rotary.rotary_cache_write_ref(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
         module.rotary_embedding(q3, k3, cos, sin, positions.reshape(-1).contiguous(), v3, k_cache, v_cache,
                                 slots.contiguous())
+
+    def rotary_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                               sin: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor,
+                               v_cache: torch.Tensor, slots: torch.Tensor, kv_start: torch.Tensor,
+                               kv_end: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+        """The one-launch kernel where it applies (one new token per row, 16-bit, head_dim 64 or 128, up to 8 query
+        heads per kv head); otherwise the rotary kernel and ``cache_attention`` on copies of q and k."""
+        if rotary_attention_fits(q, k, v, cos, k_cache, v_cache, slots):
+            out = module.rotary_attention(q[:, 0], k[:, 0], v[:, 0], cos, sin, positions.reshape(-1), k_cache,
+                                          v_cache, slots, kv_start, kv_end, scale, window, *ROTARY_ATTENTION_LAUNCH)
+            return out.view(q.shape)
+        q, k = q.clone(), k.clone()
+        rotary_cache_write_(q, k, v, cos, sin, positions, k_cache, v_cache, slots)
+        rows = q.shape[0]
+        return attention.cache_attention(q, k_cache[:rows], v_cache[:rows], kv_start, kv_end, scale, window)
 
     def linear_cuda(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.numel() else 0
@@ -259,4 +295,5 @@ def _register(module: Any) -> None:
     activation.act_mul.register("cuda", act_mul, "cuda")
     rotary.rotary_embedding_.register("cuda", rotary_embedding_, "cuda")
     rotary.rotary_cache_write_.register("cuda", rotary_cache_write_, "cuda")
+    attention.rotary_cache_attention.register("cuda", rotary_cache_attention, "cuda")
     matmul.linear.register("cuda", linear_cuda, "cuda")

@@ -53,6 +53,7 @@ class FastGeneratePlugin(Plugin):
         ctx.patch.bind_method(model, "generate", generate)
         ctx.patch.on_rollback("release the decode cache", decoder.release)
         ctx.detail("cuda_graphs", decoder.use_cuda_graphs)
-        ops = ("rotary_cache_write_", "cache_attention") if layout is None else ("rotary_embedding_", "paged_attention")
+        static_ops = ("rotary_cache_write_", "cache_attention", "rotary_cache_attention")  # prefill, decode
+        ops = static_ops if layout is None else ("rotary_embedding_", "paged_attention")
         for op in (*ops, "add_rms_norm"):
             ctx.use_kernel(op, kernels.implementation(op, ctx.device))
