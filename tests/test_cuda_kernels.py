@@ -224,6 +224,30 @@ def test_rotary_cache_attention_against_float64(dtype, heads, kv_heads, dim, rot
     assert rel_err(out, truth) <= 2 * rel_err(low, truth) + 1e-3
 
 
+def test_rotary_cache_attention_outside_the_kernel_s_shapes_runs_the_two_kernels():
+    """float32 (and head_dim 80) are not the one-launch kernel's: the rotary kernel and cache_attention run on
+    copies of q and k, with the reference's result and caches."""
+    torch.manual_seed(0)
+    for dtype, dim in ((torch.float32, 64), (torch.bfloat16, 80)):
+        qkv = torch.randn(2, 1, 12, dim, device="cuda").to(dtype)
+        q, k, v = qkv.split([8, 2, 2], dim=2)
+        table = torch.randn(64, dim, device="cuda")
+        positions, where = torch.tensor([[40], [7]], device="cuda"), torch.tensor([40], device="cuda")
+        start, end = torch.tensor([0, 3], dtype=torch.int32, device="cuda"), torch.full((2,), 41, dtype=torch.int32,
+                                                                                          device="cuda")
+        caches = [torch.randn(2, 2, 48, dim, device="cuda").to(dtype) for _ in range(2)]
+        expected_caches = [c.clone() for c in caches]
+        expected = kernels.rotary_cache_attention_ref(q, k, v, table, table.flip(0), positions, *expected_caches,
+                                                      where, start, end, 0.1, 0)
+        before = qkv.clone()
+        assert not cuda_kernels.rotary_attention_fits(q, k, v, table, *caches, where)
+        out = kernels.rotary_cache_attention(q, k, v, table, table.flip(0), positions, *caches, where, start, end,
+                                             0.1, 0)
+        assert torch.equal(qkv, before)
+        assert torch.equal(caches[0], expected_caches[0]) and torch.equal(caches[1], expected_caches[1])
+        torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)  # Triton's float32 dot runs in TF32
+
+
 def test_rotary_cache_attention_in_a_graph_follows_the_device_metadata():
     """Captured once, replayed as the step's slot and lengths move on the device: each replay equals an eager call
     on fresh caches (the kernel reads positions, slot and lengths from device memory)."""
