@@ -118,12 +118,15 @@ inline bool& pdl_enabled() {  // FLUX_INFER_DISABLE_PDL=1 turns it off; set_prog
   return enabled;
 }
 
-inline bool pdl_supported(int device) {
+inline int compute_major(int device) {  // the device's compute capability major (cached; 0 for an unknown index)
   static int major[64] = {};
-  if (device < 0 || device >= 64) return false;
-  if (major[device] == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device));
-  return major[device] >= 9;
+  if (device < 0 || device >= 64) return 0;
+  if (major[device] == 0)
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major[device], cudaDevAttrComputeCapabilityMajor, device));
+  return major[device];
 }
+
+inline bool pdl_supported(int device) { return compute_major(device) >= 9; }
 
 // A launch with programmatic stream serialization (when enabled); `cluster` > 1 groups that many consecutive
 // blocks along z into a thread block cluster.

@@ -78,12 +78,26 @@ __device__ __forceinline__ uint32_t pair_of(const uint4& lo_key, const uint4& hi
 
 // The thread block cluster's barrier in its two halves: arrive (release: this thread's earlier writes, shared
 // memory of other blocks included, become visible to those that wait) and wait (for every non-exited thread of
-// the cluster to arrive).
+// the cluster to arrive), and block 0's shared memory. Clusters exist from Hopper on; before it the launcher runs
+// one block per (row, kv head) and none of these is reached.
 __device__ __forceinline__ void cluster_arrive(bool release) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (release) asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
   else asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+#endif
 }
-__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ float* block0_shared(float* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cg::this_cluster().map_shared_rank(p, 0);
+#else
+  return p;
+#endif
+}
 
 template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <> __device__ __forceinline__ uint32_t pack2<at::BFloat16>(float lo, float hi) {
@@ -311,7 +325,7 @@ __global__ void __launch_bounds__(256) rotary_attention_kernel(
   float* sent = nullptr;
   if (parts > 1) {
     cluster_wait();  // every block of the cluster has started (its shared memory exists)
-    sent = cg::this_cluster().map_shared_rank(inbox, 0) + part * group * (D + 2);
+    sent = block0_shared(inbox) + part * group * (D + 2);
   }
   // weights[w][head] = 2^(m_w - m) with m the largest max (0 for a warp without keys); one thread per head
   float* weights = warp_m;  // in place: each head's thread reads its column before writing it
@@ -392,7 +406,10 @@ torch::Tensor rotary_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   // Measured (benchmarks/decode_attention.py --sweep): 8 warps per block, and as many blocks per (row, kv head)
   // as give every warp one 16-key step of the cache, while the grid fits the SMs once
   const int w = warps > 0 ? static_cast<int>(warps) : 8;
+  const bool clusters = flux::compute_major(q.get_device()) >= 9;  // thread block clusters: Hopper and later
   int p = static_cast<int>(parts);
+  TORCH_CHECK(p <= 1 || clusters, "rotary_attention: more than one block per (row, kv head) needs a Hopper GPU");
+  if (p <= 0 && !clusters) p = 1;
   if (p <= 0) {
     int sms = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, q.get_device()));
