@@ -74,6 +74,26 @@ __device__ __forceinline__ uint4 load_activation(const void* p) {
   return r;
 }
 
+// 8 bytes the previous kernel wrote, as load_activation
+__device__ __forceinline__ uint2 load_activation8(const void* p) {
+  uint2 r;
+  asm volatile("ld.global.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p) : "memory");
+  return r;
+}
+
+// a value earlier kernels wrote (ordered after pdl_wait: the compiler may hoist plain loads of const __restrict__
+// data above it)
+__device__ __forceinline__ int64_t load_coherent(const int64_t* p) {
+  int64_t r;
+  asm volatile("ld.global.s64 %0, [%1];" : "=l"(r) : "l"(p) : "memory");
+  return r;
+}
+__device__ __forceinline__ int load_coherent(const int* p) {
+  int r;
+  asm volatile("ld.global.s32 %0, [%1];" : "=r"(r) : "l"(p) : "memory");
+  return r;
+}
+
 inline void check_cuda(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
 }

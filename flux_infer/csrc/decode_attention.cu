@@ -33,26 +33,6 @@ constexpr int kMaxGroup = 8;     // query heads per kv head (the MMA's M rows 0.
 constexpr int kMaxParts = 8;     // blocks per cluster (the portable limit)
 constexpr float kLog2e = 1.4426950408889634f;
 
-// 8 bytes the previous kernel wrote, as load_activation
-__device__ __forceinline__ uint2 load_activation8(const void* p) {
-  uint2 r;
-  asm volatile("ld.global.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p) : "memory");
-  return r;
-}
-
-// a value earlier kernels wrote (ordered after pdl_wait: the compiler may hoist plain loads of const __restrict__
-// data above it)
-__device__ __forceinline__ int64_t load_coherent(const int64_t* p) {
-  int64_t r;
-  asm volatile("ld.global.s64 %0, [%1];" : "=l"(r) : "l"(p) : "memory");
-  return r;
-}
-__device__ __forceinline__ int load_coherent(const int* p) {
-  int r;
-  asm volatile("ld.global.s32 %0, [%1];" : "=r"(r) : "l"(p) : "memory");
-  return r;
-}
-
 // Merge weights of `count` partial softmaxes per head: m [count][group] (their maxima, replaced by the weights
 // 2^(m_i - max) in place, 0 for one without keys) and l [count][group] (their sums); head_ml gets each head's
 // max and weighted sum. One thread per head; `l_stride` between the sums of consecutive partials.
@@ -144,7 +124,7 @@ __global__ void __launch_bounds__(256) rotary_attention_kernel(
   float* inbox = warp_o + warps * group * D;          // block 0: [parts][group * (D + 2)] the blocks' merged parts
   float* head_ml = inbox + (parts > 1 ? parts * group * (D + 2) : 0);  // [group] max, [group] sum
   float* part_w = head_ml + 2 * group;                // block 0: [parts][group] the parts' weights
-  if (gridDim.z > 1) cluster_arrive(false);           // (waited for before the first send, see below)
+  if (parts > 1) cluster_arrive(false);               // (waited for before the first send, see below)
 
   // this step's metadata (written by earlier kernels: coherent loads, kept after the wait), then the new token's
   // inputs, which do not depend on it, so that both are in flight together
