@@ -7,8 +7,7 @@ steps, so the host launches one graph per that many tokens and no small kernels 
 is always left-padded up to its bucket (the padding is masked, so the result is the same; it also makes the
 eager and the graphed paths one computation). Buckets: batch 1, 2, 4, 8, ...; prompt lengths in multiples of
 ``PREFILL_BUCKET``. The cache grows (and the graphs are recaptured) only when a call needs a larger batch or a
-longer sequence. On the CPU, or with
-graphs off, the same runner runs eagerly.
+longer sequence. On the CPU, or with graphs off, the same runner runs eagerly.
 """
 
 from __future__ import annotations
