@@ -211,7 +211,7 @@ def test_rotary_cache_attention_against_float64(dtype, heads, kv_heads, dim, rot
     ref = [t.clone() for t in (q, k, *caches)]
     kernels.rotary_cache_write_ref(ref[0], ref[1], v, table, table.flip(0), positions, ref[2], ref[3], where)
     before = qkv.clone()
-    assert cuda_kernels.rotary_attention_fits(q, k, v, table, table, positions, *caches, where, start, end)
+    assert kernels.rotary_attention_fits(q, k, v, table, table, positions, *caches, where, start, end)
     out = kernels.rotary_cache_attention(q, k, v, table, table.flip(0), positions, caches[0], caches[1], where, start,
                                          end, scale, window)
     assert torch.equal(qkv, before)  # q and k are not rotated in place
@@ -240,7 +240,7 @@ def test_rotary_cache_attention_outside_the_kernel_s_shapes_runs_the_two_kernels
         expected = kernels.rotary_cache_attention_ref(q, k, v, table, table.flip(0), positions, *expected_caches,
                                                       where, start, end, 0.1, 0)
         before = qkv.clone()
-        assert not cuda_kernels.rotary_attention_fits(q, k, v, table, table, positions, *caches, where, start, end)
+        assert not kernels.rotary_attention_fits(q, k, v, table, table, positions, *caches, where, start, end)
         out = kernels.rotary_cache_attention(q, k, v, table, table.flip(0), positions, *caches, where, start, end,
                                              0.1, 0)
         assert torch.equal(qkv, before)

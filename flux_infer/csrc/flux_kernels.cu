@@ -158,9 +158,11 @@ __global__ void act_mul_vec_kernel(T* __restrict__ out, const T* __restrict__ ga
 // (b, t) are also written to k_cache/v_cache[b, head, slots[t], :]. kVec (16-bit types, rot / 2 and head_dim
 // multiples of 8, 16-byte aligned rows): a thread rotates 8 pairs or copies 8 elements with 16-byte loads and
 // stores, so a decode step is one round trip for q/k/v and the position and one for the cos/sin rows; else one
-// element pair per thread. Both forms are bit for bit the reference (rotate_pair).
+// element pair per thread. Both forms are bit for bit the reference (rotate_pair). Inputs earlier kernels wrote are
+// read after pdl_wait with coherent loads: positions and slots through load_coherent, v without __restrict__ (so the
+// scalar form's plain reads cannot become non-coherent loads hoisted above the wait).
 template <typename T, bool kVec>
-__global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const T* __restrict__ v,
+__global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const T* v,
                               T* __restrict__ k_cache, T* __restrict__ v_cache, const float* __restrict__ cos,
                               const float* __restrict__ sin, const int64_t* __restrict__ positions,
                               const int64_t* __restrict__ slots, int tokens_per_row, int heads, int kv_heads,
@@ -174,13 +176,13 @@ __global__ void rotary_kernel(T* __restrict__ q, T* __restrict__ k, const T* __r
   const int64_t token = blockIdx.x;
   const int half = rot / 2;
   const int first = blockIdx.y * blockDim.x + threadIdx.x, stride = blockDim.x * gridDim.y;
-  const int64_t pos = positions[token];
+  const int64_t pos = flux::load_coherent(positions + token);  // the step's metadata: written by earlier kernels
   const float* c = cos + pos * rot;
   const float* s = sin + pos * rot;
   T* k_out = nullptr;
   T* v_out = nullptr;
   if (k_cache != nullptr) {
-    const int64_t row = token / tokens_per_row, slot = slots[token % tokens_per_row];
+    const int64_t row = token / tokens_per_row, slot = flux::load_coherent(slots + token % tokens_per_row);
     k_out = k_cache + row * cache_row_stride + slot * cache_slot_stride;
     v_out = v_cache + row * cache_row_stride + slot * cache_slot_stride;
   }

@@ -128,9 +128,12 @@ class StaticKVCache:
 
     def rotary_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, meta: StepMetadata, *, scale: float, window: int) -> torch.Tensor:
-        """``append_rotary`` then ``attend``; a decode step on CUDA runs both as one kernel (q and k are then left
-        unrotated: only the result and the cache are defined)."""
-        if FUSED_ROTARY_ATTENTION and q.shape[1] == 1 and kernels.rotary_cache_attention.native(q.device):
+        """``append_rotary`` then ``attend``; a decode step on CUDA whose tensors the one-launch kernel takes (16-bit,
+        head_dim 64 or 128, ...: ``kernels.rotary_attention_fits``) runs both as that kernel (q and k are then left
+        unrotated: only the result and the cache are defined); others rotate q and k in place as before."""
+        if (FUSED_ROTARY_ATTENTION and kernels.rotary_cache_attention.native(q.device)
+                and kernels.rotary_attention_fits(q, k, v, cos, sin, meta.positions, self.k[layer], self.v[layer],
+                                                  meta.slots, meta.kv_start, meta.kv_end)):
             return kernels.rotary_cache_attention(q, k, v, cos, sin, meta.positions, self.k[layer], self.v[layer],
                                                   meta.slots, meta.kv_start, meta.kv_end, scale, window)
         self.append_rotary(layer, q, k, v, cos, sin, meta)

@@ -70,7 +70,6 @@ class CapturedStep:
             kv_end=torch.full((batch,), slots, dtype=torch.int32, device=device),
             kv_len=None if self.decode else q_len,
         )
-        initial = [t.clone() for t in (self.meta.positions, self.meta.slots, self.meta.kv_end)]
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -80,10 +79,8 @@ class CapturedStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.logits = runner.forward(self.input_ids, cache, self.meta)
-            if self.decode:
+            if self.decode:  # recorded, not run: the metadata moves on at each replay
                 self.meta.advance_(1)
-        for tensor, value in zip((self.meta.positions, self.meta.slots, self.meta.kv_end), initial, strict=True):
-            tensor.copy_(value)
 
     def load(self, input_ids: torch.Tensor, meta: StepMetadata) -> None:
         """Point the graph at a batch (rows beyond it are padding that attends only to itself)."""

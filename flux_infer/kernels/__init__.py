@@ -17,6 +17,7 @@ from flux_infer.kernels.attention import (
     paged_kv_write_,
     paged_kv_write_ref,
     quantize_kv_int8,
+    rotary_attention_fits,
     rotary_cache_attention,
     rotary_cache_attention_ref,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "quantized_gated_linear_ref",
     "rms_norm",
     "rms_norm_ref",
+    "rotary_attention_fits",
     "rotary_cache_attention",
     "rotary_cache_attention_ref",
     "rotary_cache_write_",

@@ -133,36 +133,6 @@ def set_early_trigger(enabled: bool) -> None:
         _state["module"].set_early_trigger(enabled)
 
 
-def rotary_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                          positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                          kv_start: torch.Tensor, kv_end: torch.Tensor) -> bool:
-    """Whether ``flux::rotary_cache_attention`` runs as one kernel (csrc/decode_attention.cu) for these inputs: what
-    that kernel's checks ask for, so that anything else takes the two-kernel path instead of an error."""
-    rows, length, heads, dim = q.shape
-    kv_heads = k.shape[2]
-
-    def rows_fit(t: torch.Tensor) -> bool:  # [rows, 1, heads, D] with 16-byte aligned heads
-        return (t.dtype == q.dtype and t.shape[-1] == dim and t.stride(-1) == 1 and t.stride(0) % 8 == 0
-                and t.stride(2) % 8 == 0 and t.data_ptr() % 16 == 0)
-
-    def cache_fits(t: torch.Tensor) -> bool:  # [>= rows, kv_heads, slots, D], contiguous slots
-        return (t.dim() == 4 and t.dtype == q.dtype and t.shape[0] >= rows and t.shape[1] == kv_heads
-                and t.shape[3] == dim and t.stride(3) == 1 and t.stride(2) == dim and t.stride(1) % 8 == 0
-                and t.stride(0) % 8 == 0 and t.data_ptr() % 16 == 0)
-
-    def table_fits(t: torch.Tensor) -> bool:
-        return (t.dim() == 2 and t.dtype == torch.float32 and t.is_contiguous() and t.shape == cos.shape
-                and t.shape[1] % 16 == 0 and t.shape[1] <= dim and t.data_ptr() % 16 == 0)
-
-    return (length == 1 and q.dtype in (torch.bfloat16, torch.float16) and dim in (64, 128)
-            and heads % kv_heads == 0 and heads // kv_heads <= 8 and v.shape[2] == kv_heads
-            and rows_fit(q) and rows_fit(k) and rows_fit(v) and table_fits(cos) and table_fits(sin)
-            and cache_fits(k_cache) and cache_fits(v_cache) and k_cache.stride() == v_cache.stride()
-            and positions.dtype == torch.int64 and positions.numel() == rows and positions.is_contiguous()
-            and slots.dtype == torch.int64 and slots.numel() == 1
-            and all(t.dtype == torch.int32 and t.numel() == rows and t.is_contiguous() for t in (kv_start, kv_end)))
-
-
 def _token_heads(t: torch.Tensor) -> torch.Tensor | None:
     """``t [..., heads, head_dim]`` as a ``[tokens, heads, head_dim]`` view with a unit stride in head_dim (q and k
     may be views into a fused q/k/v projection's output), or None when no such view exists."""
@@ -218,7 +188,7 @@ def _register(module: Any) -> None:
                                kv_end: torch.Tensor, scale: float, window: int) -> torch.Tensor:
         """The one-launch kernel where it applies (one new token per row, 16-bit, head_dim 64 or 128, up to 8 query
         heads per kv head); otherwise the rotary kernel and ``cache_attention`` on copies of q and k."""
-        if rotary_attention_fits(q, k, v, cos, sin, positions, k_cache, v_cache, slots, kv_start, kv_end):
+        if attention.rotary_attention_fits(q, k, v, cos, sin, positions, k_cache, v_cache, slots, kv_start, kv_end):
             out = module.rotary_attention(q[:, 0], k[:, 0], v[:, 0], cos, sin, positions.reshape(-1), k_cache,
                                           v_cache, slots, kv_start, kv_end, scale, window, *ROTARY_ATTENTION_LAUNCH)
             return out.view(q.shape)
