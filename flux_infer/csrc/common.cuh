@@ -133,11 +133,6 @@ inline bool& early_trigger() {
 // the trigger placement for a launch over `rows` rows of activations (the `early` argument of those kernels)
 inline bool trigger_early(int64_t rows) { return early_trigger() && rows == 1; }
 
-inline bool& x_interleaved() {  // EXPERIMENT: INT4 activations read as the interleaved weight layout would need
-  static bool enabled = false;
-  return enabled;
-}
-
 inline bool& pdl_enabled() {  // FLUX_INFER_DISABLE_PDL=1 turns it off; set_programmatic_launch() at run time
   static bool enabled = std::getenv("FLUX_INFER_DISABLE_PDL") == nullptr;
   return enabled;

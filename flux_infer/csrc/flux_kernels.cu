@@ -641,7 +641,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "launch flux kernels with programmatic dependent launch (Hopper and later; on by default)");
   m.def("early_trigger", [] { return flux::early_trigger(); },
         "whether the linear-layer kernels let their dependents launch from their start (else after their main loop)");
-  m.def("set_x_interleaved", [](bool enabled) { flux::x_interleaved() = enabled; }, "EXPERIMENT");
   m.def("set_early_trigger", [](bool enabled) { flux::early_trigger() = enabled; },
         "linear-layer kernels let their dependents launch from their start (on by default) or after their main loop");
 }

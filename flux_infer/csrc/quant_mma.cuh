@@ -121,7 +121,7 @@ template <typename T, int F, int MT, int RT>
 __device__ __forceinline__ void mma_step(float (&acc)[RT][MT][4], const uint4 (&code)[RT][2],
                                          const uint32_t (&s2)[RT][2], const uint32_t (&m2)[RT][2],
                                          const T* __restrict__ x, int64_t x_stride, int m_rows, int g, int t, int s,
-                                         bool valid, int xa, int xb) {
+                                         bool valid) {
   constexpr int kCodes = F == kInt8 ? 16 : 32;
   const int64_t k0 = static_cast<int64_t>(s) * kCodes;
   if constexpr (F == kInt8) {
@@ -165,8 +165,7 @@ __device__ __forceinline__ void mma_step(float (&acc)[RT][MT][4], const uint4 (&
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
       const int m = 8 * mt + g;
-      xv[mt] = load_x(reinterpret_cast<const uint4*>(x + m * x_stride + (k0 - t * kCodes) + t * xa + word * xb),
-                      valid && m < m_rows);
+      xv[mt] = load_x(reinterpret_cast<const uint4*>(x + m * x_stride + k0) + word, valid && m < m_rows);
     }
 #pragma unroll
     for (int half = 0; half < 2; ++half) {  // codes (2h, 2h+4) and (2h+1, 2h+5) of the word
@@ -270,7 +269,7 @@ template <typename T, int F, int MT, int RT, int U, int L, bool G>
 __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kernel(
     T* __restrict__ out, const T* __restrict__ x, const uint4* __restrict__ w, const uint16_t* __restrict__ scales,
     const uint16_t* __restrict__ mins, const T* __restrict__ bias, int m_rows, int n_out, int k, int group,
-    int64_t x_stride, int64_t out_stride, int act, bool early, int xa, int xb) {
+    int64_t x_stride, int64_t out_stride, int act, bool early) {
   if (early) pdl_trigger();
   constexpr int kCodes = F == kInt8 ? 16 : 32;  // codes per 16-byte slice
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -304,7 +303,7 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int s = (step0 + u * warps) * 4 + t;
-      mma_step<T, F, MT, RT>(acc, code[u], s2[u], m2[u], x, x_stride, m_rows, g, t, s, s < slices, xa, xb);
+      mma_step<T, F, MT, RT>(acc, code[u], s2[u], m2[u], x, x_stride, m_rows, g, t, s, s < slices);
     }
   }
   pdl_wait();  // (a warp without steps)
@@ -329,7 +328,7 @@ void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tenso
                reinterpret_cast<const uint4*>(qweight.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
                F == kInt8 ? nullptr : reinterpret_cast<const uint16_t*>(mins->data_ptr()),
                bias ? bias->data_ptr<T>() : nullptr, static_cast<int>(x.size(0)), n, k, group, x.stride(0),
-               out.stride(0), act, trigger_early(x.size(0)), x_interleaved() ? 8 : 32, x_interleaved() ? 32 : 8);
+               out.stride(0), act, trigger_early(x.size(0)));
 }
 
 
