@@ -33,22 +33,34 @@ constexpr int kMaxGroup = 8;     // query heads per kv head (the MMA's M rows 0.
 constexpr int kMaxParts = 8;     // blocks per cluster (the portable limit)
 constexpr float kLog2e = 1.4426950408889634f;
 
-// Merge weights of `count` partial softmaxes per head: m [count][group] (their maxima, replaced by the weights
-// 2^(m_i - max) in place, 0 for one without keys) and l [count][group] (their sums); head_ml gets each head's
-// max and weighted sum. One thread per head; `l_stride` between the sums of consecutive partials.
-__device__ __forceinline__ void merge_weights(float* m, const float* l, int l_stride, float* head_ml, int count,
-                                              int group, int head) {
+// Merge weights of `count` partial softmaxes per head: partial i's maxima (log2 units) are m[i * stride + head] and
+// its sums l[i * stride + head]; w[i * group + head] gets its weight 2^(m_i - max) (0 for a partial without keys;
+// w may be m itself when stride == group: each head's thread reads its column before writing it), head_ml[head]
+// the head's max and head_ml[group + head] its weighted sum. One thread per head.
+__device__ __forceinline__ void merge_weights(const float* m, const float* l, int stride, float* w, float* head_ml,
+                                              int count, int group, int head) {
   if (head >= group) return;
   float top = -INFINITY;
-  for (int i = 0; i < count; ++i) top = fmaxf(top, m[i * group + head]);
+  for (int i = 0; i < count; ++i) top = fmaxf(top, m[i * stride + head]);
   float sum = 0.f;
   for (int i = 0; i < count; ++i) {
-    const float weight = top == -INFINITY ? 0.f : exp2f(m[i * group + head] - top);
-    m[i * group + head] = weight;
-    sum += weight * l[i * l_stride + head];
+    const float weight = top == -INFINITY ? 0.f : exp2f(m[i * stride + head] - top);
+    sum += weight * l[i * stride + head];
+    w[i * group + head] = weight;
   }
   head_ml[head] = top, head_ml[group + head] = sum;
 }
+
+// Element e (of head e / D) of the merged output, unnormalized: the partials' outputs o[i * stride + e] weighted by
+// merge_weights' w.
+__device__ __forceinline__ float weighted_sum(const float* w, const float* o, int stride, int count, int group, int e,
+                                              int D) {
+  const int head = e / D;
+  float sum = 0.f;
+  for (int i = 0; i < count; ++i) sum += w[i * group + head] * o[i * stride + e];
+  return sum;
+}
+
 // 16-bit element e of a 16-byte vector, two keys' elements packed as one register (the lower key in the low half)
 __device__ __forceinline__ uint32_t pair_of(const uint4& lo_key, const uint4& hi_key, int e) {
   const uint32_t a = reinterpret_cast<const uint32_t*>(&lo_key)[e >> 1];
@@ -307,14 +319,12 @@ __global__ void __launch_bounds__(256) rotary_attention_kernel(
     cluster_wait();  // every block of the cluster has started (its shared memory exists)
     sent = block0_shared(inbox) + part * group * (D + 2);
   }
-  // weights[w][head] = 2^(m_w - m) with m the largest max (0 for a warp without keys); one thread per head
-  float* weights = warp_m;  // in place: each head's thread reads its column before writing it
-  merge_weights(weights, warp_l, group, head_ml, warps, group, threadIdx.x);
+  float* weights = warp_m;  // the warps' weights, in place of their maxima
+  merge_weights(warp_m, warp_l, group, weights, head_ml, warps, group, threadIdx.x);
   __syncthreads();
   for (int e = threadIdx.x; e < group * D; e += blockDim.x) {
     const int head = e / D;
-    float o = 0.f;
-    for (int w = 0; w < warps; ++w) o += weights[w * group + head] * warp_o[w * group * D + e];
+    const float o = weighted_sum(weights, warp_o, group * D, warps, group, e, D);
     if (parts == 1) {
       out_row[e] = from_float<T>(o / head_ml[group + head]);
     } else {
@@ -326,18 +336,12 @@ __global__ void __launch_bounds__(256) rotary_attention_kernel(
   cluster_arrive(true);  // the sends are visible to block 0 once it has waited; the others are done
   if (part != 0) return;
   cluster_wait();
-  // block 0: the same over the parts (their max and sum at stride group * (D + 2))
-  for (int i = threadIdx.x; i < parts * group; i += blockDim.x)
-    part_w[i] = inbox[(i / group) * group * (D + 2) + group * D + i % group];
+  // block 0: the same over the parts (each part's output, max and sum at stride group * (D + 2) in the inbox)
+  const int part_stride = group * (D + 2);
+  merge_weights(inbox + group * D, inbox + group * D + group, part_stride, part_w, head_ml, parts, group, threadIdx.x);
   __syncthreads();
-  merge_weights(part_w, inbox + group * D + group, group * (D + 2), head_ml, parts, group, threadIdx.x);
-  __syncthreads();
-  for (int e = threadIdx.x; e < group * D; e += blockDim.x) {
-    const int head = e / D;
-    float o = 0.f;
-    for (int r = 0; r < parts; ++r) o += part_w[r * group + head] * inbox[r * group * (D + 2) + e];
-    out_row[e] = from_float<T>(o / head_ml[group + head]);
-  }
+  for (int e = threadIdx.x; e < group * D; e += blockDim.x)
+    out_row[e] = from_float<T>(weighted_sum(part_w, inbox, part_stride, parts, group, e, D) / head_ml[group + e / D]);
 }
 
 }  // namespace
