@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flux_infer  # noqa: E402
+from flux_infer import kernels  # noqa: E402
 from flux_infer.generation import cache as cache_module  # noqa: E402
 from flux_infer.generation import generate as generate_module  # noqa: E402
 from flux_infer.kernels import cuda as cuda_kernels  # noqa: E402
@@ -52,9 +53,20 @@ FLUX_MODES.update({f"{mode}_hostgreedy": FLUX_MODES[mode] for mode in ("flux", "
 # rotary embedding + cache write, then split-K attention and its merge, as three launches per layer instead of
 # flux::rotary_cache_attention's one (an A/B of flux_infer.generation.cache.FUSED_ROTARY_ATTENTION)
 FLUX_MODES.update({f"{mode}_attnapart": FLUX_MODES[mode] for mode in ("flux", "flux_int8", "flux_int4")})
+# NOT A RESULT, A BOUND: the residual add + RMSNorm of every layer replaced by a pass-through without a kernel
+# (kernels.add_rms_norm returns (x, x)), so the values are wrong and the step is otherwise the same: what removing
+# those 64 launches could gain at most (docs/benchmarks.md, ninth session)
+FLUX_MODES.update({f"{mode}_nonorm": FLUX_MODES[mode] for mode in ("flux", "flux_int4")})
 # quantized, with every prefill matmul on the Triton dequantize-in-the-loop kernel (an A/B of
 # flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS: cuBLAS on the dequantized weight)
 FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
+
+
+default_add_norm = kernels.add_rms_norm
+
+
+def _pass_through_add_norm(x, residual, weight, eps, weight_offset):  # the *_nonorm modes' stand-in (wrong values)
+    return x, x
 
 
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -200,6 +212,8 @@ def main() -> int:
                                             dict(args.plans) if mode.endswith("_plans") else {})
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = ({bits: 1 << 30 for bits in default_dequant_rows}
                                                     if mode.endswith("_triton_prefill") else dict(default_dequant_rows))
+            if mode.endswith("_nonorm"):
+                kernels.add_rms_norm = _pass_through_add_norm
             flux_infer.optimize(model, config=FLUX_MODES[mode])
             print(model.flux_report, flush=True)
             info[f"{mode}_model_gb"] = model.flux_report.memory_after.model_bytes / 1e9
@@ -223,6 +237,7 @@ def main() -> int:
             torch.cuda.empty_cache()
         elif mode in FLUX_MODES:
             flux_infer.revert(model)
+            kernels.add_rms_norm = default_add_norm
             linear_module.GEMV_MAX_ROWS = default_gemv_rows
             set_programmatic_launch(True)
             FluxGatedMLP.gated_epilogue = True
