@@ -616,6 +616,17 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
                         int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles,
                         int64_t int4_mode, int64_t launch_shape, int64_t activation);
 
+std::vector<torch::Tensor> quant_mma_add_norm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales,
+                                              torch::Tensor mins, int64_t group, c10::optional<torch::Tensor> bias,
+                                              torch::Tensor residual, torch::Tensor norm_weight, int64_t slots,
+                                              int64_t warps, int64_t row_tiles, int64_t int4_mode,
+                                              int64_t launch_shape);
+
+torch::Tensor quant_mma_scale_norm(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins,
+                                   int64_t group, c10::optional<torch::Tensor> bias, torch::Tensor partials,
+                                   double eps, int64_t warps, int64_t row_tiles, int64_t int4_mode,
+                                   int64_t launch_shape, int64_t activation);
+
 torch::Tensor dequantize_weight(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                                 int64_t group);
 
@@ -634,6 +645,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemv", &int8_gemv, "weight-only INT8 linear for one row of x");
   m.def("quant_mma", &quant_mma,
         "weight-only INT8/INT4 linear (optionally gated: act(gate) * up) for up to 32 rows of x, on the tensor cores");
+  m.def("quant_mma_add_norm", &quant_mma_add_norm,
+        "INT4 linear + residual add, leaving the next RMSNorm's weighted input and sums of squares (up to 16 rows)");
+  m.def("quant_mma_scale_norm", &quant_mma_scale_norm,
+        "INT4 linear (optionally gated) on an RMSNorm's weighted input, the norm's scale applied to its sums");
   m.def("dequantize_weight", &dequantize_weight, "the dense weight INT8/INT4 codes stand for (long prefills)");
   m.def("programmatic_launch", [] { return flux::pdl_enabled() && flux::pdl_supported(c10::cuda::current_device()); },
         "whether flux kernels launch with programmatic dependent launch on the current device");

@@ -86,17 +86,13 @@ __global__ void dequantize_int8_kernel(T* __restrict__ out, const int8_t* __rest
 }  // namespace
 }  // namespace flux
 
-// weight-only quantized linear for 1..32 rows of x: INT8 (qweight int8 [N, K], scale [N]) or INT4 (qweight int32
-// [N, K / 8], scales/mins [N, K / group]). warps (the K split inside a block), row_tiles (16-row tiles per block)
-// and int4_mode (1 = biased codes, 2 = per-weight scales): 0 = chosen from the shape; launch_shape (0, 1, 2: the
-// kernel's register budget, see quant_mma_kernel): -1 = chosen. activation >= 0: a gated layer, qweight holds
-// [gate; up] and the result is act(gate) * up (0 = silu, 1 = gelu_tanh), half as wide; the plan is the one of the
-// whole [gate; up] layer, so each half sums exactly as that fused layer's un-gated launch does.
-torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
-                        int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles,
-                        int64_t int4_mode, int64_t launch_shape, int64_t activation) {
-  using flux::aligned16;
-  flux::check_cuda(x, "x");
+namespace flux {
+
+QuantLaunch plan_quant_mma(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                           const c10::optional<torch::Tensor>& mins, int64_t group,
+                           const c10::optional<torch::Tensor>& bias, int64_t warps, int64_t row_tiles,
+                           int64_t int4_mode, int64_t launch_shape, int64_t activation) {
+  check_cuda(x, "x");
   const bool int4 = qweight.scalar_type() == at::kInt;
   const int64_t rows = x.size(0), k = x.size(1), n = qweight.size(0);
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && rows >= 1 && rows <= 32 && x.stride(0) % 8 == 0 && aligned16(x),
@@ -115,8 +111,7 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   TORCH_CHECK(activation >= -1 && activation <= 1 && (!gated || n % 2 == 0),
               "quant_mma: activation -1 (none), 0 (silu) or 1 (gelu_tanh); a gated layer has an even N");
   const bool biased_ok = int4 && group % 128 == 0;
-  flux::Plan plan =
-      flux::choose_plan(int4, biased_ok, static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k));
+  Plan plan = choose_plan(int4, biased_ok, static_cast<int>(rows), static_cast<int>(n), static_cast<int>(k));
   if (int4_mode > 0) plan.biased = int4_mode == 1 && biased_ok;
   if (row_tiles > 0) plan.row_tiles = static_cast<int>(row_tiles);
   if (warps > 0) plan.warps = static_cast<int>(warps);
@@ -125,17 +120,32 @@ torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor sc
   // chosen warp count is capped to what an explicit shape allows
   if (launch_shape < 0 && plan.warps > 8) plan.shape = 2;
   if (warps <= 0 && plan.shape != 2) plan.warps = std::min(plan.warps, 8);
-  const int format = !int4 ? flux::kInt8 : plan.biased ? flux::kInt4Biased : flux::kInt4;
+  const int format = !int4 ? kInt8 : plan.biased ? kInt4Biased : kInt4;
   const int rt = plan.row_tiles, w = plan.warps, shape = plan.shape;
   TORCH_CHECK(shape >= 0 && shape <= 2 && (shape == 0 || rows <= 16),
               "quant_mma: launch shape 0, 1 or 2 (<= 16 rows)");
   TORCH_CHECK(w >= 1 && w <= (shape == 2 ? 16 : 8) && (rt == 1 || rt == 2 || rt == 4),
               "quant_mma: 1..8 warps (16 with launch shape 2), 1, 2 or 4 row tiles");
+  return {format, rows <= 8 ? 1 : rows <= 16 ? 2 : 4, rt, w, shape, static_cast<int>(activation)};
+}
+
+}  // namespace flux
+
+// weight-only quantized linear for 1..32 rows of x: INT8 (qweight int8 [N, K], scale [N]) or INT4 (qweight int32
+// [N, K / 8], scales/mins [N, K / group]). warps (the K split inside a block), row_tiles (16-row tiles per block)
+// and int4_mode (1 = biased codes, 2 = per-weight scales): 0 = chosen from the shape; launch_shape (0, 1, 2: the
+// kernel's register budget, see quant_mma_kernel): -1 = chosen. activation >= 0: a gated layer, qweight holds
+// [gate; up] and the result is act(gate) * up (0 = silu, 1 = gelu_tanh), half as wide; the plan is the one of the
+// whole [gate; up] layer, so each half sums exactly as that fused layer's un-gated launch does.
+torch::Tensor quant_mma(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
+                        int64_t group, c10::optional<torch::Tensor> bias, int64_t warps, int64_t row_tiles,
+                        int64_t int4_mode, int64_t launch_shape, int64_t activation) {
+  const flux::QuantLaunch launch =
+      flux::plan_quant_mma(x, qweight, scales, mins, group, bias, warps, row_tiles, int4_mode, launch_shape, activation);
+  const bool gated = activation >= 0;
   const c10::cuda::CUDAGuard guard(x.device());
-  auto out = torch::empty({rows, gated ? n / 2 : n}, x.options());
+  auto out = torch::empty({x.size(0), gated ? qweight.size(0) / 2 : qweight.size(0)}, x.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const flux::QuantLaunch launch{format, rows <= 8 ? 1 : rows <= 16 ? 2 : 4, rt, w, shape,
-                                 static_cast<int>(activation)};
   if (gated) flux::quant_mma_gated(out, x, qweight, scales, mins, bias, static_cast<int>(group), launch, stream);
   else flux::dispatch_quant_mma<false>(out, x, qweight, scales, mins, bias, static_cast<int>(group), launch, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -23,6 +23,14 @@
 // - INT8 (w = q * scale[n], scale applied to the sum): byte permutes build fp16 (1024 + u) pairs, or float32
 //   2^23 + u for bf16, with u = q + 128; subtracting the offset gives q exactly (every int8 is a bf16/fp16).
 // Each warp walks a share of K; the warps of a block sum their partial tiles through shared memory.
+//
+// Epilogues around an RMSNorm (E, INT4 up to 16 rows), so that a decode step needs no norm kernel between two
+// quantized layers. kAddNorm (o_proj, down: the layer before a norm): the output plus the residual is the new
+// residual stream h (written to `out`), h * the norm's weight is written to `normed`, and every block writes the
+// sum of squares of its outputs of h per row into its slot of `partials` [rows, slots] (the slots past the grid get
+// zeros: a fixed shape, a fixed summation order, no atomics). kScaleNorm (q/k/v, gate/up, lm_head: the layer after
+// it, fed with `normed`): each row's sums are multiplied by rsqrt(sum(partials[row]) * inv_k + eps) before the bias,
+// which is the norm's scale moved behind the (linear) layer.
 #pragma once
 
 #include "common.cuh"
@@ -31,6 +39,25 @@ namespace flux {
 namespace {
 
 enum Format : int { kInt8 = 0, kInt4 = 1, kInt4Biased = 2 };
+enum Epilogue : int { kPlain = 0, kAddNorm = 1, kScaleNorm = 2 };
+
+// What the norm epilogues read and write (unused by kPlain)
+template <typename T> struct NormArgs {
+  const T* residual = nullptr;     // kAddNorm: [rows, N] (written by an earlier kernel: read after pdl_wait)
+  int64_t residual_stride = 0;
+  const T* norm_weight = nullptr;  // kAddNorm: [N]
+  T* normed = nullptr;             // kAddNorm: [rows, N], h * norm_weight
+  int64_t normed_stride = 0;
+  float* partials = nullptr;       // [rows, slots]: written by kAddNorm, read by kScaleNorm
+  int slots = 0;
+  float inv_k = 0.f, eps = 0.f;    // kScaleNorm: 1 / (the norm's width), its epsilon
+};
+
+__device__ __forceinline__ float load_coherent(const float* p) {  // a value an earlier kernel wrote
+  float r;
+  asm volatile("ld.global.f32 %0, [%1];" : "=f"(r) : "l"(p) : "memory");
+  return r;
+}
 
 // packed 2 x 16-bit arithmetic on raw 32-bit registers; B is the exponent bias the INT4 magic number encodes
 template <typename T> struct Pair {
@@ -220,11 +247,15 @@ __device__ __forceinline__ void mma_step(float (&acc)[RT][MT][4], const uint4 (&
 // Sum the warps' partial tiles of the block's outputs (from n0) and write them. Element (rt, mt, c) of lane l is
 // tile row g + 8 h (g = l / 4, h = c / 2) of row tile rt (its weight row: tile_row) and activation row
 // 8 mt + 2 (l % 4) + c % 2. Gated: the gate half (h = 0) and the up half (h = 1) make act(gate) * up, each
-// rounded as the separate layer and act_mul kernel would.
-template <typename T, int F, int MT, int RT, bool G>
+// rounded as the separate layer and act_mul kernel would. E: the norm epilogues (top of this file); `partial` has
+// room behind the warps' tiles for 16 RT x 8 MT floats (kAddNorm: the squares, kScaleNorm: the rows' scales).
+template <typename T, int F, int MT, int RT, bool G, int E>
 __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float* partial, T* __restrict__ out,
                                             const uint16_t* __restrict__ scales, const T* __restrict__ bias, int n0,
-                                            int m_rows, int n_out, int64_t out_stride, int act) {
+                                            int m_rows, int n_out, int64_t out_stride, int act,
+                                            const NormArgs<T>& na) {
+  static_assert(E == kPlain || (F != kInt8 && MT <= 2), "norm epilogues: INT4, up to 16 rows");
+  static_assert(E != kAddNorm || !G, "a gated layer does not feed a norm");
   constexpr int kAcc = RT * MT * 4;
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
 #pragma unroll
@@ -233,25 +264,58 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int c = 0; c < 4; ++c) partial[(warp * kAcc + (rt * MT + mt) * 4 + c) * 32 + lane] = acc[rt][mt][c];
+  float* extra = partial + warps * kAcc * 32;  // [8 MT][16 RT] squares, or [8 MT] row scales
+  if constexpr (E == kScaleNorm) {
+    for (int m = warp; m < m_rows; m += warps) {  // every block sums the slots in the same order
+      float sum = 0.f;
+      for (int i = lane; i < na.slots; i += 32) sum += load_coherent(na.partials + m * static_cast<int64_t>(na.slots) + i);
+      sum = warp_sum(sum);
+      if (lane == 0) extra[m] = rsqrtf(fmaf(sum, na.inv_k, na.eps));
+    }
+  }
   __syncthreads();
-  const auto result = [&](int e, int n) {  // element e summed over the warps, of weight row n
+  const auto result = [&](int e, int n, int m) {  // element e summed over the warps, of weight row n, x row m
     float total = 0.f;
     for (int wi = 0; wi < warps; ++wi) total += partial[wi * kAcc * 32 + e];
     if constexpr (F == kInt8) total *= to_float(reinterpret_cast<const T*>(scales)[n]);
+    if constexpr (E == kScaleNorm) total *= extra[m];
     if (bias != nullptr) total += to_float(bias[n]);
     return total;
   };
   for (int e = threadIdx.x; e < kAcc * 32; e += blockDim.x) {
     const int j = e >> 5, l = e & 31, c = j & 3;
     if (G && c >= 2) continue;  // the up half, read with its gate
-    const int n = tile_row<F, G>(n0 + kOutputs<F, G> * (j / (MT * 4)), l >> 2, c >> 1, n_out);
+    const int rt = j / (MT * 4);
+    const int n = tile_row<F, G>(n0 + kOutputs<F, G> * rt, l >> 2, c >> 1, n_out);
     const int m = 8 * ((j >> 2) % MT) + 2 * (l & 3) + (c & 1);
-    if (n < 0 || m >= m_rows) continue;
+    float* square = extra + m * 16 * RT + rt * 16 + (l >> 2) + 8 * (c >> 1);  // kAddNorm: this output's slot
+    if (n < 0 || m >= m_rows) {
+      if constexpr (E == kAddNorm) *square = 0.f;
+      continue;
+    }
     if constexpr (G) {
-      const float gate = rnd<T>(result(e, n)), up = rnd<T>(result(e + 64, n + n_out));  // e + 64: element c + 2
+      const float gate = rnd<T>(result(e, n, m)), up = rnd<T>(result(e + 64, n + n_out, m));  // e + 64: c + 2
       out[m * out_stride + n] = from_float<T>(rnd<T>(activation(gate, act)) * up);
+    } else if constexpr (E == kAddNorm) {
+      // the layer's output rounded as the separate layer writes it, plus the residual as the add+norm kernel adds
+      const float h = rnd<T>(rnd<T>(result(e, n, m)) + to_float(na.residual[m * na.residual_stride + n]));
+      out[m * out_stride + n] = from_float<T>(h);
+      na.normed[m * na.normed_stride + n] = from_float<T>(h * to_float(na.norm_weight[n]));
+      *square = h * h;
     } else {
-      out[m * out_stride + n] = from_float<T>(result(e, n));
+      out[m * out_stride + n] = from_float<T>(result(e, n, m));
+    }
+  }
+  if constexpr (E == kAddNorm) {
+    __syncthreads();
+    for (int m = warp; m < m_rows; m += warps) {
+      float sum = 0.f;
+#pragma unroll
+      for (int f = lane; f < 16 * RT; f += 32) sum += extra[m * 16 * RT + f];
+      sum = warp_sum(sum);
+      if (lane == 0)
+        for (int slot = blockIdx.x; slot < na.slots; slot += gridDim.x)
+          na.partials[m * static_cast<int64_t>(na.slots) + slot] = slot == blockIdx.x ? sum : 0.f;
     }
   }
 }
@@ -265,11 +329,11 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
 template <int L> constexpr int kMaxThreads = L == 2 ? 512 : 256;
 template <int L> constexpr int kMinBlocks = L == 1 ? 3 : 1;
 
-template <typename T, int F, int MT, int RT, int U, int L, bool G>
+template <typename T, int F, int MT, int RT, int U, int L, bool G, int E>
 __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kernel(
     T* __restrict__ out, const T* __restrict__ x, const uint4* __restrict__ w, const uint16_t* __restrict__ scales,
     const uint16_t* __restrict__ mins, const T* __restrict__ bias, int m_rows, int n_out, int k, int group,
-    int64_t x_stride, int64_t out_stride, int act, bool early) {
+    int64_t x_stride, int64_t out_stride, int act, bool early, NormArgs<T> na) {
   if (early) pdl_trigger();
   constexpr int kCodes = F == kInt8 ? 16 : 32;  // codes per 16-byte slice
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -308,27 +372,28 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
   }
   pdl_wait();  // (a warp without steps)
   if (!early) pdl_trigger();
-  extern __shared__ float partial[];  // [warps][RT * MT * 4][32]
-  reduce_tile<T, F, MT, RT, G>(acc, partial, out, scales, bias, n0, m_rows, n_out, out_stride, act);
+  extern __shared__ float partial[];  // [warps][RT * MT * 4][32], then the norm epilogue's 16 RT x 8 MT
+  reduce_tile<T, F, MT, RT, G, E>(acc, partial, out, scales, bias, n0, m_rows, n_out, out_stride, act, na);
 }
 
-template <typename T, int F, int MT, int RT, int L, bool G>
+template <typename T, int F, int MT, int RT, int L, bool G, int E>
 void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
             const c10::optional<torch::Tensor>& mins, const c10::optional<torch::Tensor>& bias, int group,
-            int warps, int act, cudaStream_t stream) {
+            int warps, int act, const NormArgs<T>& na, cudaStream_t stream) {
   constexpr int U = L == 1 ? (RT == 1 ? 2 : 1) : 4 / RT;  // 16-byte weight loads in flight per lane: 2 U RT
   const int n = out.size(1), k = x.size(1);
   const int blocks = (n + kOutputs<F, G> * RT - 1) / (kOutputs<F, G> * RT);
-  const size_t smem = static_cast<size_t>(warps) * RT * MT * 4 * 32 * sizeof(float);
+  const size_t smem = (static_cast<size_t>(warps) * RT * MT * 4 * 32 + (E == kPlain ? 0 : 16 * RT * 8 * MT)) *
+                      sizeof(float);
   if (smem > 48 * 1024)  // above the default dynamic shared memory limit (4 row tiles x 32 rows x 8 warps)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(quant_mma_kernel<T, F, MT, RT, U, L, G>,
+    C10_CUDA_CHECK(cudaFuncSetAttribute(quant_mma_kernel<T, F, MT, RT, U, L, G, E>,
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  flux::launch(quant_mma_kernel<T, F, MT, RT, U, L, G>, blocks, warps * 32, smem, stream, out.data_ptr<T>(),
+  flux::launch(quant_mma_kernel<T, F, MT, RT, U, L, G, E>, blocks, warps * 32, smem, stream, out.data_ptr<T>(),
                x.data_ptr<T>(),
                reinterpret_cast<const uint4*>(qweight.data_ptr()), reinterpret_cast<const uint16_t*>(scales.data_ptr()),
                F == kInt8 ? nullptr : reinterpret_cast<const uint16_t*>(mins->data_ptr()),
                bias ? bias->data_ptr<T>() : nullptr, static_cast<int>(x.size(0)), n, k, group, x.stride(0),
-               out.stride(0), act, trigger_early(x.size(0)));
+               out.stride(0), act, trigger_early(x.size(0)), na);
 }
 
 
@@ -342,21 +407,26 @@ struct QuantLaunch {
 
 namespace {
 
-// Instantiates the kernel for one launch (G: gated). quant_linear.cu and quant_linear_gated.cu each compile one
-// half, in parallel (internal linkage: each file has its own copy).
-template <bool G>
+// Instantiates the kernel for one launch (G: gated, E: epilogue). quant_linear.cu, quant_linear_gated.cu and
+// quant_linear_norm*.cu each compile a share, in parallel (internal linkage: each file has its own copy). `norm`
+// points at NormArgs<scalar_t> for the norm epilogues (which exist for INT4 up to 16 rows).
+template <bool G, int E = kPlain>
 void dispatch_quant_mma(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight,
                         const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
                         const c10::optional<torch::Tensor>& bias, int group, const QuantLaunch& p,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, const void* norm = nullptr) {
+  TORCH_CHECK(E == kPlain || (p.format != kInt8 && p.mt <= 2 && norm != nullptr),
+              "quant_mma: the norm epilogues are for INT4 up to 16 rows");
   AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "quant_mma", [&] {
+    const NormArgs<scalar_t> na = norm ? *static_cast<const NormArgs<scalar_t>*>(norm) : NormArgs<scalar_t>{};
     auto pick = [&](auto format_c) {
       constexpr int F = decltype(format_c)::value;
       auto go = [&](auto mt_c, auto rt_c) {
         constexpr int MT = decltype(mt_c)::value, RT = decltype(rt_c)::value;
         auto with_shape = [&](auto l_c) {
-          launch_quant<scalar_t, F, MT, RT, decltype(l_c)::value, G>(out, x, qweight, scales, mins, bias, group,
-                                                                     p.warps, p.act, stream);
+          if constexpr (E == kPlain || (F != kInt8 && MT <= 2))
+            launch_quant<scalar_t, F, MT, RT, decltype(l_c)::value, G, E>(out, x, qweight, scales, mins, bias,
+                                                                          group, p.warps, p.act, na, stream);
         };
         if constexpr (MT <= 2) {  // launch shapes 1 and 2 exist for up to 16 rows
           if (p.shape == 1) return with_shape(std::integral_constant<int, 1>{});
@@ -374,10 +444,11 @@ void dispatch_quant_mma(torch::Tensor& out, const torch::Tensor& x, const torch:
       };
       if (p.mt == 1) with_rt(C1{});
       else if (p.mt == 2) with_rt(C2{});
-      else with_rt(C4{});
+      else if constexpr (E == kPlain) with_rt(C4{});
     };
-    if (p.format == kInt8) pick(std::integral_constant<int, kInt8>{});
-    else if (p.format == kInt4) pick(std::integral_constant<int, kInt4>{});
+    if (p.format == kInt8) {
+      if constexpr (E == kPlain) pick(std::integral_constant<int, kInt8>{});
+    } else if (p.format == kInt4) pick(std::integral_constant<int, kInt4>{});
     else pick(std::integral_constant<int, kInt4Biased>{});
   });
 }
@@ -387,5 +458,17 @@ void dispatch_quant_mma(torch::Tensor& out, const torch::Tensor& x, const torch:
 void quant_mma_gated(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight,
                      const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
                      const c10::optional<torch::Tensor>& bias, int group, const QuantLaunch& p, cudaStream_t stream);
+
+// quant_mma_gated with the kScaleNorm epilogue (quant_linear_norm_gated.cu); `norm`: NormArgs of x's type
+void quant_mma_gated_scale_norm(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight,
+                                const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
+                                const c10::optional<torch::Tensor>& bias, int group, const QuantLaunch& p,
+                                cudaStream_t stream, const void* norm);
+
+// The checks of quant_mma's arguments and its launch (quant_linear.cu: the plan from the shape, then the overrides)
+QuantLaunch plan_quant_mma(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
+                           const c10::optional<torch::Tensor>& mins, int64_t group,
+                           const c10::optional<torch::Tensor>& bias, int64_t warps, int64_t row_tiles,
+                           int64_t int4_mode, int64_t launch_shape, int64_t activation);
 
 }  // namespace flux

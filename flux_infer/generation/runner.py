@@ -16,7 +16,9 @@ import torch
 
 from flux_infer import kernels
 from flux_infer.adapters.base import ModelAdapter
+from flux_infer.adapters.base import NormStyle
 from flux_infer.generation.cache import KVCache, StaticKVCache
+from flux_infer.generation.norm_fusion import NormFusion, plan_norm_fusion
 from flux_infer.support import Support
 
 # rope types whose cos/sin depend only on the position (a table computed once is exact)
@@ -67,6 +69,11 @@ def runner_support(model: torch.nn.Module, adapter: ModelAdapter) -> Support:
 class DecoderRunner:
     """Forward over ``[batch, tokens]`` with a ``StaticKVCache``; returns logits of the last token of each row."""
 
+    # Steps of up to norm_fusion.MAX_ROWS tokens of an INT4 model run without RMSNorm kernels (generation/
+    # norm_fusion.py): None = on CUDA, True = on any device (the CPU runs the references: tests), False = never
+    # (benchmarks/decode.py's *_normapart modes).
+    fuse_norms: bool | None = None
+
     def __init__(self, model: torch.nn.Module, adapter: ModelAdapter) -> None:
         self.model = model
         self.adapter = adapter
@@ -82,6 +89,8 @@ class DecoderRunner:
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
         self.vocab_size = config.vocab_size
         self.layers = [self._layer_parts(layer, config) for layer in adapter.get_layers(model)]
+        self.norm_fusion: NormFusion | None = plan_norm_fusion(
+            self.layers, self.final_norm, self.lm_head, adapter.norm_style is NormStyle.WEIGHT)
         self._rope_len = 0
         self._cos = self._sin = torch.empty(0)
 
@@ -134,29 +143,74 @@ class DecoderRunner:
         writes this step's K/V into ``cache``. ``cache``/``meta`` are a layout and its step metadata: the static
         layout takes ``[batch, tokens]`` rows, the paged layout one flat row of many sequences' tokens."""
         hidden = self.embed(input_ids)  # scaled embeddings (Gemma) scale inside the module
-        residual: torch.Tensor | None = None
-        for index, parts in enumerate(self.layers):
-            x, residual = _add_norm(hidden, residual, parts.input_norm)
-            attn = self._attention(index, parts, x, cache, meta)
-            x, residual = _add_norm(attn, residual, parts.post_attention_norm)
-            hidden = parts.mlp(x)
-        x, _ = _add_norm(meta.logit_rows(hidden), meta.logit_rows(residual), self.final_norm)
-        logits = self.lm_head(x).float()
+        if self._fuses_norms(hidden):
+            logits = self._forward_norms_fused(hidden, cache, meta)
+        else:
+            residual: torch.Tensor | None = None
+            for index, parts in enumerate(self.layers):
+                x, residual = _add_norm(hidden, residual, parts.input_norm)
+                attn = self._attend(index, parts, *self._qkv(parts, lambda m: m(x)), cache, meta)  # noqa: B023
+                x, residual = _add_norm(parts.projections[-1](attn), residual, parts.post_attention_norm)
+                hidden = parts.mlp(x)
+            x, _ = _add_norm(meta.logit_rows(hidden), meta.logit_rows(residual), self.final_norm)
+            logits = self.lm_head(x)
+        logits = logits.float()
         if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
 
-    def _attention(self, index: int, parts: LayerParts, x: torch.Tensor, cache: KVCache, meta: Any) -> torch.Tensor:
-        batch, length, _ = x.shape
+    def _fuses_norms(self, hidden: torch.Tensor) -> bool:
+        if self.norm_fusion is None or self.fuse_norms is False or not self.norm_fusion.fits(hidden):
+            return False
+        return self.fuse_norms is True or hidden.device.type == "cuda"
+
+    def _forward_norms_fused(self, hidden: torch.Tensor, cache: KVCache, meta: Any) -> torch.Tensor:
+        """``forward``'s logits with every norm but the first inside the quantized layers around it
+        (generation/norm_fusion.py)."""
+        fusion = self.norm_fusion
+        assert fusion is not None
+        x, residual = _add_norm(hidden, None, self.layers[0].input_norm)
+        partials: torch.Tensor | None = None  # sums of squares of the residual stream that x is a norm's input of
+        last = len(self.layers) - 1
+        for index, (parts, f) in enumerate(zip(self.layers, fusion.layers, strict=True)):
+            if partials is None:  # layer 0: its input norm ran as a kernel
+                q, k, v = self._qkv(parts, lambda m: m(x))  # noqa: B023
+            else:
+                eps, p = fusion.input_eps[index], partials
+                q, k, v = self._qkv(parts, lambda m: getattr(m, "quantized", m).norm_scaled(x, p, eps))  # noqa: B023
+            attn = self._attend(index, parts, q, k, v, cache, meta)
+            x, residual, partials = f.o_proj.add_norm(attn, residual, f.post_weight)
+            if f.gate_up is not None:
+                act = f.gate_up.norm_scaled(x, partials, f.post_eps, f.activation)
+            else:
+                act = kernels.act_mul(f.gate.norm_scaled(x, partials, f.post_eps),
+                                      f.up.norm_scaled(x, partials, f.post_eps), f.activation)
+            if index < last:
+                x, residual, partials = f.down.add_norm(act, residual, fusion.input_weights[index + 1])
+            elif fusion.lm_head is not None:
+                x, _, partials = f.down.add_norm(act, residual, fusion.final_weight)
+                return fusion.lm_head.norm_scaled(meta.logit_rows(x), meta.logit_rows(partials), fusion.final_eps)
+            else:
+                x, _ = _add_norm(meta.logit_rows(f.down(act)), meta.logit_rows(residual), self.final_norm)
+                return self.lm_head(x)
+        raise AssertionError("unreachable: the last layer returns the logits")
+
+    def _qkv(self, parts: LayerParts, project: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v from the attention's input projections, each computed as ``project(module)``."""
         heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
-        o_proj = parts.projections[-1]
         if parts.fused_qkv is not None:
-            q, k, v = parts.fused_qkv(x).split(parts.fused_qkv.sizes, dim=-1)
+            q, k, v = project(parts.fused_qkv).split(parts.fused_qkv.sizes, dim=-1)
         elif len(parts.projections) == 4:
-            q_proj, k_proj, v_proj, _ = parts.projections
-            q, k, v = q_proj(x), k_proj(x), v_proj(x)
+            q, k, v = (project(m) for m in parts.projections[:3])
         else:
-            q, k, v = parts.projections[0](x).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+            q, k, v = project(parts.projections[0]).split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        return q, k, v
+
+    def _attend(self, index: int, parts: LayerParts, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                cache: KVCache, meta: Any) -> torch.Tensor:
+        """Attention of this step's q, k, v over the cache (q/k norms, rotary, cache write): o_proj's input."""
+        batch, length, _ = q.shape
+        heads, kv_heads, dim = self.num_heads, self.num_kv_heads, self.head_dim
         if parts.q_norm is not None and parts.q_norm.weight.numel() != dim:  # OLMoE: norm over all heads
             q, k = parts.q_norm(q), parts.k_norm(k)
         q = q.reshape(batch, length, heads, dim)
@@ -165,7 +219,7 @@ class DecoderRunner:
         if parts.q_norm is not None and parts.q_norm.weight.numel() == dim:  # Qwen3, Gemma 3: per head
             q, k = parts.q_norm(q), parts.k_norm(k)
         out = cache.rotary_attend(index, q, k, v, self._cos, self._sin, meta, scale=parts.scale, window=parts.window)
-        return o_proj(out.reshape(batch, length, heads * dim))
+        return out.reshape(batch, length, heads * dim)
 
 
 def _add_norm(x: torch.Tensor, residual: torch.Tensor | None, norm: torch.nn.Module

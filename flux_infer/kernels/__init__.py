@@ -23,7 +23,13 @@ from flux_infer.kernels.attention import (
 )
 from flux_infer.kernels.matmul import linear, linear_ref
 from flux_infer.kernels.quant import (
+    int4_gated_linear_norm_scaled,
+    int4_gated_linear_norm_scaled_ref,
     int4_linear,
+    int4_linear_add_norm,
+    int4_linear_add_norm_ref,
+    int4_linear_norm_scaled,
+    int4_linear_norm_scaled_ref,
     int4_linear_ref,
     int8_linear,
     int8_linear_ref,
@@ -49,7 +55,13 @@ __all__ = [
     "cache_attention_mask",
     "cache_attention_ref",
     "implementation",
+    "int4_gated_linear_norm_scaled",
+    "int4_gated_linear_norm_scaled_ref",
     "int4_linear",
+    "int4_linear_add_norm",
+    "int4_linear_add_norm_ref",
+    "int4_linear_norm_scaled",
+    "int4_linear_norm_scaled_ref",
     "int4_linear_ref",
     "int8_linear",
     "int8_linear_ref",

@@ -30,6 +30,7 @@ DEQUANT_MATMUL_MIN_ROWS = {4: 128, 8: 320}
 # (benchmarks/decode.py's *_qkvbiased mode and --plans)
 QUANT_MMA_PLANS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 AUTO_PLAN = (0, 0, 0, -1)  # the same four arguments left to the launcher
+NORM_EPILOGUE_MAX_ROWS = 16  # the INT4 layers around an RMSNorm (quant_linear_norm.cu) run in the kernel up to here
 # (blocks per (row, kv head), warps per block) of the one-launch decode attention; 0 = chosen by the launcher
 ROTARY_ATTENTION_LAUNCH = (0, 0)
 HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)  # what the elementwise kernels compute in float32
@@ -101,6 +102,7 @@ def _build() -> Any:
     return load_extension(
         name="flux_infer_kernels",
         sources=[str(CSRC / name) for name in ("flux_kernels.cu", "quant_linear.cu", "quant_linear_gated.cu",
+                                                  "quant_linear_norm.cu", "quant_linear_norm_gated.cu",
                                                   "decode_attention.cu")],
         build_directory=str(target),
         extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
@@ -269,7 +271,68 @@ def _register(module: Any) -> None:
         gate, up = full.chunk(2, dim=-1)
         return act_mul(gate, up, activation_kind)
 
+    def norm_epilogue_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, group: int) -> int:
+        """Rows of ``x`` when the INT4 norm-epilogue kernels take these shapes, else 0 (the reference runs)."""
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        fits = (0 < rows <= NORM_EPILOGUE_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+                and scales.dtype == x.dtype and group % 32 == 0 and qweight.data_ptr() % 16 == 0)
+        return rows if fits else 0
+
+    def plan_of(rows: int, qweight: torch.Tensor, k: int) -> tuple[int, int, int, int]:
+        return QUANT_MMA_PLANS.get((qweight.shape[0], k), AUTO_PLAN) if rows <= 8 else AUTO_PLAN
+
+    def int4_linear_add_norm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                             group_size: int, bias: torch.Tensor | None, residual: torch.Tensor,
+                             norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, n = norm_epilogue_rows(x, qweight, scales, group_size), qweight.shape[0]
+        if rows and norm_weight.dtype == x.dtype and residual.dtype == x.dtype:
+            lead = x.shape[:-1]
+            x2 = _rows(x)
+            if x2.stride(0) % 8 or x2.data_ptr() % 16:
+                x2 = x2.contiguous()
+            normed, h, partials = module.quant_mma_add_norm(
+                x2, qweight, scales, mins, group_size, bias, _rows(residual), norm_weight.contiguous(),
+                quant.norm_partial_slots(n), *plan_of(rows, qweight, x2.shape[1]))
+            return normed.view(*lead, n), h.view(*lead, n), partials.view(*lead, partials.shape[-1])
+        return quant.int4_linear_add_norm_ref(x, qweight, scales, mins, group_size, bias, residual, norm_weight)
+
+    def norm_scaled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                    group_size: int, bias: torch.Tensor | None, partials: torch.Tensor, eps: float,
+                    activation_index: int) -> torch.Tensor | None:
+        rows = norm_epilogue_rows(x, qweight, scales, group_size)
+        if not rows:
+            return None
+        x2 = _rows(x)
+        if x2.stride(0) % 8 or x2.data_ptr() % 16:
+            x2 = x2.contiguous()
+        out = module.quant_mma_scale_norm(x2, qweight, scales, mins, group_size, bias,
+                                          partials.reshape(rows, partials.shape[-1]).float().contiguous(), eps,
+                                          *plan_of(rows, qweight, x2.shape[1]), activation_index)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def int4_linear_norm_scaled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                                group_size: int, bias: torch.Tensor | None, partials: torch.Tensor,
+                                eps: float) -> torch.Tensor:
+        out = norm_scaled(x, qweight, scales, mins, group_size, bias, partials, eps, -1)
+        return out if out is not None else quant.int4_linear_norm_scaled_ref(x, qweight, scales, mins, group_size,
+                                                                             bias, partials, eps)
+
+    def int4_gated_linear_norm_scaled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                                      mins: torch.Tensor, group_size: int, bias: torch.Tensor | None,
+                                      partials: torch.Tensor, eps: float, activation_kind: str) -> torch.Tensor:
+        out = None
+        if activation_kind in activation.ACTIVATIONS and qweight.shape[0] % 2 == 0:
+            out = norm_scaled(x, qweight, scales, mins, group_size, bias, partials, eps,
+                              activation.ACTIVATIONS.index(activation_kind))
+        if out is not None:
+            return out
+        gate, up = int4_linear_norm_scaled(x, qweight, scales, mins, group_size, bias, partials, eps).chunk(2, -1)
+        return act_mul(gate, up, activation_kind)
+
     quant.int8_linear.register("cuda", int8_linear, "cuda")
+    quant.int4_linear_add_norm.register("cuda", int4_linear_add_norm, "cuda")
+    quant.int4_linear_norm_scaled.register("cuda", int4_linear_norm_scaled, "cuda")
+    quant.int4_gated_linear_norm_scaled.register("cuda", int4_gated_linear_norm_scaled, "cuda")
     quant.quantized_gated_linear.register("cuda", quantized_gated_linear, "cuda")
     quant.int4_linear.register("cuda", int4_linear, "cuda")
     norm.rms_norm.register("cuda", rms_norm, "cuda")

@@ -1,5 +1,7 @@
 """Weight-only quantized linear layers: ``torch.ops.flux.int8_linear``, ``torch.ops.flux.int4_linear`` and the gated
-MLP's first half on a quantized ``[gate; up]`` weight, ``torch.ops.flux.quantized_gated_linear``.
+MLP's first half on a quantized ``[gate; up]`` weight, ``torch.ops.flux.quantized_gated_linear``; and the INT4 layers
+around an RMSNorm that let a decode step run without norm kernels (``int4_linear_add_norm`` before the norm,
+``int4_linear_norm_scaled`` after it).
 
 Formats (what flux stores and its kernels read):
 
@@ -108,6 +110,104 @@ def _(x, qweight, scales, mins, group_size, bias, activation):
     return x.new_empty((*x.shape[:-1], qweight.shape[0] // 2))
 
 
+# ---- INT4 layers around an RMSNorm (Llama-style: weight * x * rsqrt(mean(x^2) + eps)) -------------------------
+# A norm between two quantized layers is split between them: the layer before it adds the residual, writes
+# h * weight and leaves sums of squares of h per row (``partials``, float32 ``[..., slots]``, summed over the last
+# dim: the CUDA kernel writes one slot per block); the layer after it takes h * weight as its input and multiplies
+# its float32 sums by the row's rsqrt(sum(partials) / width + eps) before the bias. The norm's scale commutes with
+# the linear layer, so the result is the norm and the layer up to rounding (the separate path rounds the
+# normalized activations to 16 bits first): a lossy path's arithmetic, not the unfused path's bits.
+
+
+def norm_partial_slots(out_features: int) -> int:
+    """Slots per row of ``int4_linear_add_norm``'s sums of squares: one per kernel block, >= 15 outputs each."""
+    return -(-out_features // 15)
+
+
+def int4_linear_add_norm_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                             group_size: int, bias: torch.Tensor | None, residual: torch.Tensor,
+                             norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(h * norm_weight, h, partials)`` with ``h = residual + int4_linear(x)`` (rounded as the layer and the add
+    round it) and ``partials`` summing to ``sum(h^2)`` per row (slot 0 here)."""
+    h = residual + int4_linear_ref(x, qweight, scales, mins, group_size, bias)
+    hf = h.float()
+    partials = hf.new_zeros((*h.shape[:-1], norm_partial_slots(h.shape[-1])))
+    partials[..., 0] = hf.pow(2).sum(-1)
+    return (hf * norm_weight.float()).to(h.dtype), h, partials
+
+
+def rms_scale(partials: torch.Tensor, width: int, eps: float) -> torch.Tensor:
+    """float32 ``[..., 1]``: the RMSNorm scale rsqrt(mean(h^2) + eps) of rows whose squares ``partials`` hold."""
+    return torch.rsqrt(partials.float().sum(-1, keepdim=True) / width + eps)
+
+
+def int4_linear_norm_scaled_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                                group_size: int, bias: torch.Tensor | None, partials: torch.Tensor,
+                                eps: float) -> torch.Tensor:
+    """``(x @ W.T) * rms_scale(partials) + bias`` in float32, rounded once: the layer after an RMSNorm whose weight
+    ``x`` already carries (``int4_linear_add_norm``'s first output)."""
+    weight = dequantize_int4(qweight, scales, mins, group_size, x.dtype).float()
+    out = F.linear(x.float(), weight) * rms_scale(partials, x.shape[-1], eps)
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
+
+
+def int4_gated_linear_norm_scaled_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                                      mins: torch.Tensor, group_size: int, bias: torch.Tensor | None,
+                                      partials: torch.Tensor, eps: float, activation: str) -> torch.Tensor:
+    """``act(gate) * up`` of ``int4_linear_norm_scaled`` on a ``[gate; up]`` weight, each half rounded first."""
+    gate, up = int4_linear_norm_scaled_ref(x, qweight, scales, mins, group_size, bias, partials, eps).chunk(2, -1)
+    return act_mul_ref(gate, up, activation)
+
+
+@torch.library.custom_op("flux::int4_linear_add_norm", mutates_args=())
+def _int4_linear_add_norm_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                             group_size: int, bias: torch.Tensor | None, residual: torch.Tensor,
+                             norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An INT4 layer, the residual add after it and the first half of the RMSNorm after that."""
+    return int4_linear_add_norm_ref(x, qweight, scales, mins, group_size, bias, residual, norm_weight)
+
+
+@_int4_linear_add_norm_op.register_fake
+def _(x, qweight, scales, mins, group_size, bias, residual, norm_weight):
+    n = qweight.shape[0]
+    torch._check(residual.shape[-1] == n, lambda: "int4_linear_add_norm: residual must be [..., out_features]")
+    shape = (*x.shape[:-1], n)
+    return (x.new_empty(shape), x.new_empty(shape),
+            x.new_empty((*x.shape[:-1], norm_partial_slots(n)), dtype=torch.float32))
+
+
+@torch.library.custom_op("flux::int4_linear_norm_scaled", mutates_args=())
+def _int4_linear_norm_scaled_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                                group_size: int, bias: torch.Tensor | None, partials: torch.Tensor,
+                                eps: float) -> torch.Tensor:
+    """An INT4 layer after an RMSNorm, the norm's scale applied to its sums."""
+    return int4_linear_norm_scaled_ref(x, qweight, scales, mins, group_size, bias, partials, eps)
+
+
+@_int4_linear_norm_scaled_op.register_fake
+def _(x, qweight, scales, mins, group_size, bias, partials, eps):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.custom_op("flux::int4_gated_linear_norm_scaled", mutates_args=())
+def _int4_gated_linear_norm_scaled_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                                      mins: torch.Tensor, group_size: int, bias: torch.Tensor | None,
+                                      partials: torch.Tensor, eps: float, activation: str) -> torch.Tensor:
+    """``act(gate) * up`` of an INT4 ``[gate; up]`` layer after an RMSNorm."""
+    return int4_gated_linear_norm_scaled_ref(x, qweight, scales, mins, group_size, bias, partials, eps, activation)
+
+
+@_int4_gated_linear_norm_scaled_op.register_fake
+def _(x, qweight, scales, mins, group_size, bias, partials, eps, activation):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0] // 2))
+
+
 int8_linear = KernelOp("int8_linear", _int8_linear_op, int8_linear_ref)
 int4_linear = KernelOp("int4_linear", _int4_linear_op, int4_linear_ref)
 quantized_gated_linear = KernelOp("quantized_gated_linear", _quantized_gated_linear_op, quantized_gated_linear_ref)
+int4_linear_add_norm = KernelOp("int4_linear_add_norm", _int4_linear_add_norm_op, int4_linear_add_norm_ref)
+int4_linear_norm_scaled = KernelOp("int4_linear_norm_scaled", _int4_linear_norm_scaled_op, int4_linear_norm_scaled_ref)
+int4_gated_linear_norm_scaled = KernelOp("int4_gated_linear_norm_scaled", _int4_gated_linear_norm_scaled_op,
+                                         int4_gated_linear_norm_scaled_ref)

@@ -84,6 +84,29 @@ class QuantizedLinear(torch.nn.Module):
         return kernels.quantized_gated_linear(x, self.qweight, scales, mins, self.group_size or 0, self.bias,
                                               activation)
 
+    # ---- the layers around an RMSNorm (INT4; kernels/quant.py: a decode step without norm kernels) ----------
+    @property
+    def norm_fusable(self) -> bool:
+        """Whether this layer can take a neighbouring RMSNorm into its epilogue (``add_norm``, ``norm_scaled``)."""
+        return self.bits == 4 and self.input_perm is None
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(h * norm_weight, h, partials)`` with ``h = residual + self(x)``: the layer, the residual add after it
+        and the part of the next RMSNorm that needs all of h (its sums of squares, ``partials``)."""
+        return kernels.int4_linear_add_norm(x, self.qweight, self.scales, self.mins, self.group_size, self.bias,
+                                            residual, norm_weight)
+
+    def norm_scaled(self, x: torch.Tensor, partials: torch.Tensor, eps: float,
+                    activation: str | None = None) -> torch.Tensor:
+        """This layer on ``rms_norm(h)`` given ``x = h * norm_weight`` and ``add_norm``'s ``partials``: the norm's
+        scale is applied to the layer's sums. ``activation``: a ``[gate; up]`` layer's ``act(gate) * up``."""
+        if activation is None:
+            return kernels.int4_linear_norm_scaled(x, self.qweight, self.scales, self.mins, self.group_size,
+                                                   self.bias, partials, eps)
+        return kernels.int4_gated_linear_norm_scaled(x, self.qweight, self.scales, self.mins, self.group_size,
+                                                     self.bias, partials, eps, activation)
+
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
