@@ -25,6 +25,7 @@ import flux_infer  # noqa: E402
 from flux_infer import kernels  # noqa: E402
 from flux_infer.generation import cache as cache_module  # noqa: E402
 from flux_infer.generation import generate as generate_module  # noqa: E402
+from flux_infer.generation.runner import DecoderRunner  # noqa: E402
 from flux_infer.kernels import cuda as cuda_kernels  # noqa: E402
 from flux_infer.kernels import matmul as linear_module  # noqa: E402
 from flux_infer.plugins.fused_kernels import FluxGatedMLP  # noqa: E402
@@ -57,6 +58,9 @@ FLUX_MODES.update({f"{mode}_attnapart": FLUX_MODES[mode] for mode in ("flux", "f
 # (kernels.add_rms_norm returns (x, x)), so the values are wrong and the step is otherwise the same: what removing
 # those 64 launches could gain at most (docs/benchmarks.md, ninth session)
 FLUX_MODES.update({f"{mode}_nonorm": FLUX_MODES[mode] for mode in ("flux", "flux_int4")})
+# INT4 decode steps with a norm kernel between the quantized layers, instead of the norms split into the layers
+# around them (an A/B of flux_infer.generation.runner.DecoderRunner.fuse_norms; the *_nonorm bound runs this way)
+FLUX_MODES["flux_int4_normapart"] = FLUX_MODES["flux_int4"]
 # quantized, with every prefill matmul on the Triton dequantize-in-the-loop kernel (an A/B of
 # flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS: cuBLAS on the dequantized weight)
 FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
@@ -208,6 +212,7 @@ def main() -> int:
             cuda_kernels.set_early_trigger(not mode.endswith("_late"))
             generate_module.GREEDY_ON_DEVICE = not mode.endswith("_hostgreedy")
             cache_module.FUSED_ROTARY_ATTENTION = not mode.endswith("_attnapart")
+            DecoderRunner.fuse_norms = False if mode.endswith(("_normapart", "_nonorm")) else None
             cuda_kernels.QUANT_MMA_PLANS = ({(6144, 4096): (8, 2, 1, 1)} if mode.endswith("_qkvbiased") else
                                             dict(args.plans) if mode.endswith("_plans") else {})
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = ({bits: 1 << 30 for bits in default_dequant_rows}
@@ -243,6 +248,7 @@ def main() -> int:
             FluxGatedMLP.gated_epilogue = True
             cuda_kernels.set_early_trigger(True)
             generate_module.GREEDY_ON_DEVICE = True
+            DecoderRunner.fuse_norms = None
             cuda_kernels.QUANT_MMA_PLANS = {}
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = dict(default_dequant_rows)
             torch.cuda.empty_cache()

@@ -134,16 +134,19 @@ def test_quantized_model_on_the_tensor_core_kernels_matches_the_reference_path(s
     config = InferenceConfig(optimization_level="O1", quantization=quantization, quantization_group_size=64)
     fast, slow = copy.deepcopy(base), copy.deepcopy(base)
     flux_infer.optimize(fast, config=config)
-    op = quant.int8_linear if quantization == "int8" else quant.int4_linear
-    assert op.implementation("cuda") == "cuda"
-    kernel = op._kernels.pop("cuda")
+    ops = [quant.int8_linear] if quantization == "int8" else [
+        quant.int4_linear, quant.int4_linear_add_norm, quant.int4_linear_norm_scaled,
+        quant.int4_gated_linear_norm_scaled]  # INT4 decode steps run the layers around the norms too
+    assert all(op.implementation("cuda") == "cuda" for op in ops)
+    saved = [op._kernels.pop("cuda") for op in ops]
     try:
         flux_infer.optimize(slow, config=config)
         with torch.no_grad():
             ref = slow(input_ids=ids).logits.float()
         ref_run = run(slow, inputs, tokenizer, 16)
     finally:
-        op._kernels["cuda"] = kernel
+        for op, kernel in zip(ops, saved, strict=True):
+            op._kernels["cuda"] = kernel
     with torch.no_grad():
         got = fast(input_ids=ids).logits.float()
     got_run = run(fast, inputs, tokenizer, 16)
@@ -151,4 +154,36 @@ def test_quantized_model_on_the_tensor_core_kernels_matches_the_reference_path(s
     assert diff <= 2 * bf16_error, (diff, bf16_error)
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
     same = (got_run.sequences == ref_run.sequences)[:, -16:].float().mean().item()
+    assert same >= 0.9, same
+
+
+def test_int4_decode_without_norm_kernels_matches_the_unfused_step(smollm2_cuda, monkeypatch):
+    """INT4 decode steps (4 rows) with every norm but the first inside the quantized layers around it
+    (generation/norm_fusion.py) against the same model's steps with the norm kernels: the first decode step's
+    logits (same prefill, same token) within twice what bf16 itself changes in the model's logits, and the greedy
+    sequences agreeing. The fused step really ran: two add-norm layers per decoder layer per step."""
+    from flux_infer.generation.runner import DecoderRunner
+    from flux_infer.kernels import quant
+
+    base, tokenizer, inputs = smollm2_cuda
+    ids = inputs["input_ids"][:, -8:]
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    with torch.no_grad():
+        bf16_error = rel(base(input_ids=ids).logits.float(), copy.deepcopy(base).float()(input_ids=ids).logits)
+    model = copy.deepcopy(base)
+    flux_infer.optimize(model, config=InferenceConfig(optimization_level="O1", quantization="int4",
+                                                      quantization_group_size=64, quantize_lm_head=True))
+    kernel, calls = quant.int4_linear_add_norm._kernels["cuda"], []
+    monkeypatch.setitem(quant.int4_linear_add_norm._kernels, "cuda",
+                        (lambda *a: calls.append(1) or kernel[0](*a), kernel[1]))
+    monkeypatch.setattr(DecoderRunner, "fuse_norms", False)
+    unfused = run(model, inputs, tokenizer, 24)
+    assert not calls
+    monkeypatch.setattr(DecoderRunner, "fuse_norms", None)  # the default: on CUDA
+    fused = run(model, inputs, tokenizer, 24)
+    layers = model.config.num_hidden_layers
+    assert len(calls) >= 2 * layers and len(calls) % (2 * layers) == 0
+    assert torch.equal(fused.logits[0], unfused.logits[0])  # the prefill (> 16 rows) runs the norm kernels
+    assert rel(fused.logits[1].float(), unfused.logits[1].float()) <= 2 * bf16_error
+    same = (fused.sequences == unfused.sequences)[:, -24:].float().mean().item()
     assert same >= 0.9, same

@@ -437,6 +437,99 @@ def test_quantized_gated_linear_rejects_an_odd_layer():
         cuda_kernels._state["module"].quant_mma(x, *gated_inputs(module), 0, 0, 0, -1, 0)
 
 
+NORM_PLANS = [(0, 0, 0, -1), (3, 1, 2, 0), (8, 4, 1, 0), (4, 2, 2, 1), (16, 2, 1, 2), (7, 4, 2, 2)]
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows, n, k", [(1, 4096, 14336), (1, 577, 1152), (3, 1031, 1024), (8, 40, 1152),
+                                        (9, 1031, 1024), (16, 577, 1152)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("plan", NORM_PLANS)
+def test_int4_linear_add_norm_is_the_layer_and_the_add_bit_for_bit(group, rows, n, k, dtype, plan, monkeypatch):
+    """h is the plain kernel's output plus the residual exactly (same launch, so the same sums), normed is h times
+    the norm's weight rounded once, and the partial sums of squares (one slot per block, zeros after) add up to
+    sum(h^2) per row."""
+    if group == 128 and k % 128:
+        k = 1152
+    if rows > 8 and plan[0]:  # plans apply up to 8 rows; above, the launcher's own (as for the plain layer)
+        pytest.skip("covered by the automatic plan")
+    monkeypatch.setattr(cuda_kernels, "QUANT_MMA_PLANS", {(n, k): plan} if plan[0] else {})
+    layer = quantized_case(4, group, n, k, dtype, bias=rows % 2 == 1)
+    x, residual = torch.randn(rows, k, device="cuda").to(dtype), torch.randn(rows, n, device="cuda").to(dtype)
+    weight = (torch.rand(n, device="cuda") + 0.5).to(dtype)
+    normed, h, partials = layer.add_norm(x, residual, weight)
+    assert torch.equal(h, layer(x) + residual)
+    assert torch.equal(normed, (h.float() * weight.float()).to(dtype))
+    assert partials.shape == (rows, kernels.quant.norm_partial_slots(n)) and partials.dtype == torch.float32
+    torch.testing.assert_close(partials.sum(-1), h.float().pow(2).sum(-1), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("rows, n, k", [(1, 6144, 4096), (1, 1031, 1152), (5, 577, 1152), (12, 1031, 1024),
+                                        (16, 40, 1152)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", [None, "silu", "gelu_tanh"])
+@pytest.mark.parametrize("plan", NORM_PLANS)
+def test_int4_linear_norm_scaled_against_float64(group, rows, n, k, dtype, activation, plan, monkeypatch):
+    """The layer after a norm: (x @ W.T) * rsqrt(sum(partials) / K + eps) + bias within twice the reference's error
+    against float64; gated, bit for bit the un-gated layer's halves through act_mul (same launch, same scale)."""
+    if group == 128 and k % 128:
+        k = 1152
+    n = 2 * n if activation else n
+    if rows > 8 and plan[0]:
+        pytest.skip("covered by the automatic plan")
+    monkeypatch.setattr(cuda_kernels, "QUANT_MMA_PLANS", {(n, k): plan} if plan[0] else {})
+    layer = quantized_case(4, group, n, k, dtype, bias=rows % 2 == 0)
+    x = torch.randn(rows, k, device="cuda").to(dtype)
+    partials = torch.rand(rows, 37, device="cuda") * k / 20  # a mean square around 1
+    eps = 1e-5
+    out = layer.norm_scaled(x, partials, eps, activation)
+    scale = torch.rsqrt(partials.double().sum(-1, keepdim=True) / k + eps)
+    full = torch.nn.functional.linear(x.double(), layer.dequantize().double()) * scale
+    if layer.bias is not None:
+        full = full + layer.bias.double()
+    if activation is None:
+        truth = full
+        reference = kernels.int4_linear_norm_scaled_ref(x, layer.qweight, layer.scales, layer.mins, group, layer.bias,
+                                                        partials, eps)
+    else:
+        truth = kernels.act_mul_ref(*full.chunk(2, dim=-1), activation)
+        reference = kernels.int4_gated_linear_norm_scaled_ref(x, layer.qweight, layer.scales, layer.mins, group,
+                                                              layer.bias, partials, eps, activation)
+        gate, up = layer.norm_scaled(x, partials, eps).chunk(2, dim=-1)
+        assert torch.equal(out, kernels.act_mul(gate, up, activation))
+    assert out.shape == reference.shape
+    assert rel_err(out, truth) <= 2 * rel_err(reference, truth) + ULP[dtype]
+
+
+def test_norm_epilogues_take_up_to_16_rows_then_run_the_reference():
+    layer = quantized_case(4, 64, 577, 1152, torch.bfloat16)
+    module = cuda_kernels._state["module"]
+    x, partials = torch.randn(17, 1152, device="cuda").to(torch.bfloat16), torch.ones(17, 3, device="cuda")
+    with pytest.raises(RuntimeError, match="up to 16 rows"):
+        module.quant_mma_scale_norm(x, layer.qweight, layer.scales, layer.mins, 64, None, partials, 1e-5,
+                                    0, 0, 0, -1, -1)
+    out = layer.norm_scaled(x, partials, 1e-5)  # the op itself: the reference above 16 rows
+    torch.testing.assert_close(out, kernels.int4_linear_norm_scaled_ref(x, layer.qweight, layer.scales, layer.mins,
+                                                                        64, layer.bias, partials, 1e-5))
+    with pytest.raises(RuntimeError, match="slots must be at least"):
+        module.quant_mma_add_norm(x[:2], layer.qweight, layer.scales, layer.mins, 64, None,
+                                  torch.zeros(2, 577, device="cuda", dtype=torch.bfloat16),
+                                  torch.ones(577, device="cuda", dtype=torch.bfloat16), 38, 0, 0, 0, -1)
+
+
+def test_opcheck_norm_epilogue_ops():
+    layer = quantized_case(4, 64, 96, 128, torch.bfloat16)
+    x = torch.randn(2, 128, device="cuda").to(torch.bfloat16)
+    args = (x, layer.qweight, layer.scales, layer.mins, 64, layer.bias)
+    torch.library.opcheck(torch.ops.flux.int4_linear_add_norm.default,
+                          (*args, torch.randn(2, 96, device="cuda").to(torch.bfloat16),
+                           torch.ones(96, device="cuda", dtype=torch.bfloat16)))
+    partials = torch.rand(2, 7, device="cuda")
+    torch.library.opcheck(torch.ops.flux.int4_linear_norm_scaled.default, (*args, partials, 1e-5))
+    torch.library.opcheck(torch.ops.flux.int4_gated_linear_norm_scaled.default, (*args, partials, 1e-5, "silu"))
+
+
 @pytest.mark.parametrize("bits, group", [(8, None), (4, 32), (4, 64), (4, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dequantize_weight_is_the_references_bit_for_bit(bits, group, dtype):

@@ -102,6 +102,62 @@ def test_opcheck_quantized_ops(dtype):
                           (x, int8.qweight, int8.scale, None, 0, int8.bias, "gelu_tanh"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layers_around_a_norm_are_the_layer_and_the_norm(dtype):
+    """The split RMSNorm's references: h and normed exactly the add and the weight product, partials summing to
+    sum(h^2), and the layer after the norm equal to the norm then the layer up to the rounding of the normalized
+    activations (exactly in float32 up to reassociation)."""
+    from flux_infer import kernels
+    from flux_infer.kernels.quant import norm_partial_slots
+
+    before = QuantizedLinear.from_weight(torch.randn(96, 64, dtype=dtype) / 8, torch.randn(96, dtype=dtype),
+                                         bits=4, group_size=32)
+    after = QuantizedLinear.from_weight(torch.randn(2 * 40, 96, dtype=dtype) / 10, None, bits=4, group_size=32)
+    x, residual = torch.randn(2, 3, 64, dtype=dtype), torch.randn(2, 3, 96, dtype=dtype)
+    weight = (torch.rand(96) + 0.5).to(dtype)
+    normed, h, partials = before.add_norm(x, residual, weight)
+    assert torch.equal(h, residual + before(x))
+    assert torch.equal(normed, (h.float() * weight.float()).to(dtype))
+    assert partials.shape == (2, 3, norm_partial_slots(96)) and partials.dtype == torch.float32
+    torch.testing.assert_close(partials.sum(-1), h.float().pow(2).sum(-1))
+    unfused = after(kernels.rms_norm(h.float(), weight.float(), 1e-5, 0.0).to(dtype))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(after.norm_scaled(normed, partials, 1e-5), unfused, rtol=tol, atol=tol)
+    gated = after.norm_scaled(normed, partials, 1e-5, "silu")
+    assert torch.equal(gated, kernels.act_mul(*after.norm_scaled(normed, partials, 1e-5).chunk(2, -1), "silu"))
+    args = (x, before.qweight, before.scales, before.mins, 32, before.bias)
+    torch.library.opcheck(torch.ops.flux.int4_linear_add_norm.default, (*args, residual, weight))
+    args = (normed, after.qweight, after.scales, after.mins, 32, None, partials, 1e-5)
+    torch.library.opcheck(torch.ops.flux.int4_linear_norm_scaled.default, args)
+    torch.library.opcheck(torch.ops.flux.int4_gated_linear_norm_scaled.default, (*args, "gelu_tanh"))
+
+
+def test_int4_decode_without_norm_kernels_equals_the_unfused_loop(smollm2, monkeypatch):
+    """SmolLM2 INT4 (float32, the CPU's references) generating with every norm but the first inside the quantized
+    layers around it (generation/norm_fusion.py, forced on the CPU): the same greedy tokens as the loop with the
+    norm layers, and the fused layers really ran (two add-norm layers per decoder layer per step)."""
+    from flux_infer.generation.runner import DecoderRunner
+    from flux_infer.kernels import quant
+
+    model, tokenizer = smollm2
+    flux_infer.optimize(model, config=InferenceConfig(optimization_level="O1", quantization="int4",
+                                                      quantization_group_size=64, quantize_lm_head=True,
+                                                      use_flash_attention=False))
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(["The capital of France is", "Once upon a time, in a"], return_tensors="pt", padding=True)
+    greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
+                  max_new_tokens=12)
+    reference, calls = quant.int4_linear_add_norm.reference, []
+    monkeypatch.setattr(quant.int4_linear_add_norm, "reference", lambda *a: calls.append(1) or reference(*a))
+    monkeypatch.setattr(DecoderRunner, "fuse_norms", False)
+    unfused = model.generate(**inputs, **greedy)
+    assert not calls
+    monkeypatch.setattr(DecoderRunner, "fuse_norms", True)
+    fused = model.generate(**inputs, **greedy)
+    assert len(calls) == 2 * model.config.num_hidden_layers * 12  # the prefill's 2 x 7 rows too
+    assert torch.equal(fused, unfused)
+
+
 def test_revert_after_awq_restores_norms_and_linears_exactly(smollm2):
     model, tokenizer = smollm2
     inputs = tokenizer(["Quantization should be revertible."], return_tensors="pt")
