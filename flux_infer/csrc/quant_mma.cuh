@@ -244,16 +244,49 @@ __device__ __forceinline__ void mma_step(float (&acc)[RT][MT][4], const uint4 (&
   }
 }
 
+// The weight row n and activation row m of epilogue element e (reduce_tile's numbering, below)
+template <int F, int MT, bool G>
+__device__ __forceinline__ void element_of(int e, int n0, int n_out, int& n, int& m) {
+  const int j = e >> 5, l = e & 31, c = j & 3;
+  n = tile_row<F, G>(n0 + kOutputs<F, G> * (j / (MT * 4)), l >> 2, c >> 1, n_out);
+  m = 8 * ((j >> 2) % MT) + 2 * (l & 3) + (c & 1);
+}
+
+// What a norm epilogue reads from earlier kernels, loaded right after pdl_wait so that its latency hides behind the
+// weight loads in flight instead of adding to the block's tail. kScaleNorm with at most one row per warp: warp w's
+// row scale (pre_a); kAddNorm: the residual and norm weight of the first element this thread writes.
+template <typename T, int F, int MT, int RT, bool G, int E>
+__device__ __forceinline__ void prefetch_norm(const NormArgs<T>& na, int n0, int m_rows, int n_out, float& pre_a,
+                                              float& pre_b) {
+  if constexpr (E == kScaleNorm) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (m_rows <= static_cast<int>(blockDim.x >> 5) && warp < m_rows) {
+      float sum = 0.f;
+      for (int i = lane; i < na.slots; i += 32)
+        sum += load_coherent(na.partials + warp * static_cast<int64_t>(na.slots) + i);
+      pre_a = rsqrtf(fmaf(warp_sum(sum), na.inv_k, na.eps));
+    }
+  } else if constexpr (E == kAddNorm) {
+    int n, m;
+    element_of<F, MT, G>(threadIdx.x, n0, n_out, n, m);
+    if (threadIdx.x < RT * MT * 4 * 32 && n >= 0 && m < m_rows) {
+      pre_a = to_float(na.residual[m * na.residual_stride + n]);
+      pre_b = to_float(na.norm_weight[n]);
+    }
+  }
+}
+
 // Sum the warps' partial tiles of the block's outputs (from n0) and write them. Element (rt, mt, c) of lane l is
 // tile row g + 8 h (g = l / 4, h = c / 2) of row tile rt (its weight row: tile_row) and activation row
 // 8 mt + 2 (l % 4) + c % 2. Gated: the gate half (h = 0) and the up half (h = 1) make act(gate) * up, each
 // rounded as the separate layer and act_mul kernel would. E: the norm epilogues (top of this file); `partial` has
-// room behind the warps' tiles for 16 RT x 8 MT floats (kAddNorm: the squares, kScaleNorm: the rows' scales).
+// room behind the warps' tiles for 16 RT x 8 MT floats (kAddNorm: the squares, kScaleNorm: the rows' scales);
+// pre_a / pre_b: what prefetch_norm read.
 template <typename T, int F, int MT, int RT, bool G, int E>
 __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float* partial, T* __restrict__ out,
                                             const uint16_t* __restrict__ scales, const T* __restrict__ bias, int n0,
                                             int m_rows, int n_out, int64_t out_stride, int act,
-                                            const NormArgs<T>& na) {
+                                            const NormArgs<T>& na, float pre_a, float pre_b) {
   static_assert(E == kPlain || (F != kInt8 && MT <= 2), "norm epilogues: INT4, up to 16 rows");
   static_assert(E != kAddNorm || !G, "a gated layer does not feed a norm");
   constexpr int kAcc = RT * MT * 4;
@@ -265,12 +298,17 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
 #pragma unroll
       for (int c = 0; c < 4; ++c) partial[(warp * kAcc + (rt * MT + mt) * 4 + c) * 32 + lane] = acc[rt][mt][c];
   float* extra = partial + warps * kAcc * 32;  // [8 MT][16 RT] squares, or [8 MT] row scales
-  if constexpr (E == kScaleNorm) {
-    for (int m = warp; m < m_rows; m += warps) {  // every block sums the slots in the same order
-      float sum = 0.f;
-      for (int i = lane; i < na.slots; i += 32) sum += load_coherent(na.partials + m * static_cast<int64_t>(na.slots) + i);
-      sum = warp_sum(sum);
-      if (lane == 0) extra[m] = rsqrtf(fmaf(sum, na.inv_k, na.eps));
+  if constexpr (E == kScaleNorm) {  // every block sums the slots in the same order
+    if (m_rows <= warps) {
+      if (warp < m_rows && lane == 0) extra[warp] = pre_a;
+    } else {
+      for (int m = warp; m < m_rows; m += warps) {
+        float sum = 0.f;
+        for (int i = lane; i < na.slots; i += 32)
+          sum += load_coherent(na.partials + m * static_cast<int64_t>(na.slots) + i);
+        sum = warp_sum(sum);
+        if (lane == 0) extra[m] = rsqrtf(fmaf(sum, na.inv_k, na.eps));
+      }
     }
   }
   __syncthreads();
@@ -285,10 +323,9 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
   for (int e = threadIdx.x; e < kAcc * 32; e += blockDim.x) {
     const int j = e >> 5, l = e & 31, c = j & 3;
     if (G && c >= 2) continue;  // the up half, read with its gate
-    const int rt = j / (MT * 4);
-    const int n = tile_row<F, G>(n0 + kOutputs<F, G> * rt, l >> 2, c >> 1, n_out);
-    const int m = 8 * ((j >> 2) % MT) + 2 * (l & 3) + (c & 1);
-    float* square = extra + m * 16 * RT + rt * 16 + (l >> 2) + 8 * (c >> 1);  // kAddNorm: this output's slot
+    int n, m;
+    element_of<F, MT, G>(e, n0, n_out, n, m);
+    float* square = extra + m * 16 * RT + j / (MT * 4) * 16 + (l >> 2) + 8 * (c >> 1);  // kAddNorm: its slot
     if (n < 0 || m >= m_rows) {
       if constexpr (E == kAddNorm) *square = 0.f;
       continue;
@@ -298,9 +335,12 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
       out[m * out_stride + n] = from_float<T>(rnd<T>(activation(gate, act)) * up);
     } else if constexpr (E == kAddNorm) {
       // the layer's output rounded as the separate layer writes it, plus the residual as the add+norm kernel adds
-      const float h = rnd<T>(rnd<T>(result(e, n, m)) + to_float(na.residual[m * na.residual_stride + n]));
+      const bool first = e == static_cast<int>(threadIdx.x);  // prefetched
+      const float residual = first ? pre_a : to_float(na.residual[m * na.residual_stride + n]);
+      const float weight = first ? pre_b : to_float(na.norm_weight[n]);
+      const float h = rnd<T>(rnd<T>(result(e, n, m)) + residual);
       out[m * out_stride + n] = from_float<T>(h);
-      na.normed[m * na.normed_stride + n] = from_float<T>(h * to_float(na.norm_weight[n]));
+      na.normed[m * na.normed_stride + n] = from_float<T>(h * weight);
       *square = h * h;
     } else {
       out[m * out_stride + n] = from_float<T>(result(e, n, m));
@@ -342,6 +382,7 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
   const int groups = F == kInt8 ? 1 : k / group;
   const int n0 = blockIdx.x * kOutputs<F, G> * RT;
   float acc[RT][MT][4] = {};
+  float pre_a = 0.f, pre_b = 0.f;  // the norm epilogues' early reads (prefetch_norm)
   for (int step0 = warp; step0 < steps; step0 += warps * U) {
     uint4 code[U][RT][2];
     uint32_t s2[U][RT][2], m2[U][RT][2];
@@ -363,7 +404,10 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
           }
         }
     }
-    if (step0 == warp) pdl_wait();  // the first weights are on their way; x comes from the previous kernel
+    if (step0 == warp) {  // the first weights are on their way; x comes from the previous kernel
+      pdl_wait();
+      if constexpr (E != kPlain) prefetch_norm<T, F, MT, RT, G, E>(na, n0, m_rows, n_out, pre_a, pre_b);
+    }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int s = (step0 + u * warps) * 4 + t;
@@ -371,9 +415,12 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
     }
   }
   pdl_wait();  // (a warp without steps)
+  if constexpr (E != kPlain)
+    if (warp >= steps) prefetch_norm<T, F, MT, RT, G, E>(na, n0, m_rows, n_out, pre_a, pre_b);
   if (!early) pdl_trigger();
   extern __shared__ float partial[];  // [warps][RT * MT * 4][32], then the norm epilogue's 16 RT x 8 MT
-  reduce_tile<T, F, MT, RT, G, E>(acc, partial, out, scales, bias, n0, m_rows, n_out, out_stride, act, na);
+  reduce_tile<T, F, MT, RT, G, E>(acc, partial, out, scales, bias, n0, m_rows, n_out, out_stride, act, na, pre_a,
+                                  pre_b);
 }
 
 template <typename T, int F, int MT, int RT, int L, bool G, int E>
