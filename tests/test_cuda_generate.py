@@ -183,7 +183,7 @@ def test_int4_decode_without_norm_kernels_matches_the_unfused_step(smollm2_cuda,
     fused = run(model, inputs, tokenizer, 24)
     layers = model.config.num_hidden_layers
     assert len(calls) >= 2 * layers and len(calls) % (2 * layers) == 0
-    assert torch.equal(fused.logits[0], unfused.logits[0])  # the prefill (> 16 rows) runs the norm kernels
+    assert torch.equal(fused.logits[0], unfused.logits[0])  # the prefill (> 8 rows) runs the norm kernels
     assert rel(fused.logits[1].float(), unfused.logits[1].float()) <= 2 * bf16_error
     same = (fused.sequences == unfused.sequences)[:, -24:].float().mean().item()
     assert same >= 0.9, same

@@ -1,6 +1,7 @@
 // quant_mma with the norm epilogues (quant_mma.cuh, top): the layer before an RMSNorm adds the residual and leaves
 // the norm's sums of squares (quant_mma_add_norm), the layer after it applies the norm's scale to its sums
-// (quant_mma_scale_norm), so a quantized decode step runs no norm kernel between them. INT4, up to 16 rows.
+// (quant_mma_scale_norm), so a quantized decode step runs no norm kernel between them. INT4, up to 8 rows (at 16
+// rows the fused step measured slower than the one with norm kernels: docs/benchmarks.md).
 #include "quant_mma.cuh"
 
 namespace flux {
@@ -10,8 +11,8 @@ QuantLaunch norm_launch(const torch::Tensor& x, const torch::Tensor& qweight, co
                         const c10::optional<torch::Tensor>& mins, int64_t group,
                         const c10::optional<torch::Tensor>& bias, int64_t warps, int64_t row_tiles,
                         int64_t int4_mode, int64_t launch_shape, int64_t activation) {
-  TORCH_CHECK(qweight.scalar_type() == at::kInt && x.dim() == 2 && x.size(0) <= 16,
-              "quant_mma norm epilogues: INT4 weights and up to 16 rows of x");
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && x.dim() == 2 && x.size(0) <= 8,
+              "quant_mma norm epilogues: INT4 weights and up to 8 rows of x");
   return plan_quant_mma(x, qweight, scales, mins, group, bias, warps, row_tiles, int4_mode, launch_shape, activation);
 }
 

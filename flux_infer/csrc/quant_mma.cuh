@@ -24,7 +24,7 @@
 //   2^23 + u for bf16, with u = q + 128; subtracting the offset gives q exactly (every int8 is a bf16/fp16).
 // Each warp walks a share of K; the warps of a block sum their partial tiles through shared memory.
 //
-// Epilogues around an RMSNorm (E, INT4 up to 16 rows), so that a decode step needs no norm kernel between two
+// Epilogues around an RMSNorm (E, INT4 up to 8 rows), so that a decode step needs no norm kernel between two
 // quantized layers. kAddNorm (o_proj, down: the layer before a norm): the output plus the residual is the new
 // residual stream h (written to `out`), h * the norm's weight is written to `normed`, and every block writes the
 // sum of squares of its outputs of h per row into its slot of `partials` [rows, slots] (the slots past the grid get
@@ -280,14 +280,14 @@ __device__ __forceinline__ void prefetch_norm(const NormArgs<T>& na, int n0, int
 // tile row g + 8 h (g = l / 4, h = c / 2) of row tile rt (its weight row: tile_row) and activation row
 // 8 mt + 2 (l % 4) + c % 2. Gated: the gate half (h = 0) and the up half (h = 1) make act(gate) * up, each
 // rounded as the separate layer and act_mul kernel would. E: the norm epilogues (top of this file); `partial` has
-// room behind the warps' tiles for 16 RT x 8 MT floats (kAddNorm: the squares, kScaleNorm: the rows' scales);
+// room behind the warps' tiles for 16 RT x 8 floats (kAddNorm: the squares, kScaleNorm: the rows' scales);
 // pre_a / pre_b: what prefetch_norm read.
 template <typename T, int F, int MT, int RT, bool G, int E>
 __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float* partial, T* __restrict__ out,
                                             const uint16_t* __restrict__ scales, const T* __restrict__ bias, int n0,
                                             int m_rows, int n_out, int64_t out_stride, int act,
                                             const NormArgs<T>& na, float pre_a, float pre_b) {
-  static_assert(E == kPlain || (F != kInt8 && MT <= 2), "norm epilogues: INT4, up to 16 rows");
+  static_assert(E == kPlain || (F != kInt8 && MT == 1), "norm epilogues: INT4, up to 8 rows");
   static_assert(E != kAddNorm || !G, "a gated layer does not feed a norm");
   constexpr int kAcc = RT * MT * 4;
   const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -418,7 +418,7 @@ __global__ void __launch_bounds__(kMaxThreads<L>, kMinBlocks<L>) quant_mma_kerne
   if constexpr (E != kPlain)
     if (warp >= steps) prefetch_norm<T, F, MT, RT, G, E>(na, n0, m_rows, n_out, pre_a, pre_b);
   if (!early) pdl_trigger();
-  extern __shared__ float partial[];  // [warps][RT * MT * 4][32], then the norm epilogue's 16 RT x 8 MT
+  extern __shared__ float partial[];  // [warps][RT * MT * 4][32], then the norm epilogue's 16 RT x 8
   reduce_tile<T, F, MT, RT, G, E>(acc, partial, out, scales, bias, n0, m_rows, n_out, out_stride, act, na, pre_a,
                                   pre_b);
 }
@@ -430,7 +430,7 @@ void launch_quant(torch::Tensor& out, const torch::Tensor& x, const torch::Tenso
   constexpr int U = L == 1 ? (RT == 1 ? 2 : 1) : 4 / RT;  // 16-byte weight loads in flight per lane: 2 U RT
   const int n = out.size(1), k = x.size(1);
   const int blocks = (n + kOutputs<F, G> * RT - 1) / (kOutputs<F, G> * RT);
-  const size_t smem = (static_cast<size_t>(warps) * RT * MT * 4 * 32 + (E == kPlain ? 0 : 16 * RT * 8 * MT)) *
+  const size_t smem = (static_cast<size_t>(warps) * RT * MT * 4 * 32 + (E == kPlain ? 0 : 16 * RT * 8)) *
                       sizeof(float);
   if (smem > 48 * 1024)  // above the default dynamic shared memory limit (4 row tiles x 32 rows x 8 warps)
     C10_CUDA_CHECK(cudaFuncSetAttribute(quant_mma_kernel<T, F, MT, RT, U, L, G, E>,
@@ -456,14 +456,14 @@ namespace {
 
 // Instantiates the kernel for one launch (G: gated, E: epilogue). quant_linear.cu, quant_linear_gated.cu and
 // quant_linear_norm*.cu each compile a share, in parallel (internal linkage: each file has its own copy). `norm`
-// points at NormArgs<scalar_t> for the norm epilogues (which exist for INT4 up to 16 rows).
+// points at NormArgs<scalar_t> for the norm epilogues (which exist for INT4 up to 8 rows).
 template <bool G, int E = kPlain>
 void dispatch_quant_mma(torch::Tensor& out, const torch::Tensor& x, const torch::Tensor& qweight,
                         const torch::Tensor& scales, const c10::optional<torch::Tensor>& mins,
                         const c10::optional<torch::Tensor>& bias, int group, const QuantLaunch& p,
                         cudaStream_t stream, const void* norm = nullptr) {
-  TORCH_CHECK(E == kPlain || (p.format != kInt8 && p.mt <= 2 && norm != nullptr),
-              "quant_mma: the norm epilogues are for INT4 up to 16 rows");
+  TORCH_CHECK(E == kPlain || (p.format != kInt8 && p.mt == 1 && norm != nullptr),
+              "quant_mma: the norm epilogues are for INT4 up to 8 rows");
   AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "quant_mma", [&] {
     const NormArgs<scalar_t> na = norm ? *static_cast<const NormArgs<scalar_t>*>(norm) : NormArgs<scalar_t>{};
     auto pick = [&](auto format_c) {
@@ -471,7 +471,7 @@ void dispatch_quant_mma(torch::Tensor& out, const torch::Tensor& x, const torch:
       auto go = [&](auto mt_c, auto rt_c) {
         constexpr int MT = decltype(mt_c)::value, RT = decltype(rt_c)::value;
         auto with_shape = [&](auto l_c) {
-          if constexpr (E == kPlain || (F != kInt8 && MT <= 2))
+          if constexpr (E == kPlain || (F != kInt8 && MT == 1))
             launch_quant<scalar_t, F, MT, RT, decltype(l_c)::value, G, E>(out, x, qweight, scales, mins, bias,
                                                                           group, p.warps, p.act, na, stream);
         };
@@ -490,8 +490,10 @@ void dispatch_quant_mma(torch::Tensor& out, const torch::Tensor& x, const torch:
         else go(mt_c, C4{});
       };
       if (p.mt == 1) with_rt(C1{});
-      else if (p.mt == 2) with_rt(C2{});
-      else if constexpr (E == kPlain) with_rt(C4{});
+      else if constexpr (E == kPlain) {
+        if (p.mt == 2) with_rt(C2{});
+        else with_rt(C4{});
+      }
     };
     if (p.format == kInt8) {
       if constexpr (E == kPlain) pick(std::integral_constant<int, kInt8>{});

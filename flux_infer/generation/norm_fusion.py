@@ -20,7 +20,8 @@ import torch
 
 from flux_infer.quantization.modules import QuantizedLinear
 
-MAX_ROWS = 16  # tokens per step the fused path takes (the kernels' norm epilogues; more rows: the plain path)
+MAX_ROWS = 8  # tokens per step the fused path takes (the kernels' norm epilogues; more rows: the plain path,
+# measured faster at 16: docs/benchmarks.md)
 
 
 @dataclasses.dataclass(frozen=True)

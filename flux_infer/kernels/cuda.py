@@ -30,7 +30,7 @@ DEQUANT_MATMUL_MIN_ROWS = {4: 128, 8: 320}
 # (benchmarks/decode.py's *_qkvbiased mode and --plans)
 QUANT_MMA_PLANS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 AUTO_PLAN = (0, 0, 0, -1)  # the same four arguments left to the launcher
-NORM_EPILOGUE_MAX_ROWS = 16  # the INT4 layers around an RMSNorm (quant_linear_norm.cu) run in the kernel up to here
+NORM_EPILOGUE_MAX_ROWS = 8  # the INT4 layers around an RMSNorm (quant_linear_norm.cu) run in the kernel up to here
 # (blocks per (row, kv head), warps per block) of the one-launch decode attention; 0 = chosen by the launcher
 ROTARY_ATTENTION_LAUNCH = (0, 0)
 HALF_AND_FLOAT = (torch.float32, torch.bfloat16, torch.float16)  # what the elementwise kernels compute in float32
