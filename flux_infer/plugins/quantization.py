@@ -76,7 +76,7 @@ class QuantizationPlugin(Plugin):
                 continue
             weight = prepared.get(module, module.weight)
             replacement = QuantizedLinear.from_weight(weight, module.bias, bits=bits, group_size=group)
-            _swap(ctx, parent, attr, module, replacement)
+            _swap(ctx, model, parent, attr, module, replacement)
             quantized += 1
             groups.add(group)
         experts = 0
@@ -86,7 +86,7 @@ class QuantizationPlugin(Plugin):
             if bits == 4 and (group is None or hidden % group or inner % group):
                 kept.append(name)
                 continue
-            _swap(ctx, parent, attr, module, QuantizedExperts(module, bits=bits, group_size=group))
+            _swap(ctx, model, parent, attr, module, QuantizedExperts(module, bits=bits, group_size=group))
             experts += 1
         ctx.detail("method", str(method))
         ctx.detail("layers", quantized)
@@ -103,12 +103,16 @@ class QuantizationPlugin(Plugin):
         ctx.patch.bind_method(model, "save_pretrained", save_quantized)
 
 
-def _swap(ctx: ApplyContext, parent: torch.nn.Module, attr: str, original: torch.nn.Module,
+def _swap(ctx: ApplyContext, model: torch.nn.Module, parent: torch.nn.Module, attr: str, original: torch.nn.Module,
           replacement: torch.nn.Module) -> None:
-    """Replace ``original`` by ``replacement``; on a GPU the original's tensors wait in host memory for revert."""
+    """Replace ``original`` by ``replacement``; on a GPU the original's tensors wait in host memory for revert,
+    unless the model still uses them (a quantized lm_head tied to the input embeddings keeps them there)."""
     device = next(original.parameters()).device
     ctx.patch.replace_module(parent, attr, replacement)
-    if device.type != "cpu":
+    if device.type == "cpu":
+        return
+    still_used = {id(p) for p in model.parameters()}
+    if not any(id(p) in still_used for p in original.parameters()):
         original.to("cpu")
         ctx.patch.on_rollback(f"move the original {attr} back to {device}", lambda: original.to(device))
 
