@@ -252,26 +252,15 @@ __device__ __forceinline__ void element_of(int e, int n0, int n_out, int& n, int
   m = 8 * ((j >> 2) % MT) + 2 * (l & 3) + (c & 1);
 }
 
-// kScaleNorm for one row: the row's slots spread over the block's threads, two each (else warp w sums row w).
-__device__ __forceinline__ bool spread_slots(int m_rows, int slots) {
-  return m_rows == 1 && slots <= 2 * static_cast<int>(blockDim.x);
-}
-
 // What a norm epilogue reads from earlier kernels, loaded right after pdl_wait so that its latency hides behind the
-// weight loads in flight instead of adding to the block's tail. kScaleNorm: one row's slots spread over the
-// threads (pre_a, pre_b: left in flight until the epilogue sums them; a warp that waited for them here would
-// start its main loop late and end the block late), or with at most one row per warp warp w's row scale (pre_a);
-// kAddNorm: the residual and norm weight of the first element this thread writes.
+// weight loads in flight instead of adding to the block's tail. kScaleNorm with at most one row per warp: warp w's
+// row scale (pre_a); kAddNorm: the residual and norm weight of the first element this thread writes.
 template <typename T, int F, int MT, int RT, bool G, int E>
 __device__ __forceinline__ void prefetch_norm(const NormArgs<T>& na, int n0, int m_rows, int n_out, float& pre_a,
                                               float& pre_b) {
   if constexpr (E == kScaleNorm) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (spread_slots(m_rows, na.slots)) {
-      const int i = threadIdx.x, i2 = i + blockDim.x;
-      if (i < na.slots) pre_a = load_coherent(na.partials + i);
-      if (i2 < na.slots) pre_b = load_coherent(na.partials + i2);
-    } else if (m_rows <= static_cast<int>(blockDim.x >> 5) && warp < m_rows) {
+    if (m_rows <= static_cast<int>(blockDim.x >> 5) && warp < m_rows) {
       float sum = 0.f;
       for (int i = lane; i < na.slots; i += 32)
         sum += load_coherent(na.partials + warp * static_cast<int64_t>(na.slots) + i);
@@ -309,12 +298,8 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
 #pragma unroll
       for (int c = 0; c < 4; ++c) partial[(warp * kAcc + (rt * MT + mt) * 4 + c) * 32 + lane] = acc[rt][mt][c];
   float* extra = partial + warps * kAcc * 32;  // [8 MT][16 RT] squares, or [8 MT] row scales
-  const bool spread = E == kScaleNorm && spread_slots(m_rows, na.slots);
   if constexpr (E == kScaleNorm) {  // every block sums the slots in the same order
-    if (spread) {
-      const float sum = warp_sum(pre_a + pre_b);
-      if (lane == 0) extra[warp] = sum;
-    } else if (m_rows <= warps) {
+    if (m_rows <= warps) {
       if (warp < m_rows && lane == 0) extra[warp] = pre_a;
     } else {
       for (int m = warp; m < m_rows; m += warps) {
@@ -327,17 +312,11 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
     }
   }
   __syncthreads();
-  const auto row_scale = [&](int m) {  // kScaleNorm
-    if (!spread) return extra[m];
-    float sum = 0.f;
-    for (int wi = 0; wi < warps; ++wi) sum += extra[wi];
-    return rsqrtf(fmaf(sum, na.inv_k, na.eps));
-  };
   const auto result = [&](int e, int n, int m) {  // element e summed over the warps, of weight row n, x row m
     float total = 0.f;
     for (int wi = 0; wi < warps; ++wi) total += partial[wi * kAcc * 32 + e];
     if constexpr (F == kInt8) total *= to_float(reinterpret_cast<const T*>(scales)[n]);
-    if constexpr (E == kScaleNorm) total *= row_scale(m);
+    if constexpr (E == kScaleNorm) total *= extra[m];
     if (bias != nullptr) total += to_float(bias[n]);
     return total;
   };
