@@ -82,14 +82,20 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--quantization", default=None, choices=["int8", "int4"])
     parser.add_argument("--trace", type=Path, default=None, help="also keep the chrome trace here")
+    parser.add_argument("--fuse-norms", action=argparse.BooleanOptionalAction, default=True,
+                        help="INT4 decode steps with the norms inside the quantized layers (DecoderRunner.fuse_norms)")
     args = parser.parse_args()
+    if not args.fuse_norms:
+        from flux_infer.generation.runner import DecoderRunner
+
+        DecoderRunner.fuse_norms = False
     if args.batch < 1 or args.steps < 4:
         parser.error("--batch >= 1 and --steps >= 4")
     prof = profiled_generate(args.layers, args.batch, args.steps, args.quantization, graphs=True)
     path = args.trace or Path(tempfile.mkdtemp()) / "trace.json"
     prof.export_chrome_trace(str(path))
-    print(f"quantization {args.quantization}, batch {args.batch}, {args.layers} layers, "
-          f"{torch.cuda.get_device_name()}")
+    print(f"quantization {args.quantization}, batch {args.batch}, {args.layers} layers, norms fused "
+          f"{args.fuse_norms}, {torch.cuda.get_device_name()}")
     print(summarize(kernels_of(json.loads(path.read_text())), args.steps))
     return 0
 
