@@ -170,18 +170,20 @@ def test_int4_decode_without_norm_kernels_matches_the_unfused_step(smollm2_cuda,
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     with torch.no_grad():
         bf16_error = rel(base(input_ids=ids).logits.float(), copy.deepcopy(base).float()(input_ids=ids).logits)
-    model = copy.deepcopy(base)
-    flux_infer.optimize(model, config=InferenceConfig(optimization_level="O1", quantization="int4",
-                                                      quantization_group_size=64, quantize_lm_head=True))
+    config = InferenceConfig(optimization_level="O1", quantization="int4", quantization_group_size=64,
+                             quantize_lm_head=True)
+    models = [copy.deepcopy(base), copy.deepcopy(base)]  # each captures its decode graphs under its own setting
+    for model in models:
+        flux_infer.optimize(model, config=config)
     kernel, calls = quant.int4_linear_add_norm._kernels["cuda"], []
     monkeypatch.setitem(quant.int4_linear_add_norm._kernels, "cuda",
                         (lambda *a: calls.append(1) or kernel[0](*a), kernel[1]))
     monkeypatch.setattr(DecoderRunner, "fuse_norms", False)
-    unfused = run(model, inputs, tokenizer, 24)
+    unfused = run(models[0], inputs, tokenizer, 24)
     assert not calls
     monkeypatch.setattr(DecoderRunner, "fuse_norms", None)  # the default: on CUDA
-    fused = run(model, inputs, tokenizer, 24)
-    layers = model.config.num_hidden_layers
+    fused = run(models[1], inputs, tokenizer, 24)
+    layers = base.config.num_hidden_layers
     assert len(calls) >= 2 * layers and len(calls) % (2 * layers) == 0
     assert torch.equal(fused.logits[0], unfused.logits[0])  # the prefill (> 8 rows) runs the norm kernels
     assert rel(fused.logits[1].float(), unfused.logits[1].float()) <= 2 * bf16_error
