@@ -159,9 +159,9 @@ def test_quantized_model_on_the_tensor_core_kernels_matches_the_reference_path(s
 
 def test_int4_decode_without_norm_kernels_matches_the_unfused_step(smollm2_cuda, monkeypatch):
     """INT4 decode steps (4 rows) with every norm but the first inside the quantized layers around it
-    (generation/norm_fusion.py) against the same model's steps with the norm kernels: the first decode step's
-    logits (same prefill, same token) within twice what bf16 itself changes in the model's logits, and the greedy
-    sequences agreeing. The fused step really ran: two add-norm layers per decoder layer per step."""
+    (generation/norm_fusion.py) against the same model's steps with the norm kernels: the logits within twice what bf16 itself changes in the model's logits at every step both runs saw the same tokens,
+    and where the greedy paths part, a near tie (the rounding differs, so a flip at a tie is expected; with it the
+    rest of a row differs). The fused step really ran: two add-norm layers per decoder layer per step."""
     from flux_infer.generation.runner import DecoderRunner
     from flux_infer.kernels import quant
 
@@ -186,6 +186,15 @@ def test_int4_decode_without_norm_kernels_matches_the_unfused_step(smollm2_cuda,
     layers = base.config.num_hidden_layers
     assert len(calls) >= 2 * layers and len(calls) % (2 * layers) == 0
     assert torch.equal(fused.logits[0], unfused.logits[0])  # the prefill (> 8 rows) runs the norm kernels
-    assert rel(fused.logits[1].float(), unfused.logits[1].float()) <= 2 * bf16_error
-    same = (fused.sequences == unfused.sequences)[:, -24:].float().mean().item()
-    assert same >= 0.9, same
+    prompt = inputs["input_ids"].shape[1]
+    same_input = []
+    for row in range(len(fused.sequences)):
+        for step, (a, b) in enumerate(zip(fused.logits, unfused.logits, strict=True)):
+            a, b = a[row].float(), b[row].float()
+            mine, theirs = fused.sequences[row, prompt + step], unfused.sequences[row, prompt + step]
+            if mine != theirs:  # greedy paths part only at a near tie: within what the two steps' logits differ by
+                assert b[theirs] - b[mine] <= (a - b).abs().max(), (row, step)
+                break
+            same_input.append((a, b))
+    fused_logits, unfused_logits = (torch.stack(x) for x in zip(*same_input, strict=True))
+    assert rel(fused_logits, unfused_logits) <= 2 * bf16_error  # every step that saw the same tokens
