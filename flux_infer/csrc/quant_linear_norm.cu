@@ -7,12 +7,22 @@
 namespace flux {
 namespace {
 
+// The plan of quant_mma, except that a single row's add-norm layer (o_proj, down) runs 8-warp blocks of one row
+// tile unless told otherwise: without a norm kernel after it, the next layer's blocks (launched at this one's start,
+// programmatic dependent launch) must find room on the SMs beside it to stream their first weights, which down's
+// 16-warp two-tile blocks (a full register file each) leave none for. H100, same process: 451.9 vs 441.2 tok/s
+// (docs/benchmarks.md, tenth session).
 QuantLaunch norm_launch(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
                         const c10::optional<torch::Tensor>& mins, int64_t group,
                         const c10::optional<torch::Tensor>& bias, int64_t warps, int64_t row_tiles,
-                        int64_t int4_mode, int64_t launch_shape, int64_t activation) {
+                        int64_t int4_mode, int64_t launch_shape, int64_t activation, bool add_norm) {
   TORCH_CHECK(qweight.scalar_type() == at::kInt && x.dim() == 2 && x.size(0) <= 8,
               "quant_mma norm epilogues: INT4 weights and up to 8 rows of x");
+  if (add_norm && x.size(0) == 1 && warps <= 0 && row_tiles <= 0 && launch_shape < 0) {
+    warps = 8;
+    row_tiles = 1;
+    launch_shape = 0;
+  }
   return plan_quant_mma(x, qweight, scales, mins, group, bias, warps, row_tiles, int4_mode, launch_shape, activation);
 }
 
@@ -34,7 +44,7 @@ std::vector<torch::Tensor> quant_mma_add_norm(torch::Tensor x, torch::Tensor qwe
                                               int64_t warps, int64_t row_tiles, int64_t int4_mode,
                                               int64_t launch_shape) {
   const flux::QuantLaunch launch =
-      flux::norm_launch(x, qweight, scales, mins, group, bias, warps, row_tiles, int4_mode, launch_shape, -1);
+      flux::norm_launch(x, qweight, scales, mins, group, bias, warps, row_tiles, int4_mode, launch_shape, -1, true);
   const int64_t rows = x.size(0), n = qweight.size(0);
   TORCH_CHECK(residual.dim() == 2 && residual.size(0) == rows && residual.size(1) == n && residual.stride(1) == 1 &&
                   residual.scalar_type() == x.scalar_type() && residual.is_cuda(),
@@ -70,7 +80,8 @@ torch::Tensor quant_mma_scale_norm(torch::Tensor x, torch::Tensor qweight, torch
                                    double eps, int64_t warps, int64_t row_tiles, int64_t int4_mode,
                                    int64_t launch_shape, int64_t activation) {
   const flux::QuantLaunch launch =
-      flux::norm_launch(x, qweight, scales, mins, group, bias, warps, row_tiles, int4_mode, launch_shape, activation);
+      flux::norm_launch(x, qweight, scales, mins, group, bias, warps, row_tiles, int4_mode, launch_shape, activation,
+                        false);
   const int64_t rows = x.size(0), n = qweight.size(0);
   TORCH_CHECK(partials.dim() == 2 && partials.size(0) == rows && partials.is_contiguous() &&
                   partials.scalar_type() == at::kFloat && partials.is_cuda(),
