@@ -297,7 +297,7 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
       for (int c = 0; c < 4; ++c) partial[(warp * kAcc + (rt * MT + mt) * 4 + c) * 32 + lane] = acc[rt][mt][c];
-  float* extra = partial + warps * kAcc * 32;  // [8 MT][16 RT] squares, or [8 MT] row scales
+  float* extra = partial + warps * kAcc * 32;  // [8][16 RT] squares, or [8] row scales
   if constexpr (E == kScaleNorm) {  // every block sums the slots in the same order
     if (m_rows <= warps) {
       if (warp < m_rows && lane == 0) extra[warp] = pre_a;

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from flux_infer import kernels
-from flux_infer.adapters.base import ModelAdapter
-from flux_infer.adapters.base import NormStyle
+from flux_infer.adapters.base import ModelAdapter, NormStyle
 from flux_infer.generation.cache import KVCache, StaticKVCache
 from flux_infer.generation.norm_fusion import NormFusion, plan_norm_fusion
 from flux_infer.support import Support
