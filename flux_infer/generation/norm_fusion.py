@@ -26,7 +26,8 @@ MAX_ROWS = 8  # tokens per step the fused path takes (the kernels' norm epilogue
 
 @dataclasses.dataclass(frozen=True)
 class NormFusedLayer:
-    qkv: tuple[QuantizedLinear, ...]  # the layers after the input norm: one fused [q; k; v] or q, k, v
+    input_weight: torch.Tensor  # the input norm (q/k/v, found through the runner's LayerParts, take its scale)
+    input_eps: float
     o_proj: QuantizedLinear
     post_weight: torch.Tensor  # the post-attention norm
     post_eps: float
@@ -39,9 +40,7 @@ class NormFusedLayer:
 
 @dataclasses.dataclass(frozen=True)
 class NormFusion:
-    layers: tuple[NormFusedLayer, ...]
-    input_weights: tuple[torch.Tensor, ...]  # each layer's input norm (layer 0's still runs as a kernel)
-    input_eps: tuple[float, ...]
+    layers: tuple[NormFusedLayer, ...]  # (layer 0's input norm still runs as a kernel)
     final_weight: torch.Tensor
     final_eps: float
     lm_head: QuantizedLinear | None  # None: the last layer's down and the final norm run apart
@@ -52,7 +51,7 @@ class NormFusion:
         return 0 < rows <= MAX_ROWS
 
 
-def _int4(module: Any) -> QuantizedLinear | None:
+def as_int4(module: Any) -> QuantizedLinear | None:
     """``module`` as a norm-fusable INT4 layer (a fused projection's quantized layer), else None."""
     module = getattr(module, "quantized", module)  # FusedProjection
     return module if isinstance(module, QuantizedLinear) and module.norm_fusable else None
@@ -73,12 +72,12 @@ def plan_norm_fusion(layers: Sequence[Any], final_norm: torch.nn.Module, lm_head
     ``layers``: the runner's ``LayerParts``; ``weight_style``: the adapter's norms are ``weight * norm(x)``."""
     if not weight_style or not layers:
         return None
-    fused, inputs = [], []
+    fused = []
     for parts in layers:
         input_norm, post_norm = _weight_norm(parts.input_norm), _weight_norm(parts.post_attention_norm)
         qkv = (parts.fused_qkv,) if parts.fused_qkv is not None else parts.projections[:-1]
-        qkv_layers = tuple(_int4(m) for m in qkv)
-        o_proj = _int4(parts.projections[-1])
+        qkv_layers = [as_int4(m) for m in qkv]
+        o_proj = as_int4(parts.projections[-1])
         mlp = parts.mlp
         activation = getattr(mlp, "activation", None)
         if (input_norm is None or post_norm is None or None in qkv_layers or o_proj is None
@@ -86,20 +85,18 @@ def plan_norm_fusion(layers: Sequence[Any], final_norm: torch.nn.Module, lm_head
             return None
         fused_gate_up = getattr(mlp, "flux_fused_gate_up", None)
         if fused_gate_up is not None and len(set(fused_gate_up.sizes)) == 1:
-            gate_up, gate, up = _int4(fused_gate_up), None, None
+            gate_up, gate, up = as_int4(fused_gate_up), None, None
         elif getattr(mlp, "fused_gate_up", False):
-            gate_up, gate, up = _int4(getattr(mlp, "gate_up_proj", None)), None, None
+            gate_up, gate, up = as_int4(getattr(mlp, "gate_up_proj", None)), None, None
         else:
-            gate_up, gate, up = None, _int4(getattr(mlp, "gate_proj", None)), _int4(getattr(mlp, "up_proj", None))
-        down = _int4(getattr(mlp, "down_proj", None))
+            gate_up, gate, up = None, as_int4(getattr(mlp, "gate_proj", None)), as_int4(getattr(mlp, "up_proj", None))
+        down = as_int4(getattr(mlp, "down_proj", None))
         if down is None or (gate_up is None and (gate is None or up is None)):
             return None
-        inputs.append(input_norm)
-        fused.append(NormFusedLayer(qkv=qkv_layers, o_proj=o_proj, post_weight=post_norm[0], post_eps=post_norm[1],
-                                    gate_up=gate_up, gate=gate, up=up, down=down, activation=activation))
+        fused.append(NormFusedLayer(input_weight=input_norm[0], input_eps=input_norm[1], o_proj=o_proj,
+                                    post_weight=post_norm[0], post_eps=post_norm[1], gate_up=gate_up, gate=gate,
+                                    up=up, down=down, activation=activation))
     final = _weight_norm(final_norm)
     if final is None:
         return None
-    return NormFusion(layers=tuple(fused), input_weights=tuple(w for w, _ in inputs),
-                      input_eps=tuple(e for _, e in inputs), final_weight=final[0], final_eps=final[1],
-                      lm_head=_int4(lm_head))
+    return NormFusion(layers=tuple(fused), final_weight=final[0], final_eps=final[1], lm_head=as_int4(lm_head))

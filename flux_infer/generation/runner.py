@@ -17,7 +17,7 @@ import torch
 from flux_infer import kernels
 from flux_infer.adapters.base import ModelAdapter, NormStyle
 from flux_infer.generation.cache import KVCache, StaticKVCache
-from flux_infer.generation.norm_fusion import NormFusion, plan_norm_fusion
+from flux_infer.generation.norm_fusion import NormFusion, as_int4, plan_norm_fusion
 from flux_infer.support import Support
 
 # rope types whose cos/sin depend only on the position (a table computed once is exact)
@@ -175,8 +175,8 @@ class DecoderRunner:
             if partials is None:  # layer 0: its input norm ran as a kernel
                 q, k, v = self._qkv(parts, lambda m: m(x))  # noqa: B023
             else:
-                eps, p = fusion.input_eps[index], partials
-                q, k, v = self._qkv(parts, lambda m: getattr(m, "quantized", m).norm_scaled(x, p, eps))  # noqa: B023
+                eps, p = f.input_eps, partials
+                q, k, v = self._qkv(parts, lambda m: as_int4(m).norm_scaled(x, p, eps))  # noqa: B023
             attn = self._attend(index, parts, q, k, v, cache, meta)
             x, residual, partials = f.o_proj.add_norm(attn, residual, f.post_weight)
             if f.gate_up is not None:
@@ -185,7 +185,7 @@ class DecoderRunner:
                 act = kernels.act_mul(f.gate.norm_scaled(x, partials, f.post_eps),
                                       f.up.norm_scaled(x, partials, f.post_eps), f.activation)
             if index < last:
-                x, residual, partials = f.down.add_norm(act, residual, fusion.input_weights[index + 1])
+                x, residual, partials = f.down.add_norm(act, residual, fusion.layers[index + 1].input_weight)
             elif fusion.lm_head is not None:
                 x, _, partials = f.down.add_norm(act, residual, fusion.final_weight)
                 return fusion.lm_head.norm_scaled(meta.logit_rows(x), meta.logit_rows(partials), fusion.final_eps)

@@ -117,6 +117,18 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def _aligned_rows(x: torch.Tensor) -> torch.Tensor:
+    """``_rows(x)`` whose rows also start on 16-byte boundaries, as the quantized kernels read them (copying only
+    if it must)."""
+    rows = _rows(x)
+    return rows.contiguous() if rows.stride(0) % 8 or rows.data_ptr() % 16 else rows
+
+
+def _quant_plan(rows: int, qweight: torch.Tensor, k: int) -> tuple[int, int, int, int]:
+    """The quantized kernel's launch arguments: ``QUANT_MMA_PLANS``' entry for the shape up to 8 rows, else chosen."""
+    return QUANT_MMA_PLANS.get((qweight.shape[0], k), AUTO_PLAN) if rows <= 8 else AUTO_PLAN
+
+
 def programmatic_launch() -> bool:
     """Whether flux's CUDA kernels are launched with programmatic dependent launch on the current device."""
     return bool(_state["loaded"]) and _state["module"].programmatic_launch()
@@ -227,16 +239,14 @@ def _register(module: Any) -> None:
         gated = activation >= 0
         if gated and (rows > QUANT_MMA_MAX_ROWS or (rows == 1 and mins is None)):
             return None
-        x2 = x.reshape(rows, x.shape[-1])
-        if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
-            x2 = x2.contiguous()
+        x2 = _aligned_rows(x)
         if qweight.data_ptr() % 16:
             return None
         if rows == 1 and mins is None:
             out = module.int8_gemv(x2, qweight, scales, bias)
         elif rows <= QUANT_MMA_MAX_ROWS:
-            plan = QUANT_MMA_PLANS.get((qweight.shape[0], x2.shape[1]), AUTO_PLAN) if rows <= 8 else AUTO_PLAN
-            out = module.quant_mma(x2, qweight, scales, mins, group, bias, *plan, activation)
+            out = module.quant_mma(x2, qweight, scales, mins, group, bias, *_quant_plan(rows, qweight, x2.shape[1]),
+                                   activation)
         elif rows >= DEQUANT_MATMUL_MIN_ROWS[8 if mins is None else 4] and qweight.is_contiguous():
             out = torch.nn.functional.linear(x2, module.dequantize_weight(qweight, scales, mins, group), bias)
         elif triton_quant.available():
@@ -278,21 +288,16 @@ def _register(module: Any) -> None:
                 and scales.dtype == x.dtype and group % 32 == 0 and qweight.data_ptr() % 16 == 0)
         return rows if fits else 0
 
-    def plan_of(rows: int, qweight: torch.Tensor, k: int) -> tuple[int, int, int, int]:
-        return QUANT_MMA_PLANS.get((qweight.shape[0], k), AUTO_PLAN) if rows <= 8 else AUTO_PLAN
-
     def int4_linear_add_norm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                              group_size: int, bias: torch.Tensor | None, residual: torch.Tensor,
                              norm_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         rows, n = norm_epilogue_rows(x, qweight, scales, group_size), qweight.shape[0]
         if rows and norm_weight.dtype == x.dtype and residual.dtype == x.dtype:
             lead = x.shape[:-1]
-            x2 = _rows(x)
-            if x2.stride(0) % 8 or x2.data_ptr() % 16:
-                x2 = x2.contiguous()
+            x2 = _aligned_rows(x)
             normed, h, partials = module.quant_mma_add_norm(
                 x2, qweight, scales, mins, group_size, bias, _rows(residual), norm_weight.contiguous(),
-                quant.norm_partial_slots(n), *plan_of(rows, qweight, x2.shape[1]))
+                quant.norm_partial_slots(n), *_quant_plan(rows, qweight, x2.shape[1]))
             return normed.view(*lead, n), h.view(*lead, n), partials.view(*lead, partials.shape[-1])
         return quant.int4_linear_add_norm_ref(x, qweight, scales, mins, group_size, bias, residual, norm_weight)
 
@@ -302,12 +307,10 @@ def _register(module: Any) -> None:
         rows = norm_epilogue_rows(x, qweight, scales, group_size)
         if not rows:
             return None
-        x2 = _rows(x)
-        if x2.stride(0) % 8 or x2.data_ptr() % 16:
-            x2 = x2.contiguous()
+        x2 = _aligned_rows(x)
         out = module.quant_mma_scale_norm(x2, qweight, scales, mins, group_size, bias,
                                           partials.reshape(rows, partials.shape[-1]).float().contiguous(), eps,
-                                          *plan_of(rows, qweight, x2.shape[1]), activation_index)
+                                          *_quant_plan(rows, qweight, x2.shape[1]), activation_index)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def int4_linear_norm_scaled(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
