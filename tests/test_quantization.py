@@ -140,9 +140,13 @@ def test_int4_decode_without_norm_kernels_equals_the_unfused_loop(smollm2, monke
     from flux_infer.kernels import quant
 
     model, tokenizer = smollm2
+    monkeypatch.setattr(DecoderRunner, "fuse_norms", True)
     flux_infer.optimize(model, config=InferenceConfig(optimization_level="O1", quantization="int4",
                                                       quantization_group_size=64, quantize_lm_head=True,
                                                       use_flash_attention=False))
+    report = model.flux_report
+    assert next(r for r in report.applied if r.name == "fast_generate").details["norms_in_int4_layers"] is True
+    assert report.kernels["int4_linear_add_norm"] == report.kernels["int4_gated_linear_norm_scaled"] == "reference"
     tokenizer.padding_side = "left"
     inputs = tokenizer(["The capital of France is", "Once upon a time, in a"], return_tensors="pt", padding=True)
     greedy = dict(do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,

@@ -252,6 +252,14 @@ __device__ __forceinline__ void element_of(int e, int n0, int n_out, int& n, int
   m = 8 * ((j >> 2) % MT) + 2 * (l & 3) + (c & 1);
 }
 
+// kScaleNorm: the norm's scale of activation row m, rsqrt(mean of h^2 + eps), from the row's partial sums of squares
+// (summed by one warp in the same order in every block, so every block scales a row alike)
+template <typename T> __device__ __forceinline__ float row_norm_scale(const NormArgs<T>& na, int m, int lane) {
+  float sum = 0.f;
+  for (int i = lane; i < na.slots; i += 32) sum += load_coherent(na.partials + m * static_cast<int64_t>(na.slots) + i);
+  return rsqrtf(fmaf(warp_sum(sum), na.inv_k, na.eps));
+}
+
 // What a norm epilogue reads from earlier kernels, loaded right after pdl_wait so that its latency hides behind the
 // weight loads in flight instead of adding to the block's tail. kScaleNorm with at most one row per warp: warp w's
 // row scale (pre_a); kAddNorm: the residual and norm weight of the first element this thread writes.
@@ -260,12 +268,7 @@ __device__ __forceinline__ void prefetch_norm(const NormArgs<T>& na, int n0, int
                                               float& pre_b) {
   if constexpr (E == kScaleNorm) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    if (m_rows <= static_cast<int>(blockDim.x >> 5) && warp < m_rows) {
-      float sum = 0.f;
-      for (int i = lane; i < na.slots; i += 32)
-        sum += load_coherent(na.partials + warp * static_cast<int64_t>(na.slots) + i);
-      pre_a = rsqrtf(fmaf(warp_sum(sum), na.inv_k, na.eps));
-    }
+    if (m_rows <= static_cast<int>(blockDim.x >> 5) && warp < m_rows) pre_a = row_norm_scale(na, warp, lane);
   } else if constexpr (E == kAddNorm) {
     int n, m;
     element_of<F, MT, G>(threadIdx.x, n0, n_out, n, m);
@@ -303,11 +306,8 @@ __device__ __forceinline__ void reduce_tile(const float (&acc)[RT][MT][4], float
       if (warp < m_rows && lane == 0) extra[warp] = pre_a;
     } else {
       for (int m = warp; m < m_rows; m += warps) {
-        float sum = 0.f;
-        for (int i = lane; i < na.slots; i += 32)
-          sum += load_coherent(na.partials + m * static_cast<int64_t>(na.slots) + i);
-        sum = warp_sum(sum);
-        if (lane == 0) extra[m] = rsqrtf(fmaf(sum, na.inv_k, na.eps));
+        const float scale = row_norm_scale(na, m, lane);
+        if (lane == 0) extra[m] = scale;
       }
     }
   }

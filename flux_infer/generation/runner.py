@@ -158,10 +158,15 @@ class DecoderRunner:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
 
-    def _fuses_norms(self, hidden: torch.Tensor) -> bool:
-        if self.norm_fusion is None or self.fuse_norms is False or not self.norm_fusion.fits(hidden):
+    def fuses_norms_on(self, device: torch.device) -> bool:
+        """Whether decode steps of up to ``norm_fusion.MAX_ROWS`` tokens on ``device`` run the norms inside the
+        INT4 layers around them (``fuse_norms``)."""
+        if self.norm_fusion is None or self.fuse_norms is False:
             return False
-        return self.fuse_norms is True or hidden.device.type == "cuda"
+        return self.fuse_norms is True or device.type == "cuda"
+
+    def _fuses_norms(self, hidden: torch.Tensor) -> bool:
+        return self.fuses_norms_on(hidden.device) and self.norm_fusion is not None and self.norm_fusion.fits(hidden)
 
     def _forward_norms_fused(self, hidden: torch.Tensor, cache: KVCache, meta: Any) -> torch.Tensor:
         """``forward``'s logits with every norm but the first inside the quantized layers around it

@@ -57,3 +57,7 @@ class FastGeneratePlugin(Plugin):
         ops = static_ops if layout is None else ("rotary_embedding_", "paged_attention")
         for op in (*ops, "add_rms_norm"):
             ctx.use_kernel(op, kernels.implementation(op, ctx.device))
+        if runner.fuses_norms_on(ctx.device):  # INT4 decode steps: the norms inside the quantized layers
+            ctx.detail("norms_in_int4_layers", True)
+            for op in ("int4_linear_add_norm", "int4_linear_norm_scaled", "int4_gated_linear_norm_scaled"):
+                ctx.use_kernel(op, kernels.implementation(op, ctx.device))
