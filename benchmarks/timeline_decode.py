@@ -5,7 +5,7 @@ the CUDA timeline of graph-replayed decode steps (torch.profiler, chrome trace).
 A kernel's own duration (what profile_decode.py sums) includes its wait for the kernel before it under PDL, so
 durations add up to more than the step; exposed times add up to the step exactly.
 
-    python benchmarks/timeline_decode.py --quantization int4 --batch 1 --steps 32
+    python benchmarks/timeline_decode.py --quantization int4 --batch 1 --steps 40
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def kernels_of(trace: dict) -> list[dict]:
 
 def summarize(events: list[dict], steps: int) -> str:
     """The exposed time per distinct kernel over the whole decode steps of a generate call of ``steps`` tokens
-    (its prefill and first token excluded)."""
+    (its prefill and first token excluded). The steps are found by their lm_head, the longest kernel that runs
+    once per token: ``steps`` must differ from the model's layer count, or a prefill kernel that runs once per layer
+    passes for it (main checks)."""
     labels = [label(e) for e in events]
     counts = collections.Counter(labels)
     durations = collections.defaultdict(list)
@@ -79,7 +81,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=40, help="tokens generated (not within 1 of --layers)")
     parser.add_argument("--quantization", default=None, choices=["int8", "int4"])
     parser.add_argument("--trace", type=Path, default=None, help="also keep the chrome trace here")
     parser.add_argument("--fuse-norms", action=argparse.BooleanOptionalAction, default=True,
@@ -91,6 +93,9 @@ def main() -> int:
         DecoderRunner.fuse_norms = False
     if args.batch < 1 or args.steps < 4:
         parser.error("--batch >= 1 and --steps >= 4")
+    if abs(args.steps - args.layers) <= 1:  # (at batch 16 the prefill's per-layer matmuls outlast the lm_head)
+        parser.error("--steps must differ from --layers by more than 1: the prefill runs each of its per-layer "
+                     "kernels --layers times, and the step detection would take one of them for the lm_head")
     prof = profiled_generate(args.layers, args.batch, args.steps, args.quantization, graphs=True)
     path = args.trace or Path(tempfile.mkdtemp()) / "trace.json"
     prof.export_chrome_trace(str(path))
