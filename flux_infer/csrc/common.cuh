@@ -93,6 +93,11 @@ __device__ __forceinline__ int load_coherent(const int* p) {
   asm volatile("ld.global.s32 %0, [%1];" : "=r"(r) : "l"(p) : "memory");
   return r;
 }
+__device__ __forceinline__ float load_coherent(const float* p) {
+  float r;
+  asm volatile("ld.global.f32 %0, [%1];" : "=f"(r) : "l"(p) : "memory");
+  return r;
+}
 
 inline void check_cuda(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");

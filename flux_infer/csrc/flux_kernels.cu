@@ -646,7 +646,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_mma", &quant_mma,
         "weight-only INT8/INT4 linear (optionally gated: act(gate) * up) for up to 32 rows of x, on the tensor cores");
   m.def("quant_mma_add_norm", &quant_mma_add_norm,
-        "INT4 linear + residual add, leaving the next RMSNorm's weighted input and sums of squares (up to 16 rows)");
+        "INT4 linear + residual add, leaving the next RMSNorm's weighted input and sums of squares (up to 8 rows)");
   m.def("quant_mma_scale_norm", &quant_mma_scale_norm,
         "INT4 linear (optionally gated) on an RMSNorm's weighted input, the norm's scale applied to its sums");
   m.def("dequantize_weight", &dequantize_weight, "the dense weight INT8/INT4 codes stand for (long prefills)");

@@ -53,12 +53,6 @@ template <typename T> struct NormArgs {
   float inv_k = 0.f, eps = 0.f;    // kScaleNorm: 1 / (the norm's width), its epsilon
 };
 
-__device__ __forceinline__ float load_coherent(const float* p) {  // a value an earlier kernel wrote
-  float r;
-  asm volatile("ld.global.f32 %0, [%1];" : "=f"(r) : "l"(p) : "memory");
-  return r;
-}
-
 // packed 2 x 16-bit arithmetic on raw 32-bit registers; B is the exponent bias the INT4 magic number encodes
 template <typename T> struct Pair {
   using Vec = std::conditional_t<std::is_same_v<T, at::Half>, __half2, __nv_bfloat162>;

@@ -166,7 +166,7 @@ class DecoderRunner:
         return self.fuse_norms is True or device.type == "cuda"
 
     def _fuses_norms(self, hidden: torch.Tensor) -> bool:
-        return self.fuses_norms_on(hidden.device) and self.norm_fusion is not None and self.norm_fusion.fits(hidden)
+        return self.fuses_norms_on(hidden.device) and NormFusion.fits(hidden)
 
     def _forward_norms_fused(self, hidden: torch.Tensor, cache: KVCache, meta: Any) -> torch.Tensor:
         """``forward``'s logits with every norm but the first inside the quantized layers around it
