@@ -1,0 +1,608 @@
+// Standalone lab for 16-row INT4 kernels (issue #4, twelfth session; findings in docs/benchmarks.md). No torch:
+// it builds in seconds, so a kernel idea costs one short device call instead of an extension build.
+//   nvcc -O3 -arch=sm_90 -lineinfo benchmarks/lab/q16.cu -lcublas -lcuda -o /tmp/q16
+//   /tmp/q16 [shape [variant-prefix]]      (ITERS=n: timed calls per case, default 200)
+// For each Llama-3-8B shape at 16 rows it times the bf16 cuBLAS GEMM and each candidate in one process, weights
+// rotated through more memory than L2 holds, and checks each candidate against a float32 reference (max abs error;
+// the MINS = 0, PROBE and tma16 FORM 1 and 3 forms are wrong on purpose: they bound what the removed part costs).
+#include <cublas_v2.h>
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cstdio>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+#include <cmath>
+#include <cstring>
+
+#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s line %d\n", cudaGetErrorString(e), __LINE__); exit(1);} } while (0)
+
+typedef __nv_bfloat16 bf16;
+
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+__device__ __forceinline__ uint32_t hfma2(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+__device__ __forceinline__ void mma(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ uint4 ld_x(const uint4* p) {
+  uint4 r;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+__device__ __forceinline__ uint32_t ld_u16(const uint16_t* p) {
+  unsigned short r;
+  asm volatile("ld.global.nc.u16 %0, [%1];" : "=h"(r) : "l"(p));
+  return r;
+}
+
+// ---- reference: out[m][n] = sum_k x[m][k] * (q * s + mn) in float32 -------------------------------------------
+__global__ void ref_kernel(float* out, const bf16* x, const uint32_t* w, const bf16* sc, const bf16* mn, int m_rows,
+                           int n, int k, int group) {
+  int j = blockIdx.x * blockDim.x + threadIdx.x;
+  if (j >= n) return;
+  for (int m = 0; m < m_rows; ++m) {
+    float acc = 0.f;
+    for (int i = 0; i < k; ++i) {
+      uint32_t word = w[(int64_t)j * (k / 8) + i / 8];
+      float q = (word >> (4 * (i % 8))) & 15;
+      float wv = __bfloat162float(__float2bfloat16(q * __bfloat162float(sc[(int64_t)j * (k / group) + i / group]) +
+                                                   __bfloat162float(mn[(int64_t)j * (k / group) + i / group])));
+      acc += wv * __bfloat162float(x[(int64_t)m * k + i]);
+    }
+    out[(int64_t)m * n + j] = acc;
+  }
+}
+
+// ---- candidate: lean 16-row kernel ------------------------------------------------------------------------------
+// Block: W warps splitting K (contiguous ranges), RT row tiles of 16 features. Lane (g, t): rows g, g + 8 of each
+// tile; per 4-slice step it reads slice 4 step + t (32 codes) of both rows. Group 128 = one step: one scale and min
+// per row per step. The scale goes into the dequantization ((128 + q) s - 128 s = q s, one rounding); the min
+// (MINS 1: into its own accumulators, 2: into the same ones; 0: left out, wrong) by a second MMA whose A is the
+// min broadcast over the step (exact in bf16). W warps split K into contiguous ranges, each keeping D steps of
+// weights in flight in registers; the block sums the warps' tiles through shared memory.
+constexpr int MT = 2;
+
+// PROBE (wrong results, the traffic or instructions of one part removed): 1 every lane reads the same x, 2 the
+// codes go into the MMA undequantized, 3 no MMA (the operands folded into the accumulators), 4 = 1 and 2, 5 the
+// weight loads alone (each folded into an accumulator: no x, no dequantization, no MMA), 6 = 4 with one MMA of two.
+// lean2: pointers advanced in the loop (no rematerialized 64-bit address math), refills clamped to the last step
+// instead of predicated, x read per step.
+template <int RT, int D, int MINS, int PROBE = 0, int THREADS = 128, int MINB = 1>
+__global__ void __launch_bounds__(THREADS, MINB) lean2(bf16* __restrict__ out, const bf16* __restrict__ x,
+                                             const uint4* __restrict__ w, const uint16_t* __restrict__ sc,
+                                             const uint16_t* __restrict__ mn, int n, int k, int steps_per_warp) {
+  const int warps = blockDim.x >> 5, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int slices = k >> 5, groups = k >> 7, steps = k >> 7;
+  const int s0 = warp * steps_per_warp;
+  const int ns = min(steps, s0 + steps_per_warp) - s0;
+  const int n0 = blockIdx.x * 16 * RT;
+  // one pointer for the lane's first row (advanced a step after each load); row 2 rt + h is (2 rt + h) 8 rows further
+  const uint4* wp = w + (int64_t)(n0 + g) * slices + 4 * s0 + t;
+  const uint16_t* sp = sc + (int64_t)(n0 + g) * groups + s0;
+  const int wstride = 8 * slices, sstride = 8 * groups;
+  const int64_t mdelta = mn - sc;
+  const uint4* xp = reinterpret_cast<const uint4*>(x + (int64_t)g * k) + (4 * s0 + t) * 4;
+  const int64_t x8 = (int64_t)8 * k / 8;  // rows g + 8: 8 rows further, in uint4
+
+  float acc[RT][MT][4] = {};
+  float accm[RT][MT][4] = {};
+  uint4 code[D][RT][2];
+  uint32_t smr[D][RT][2];
+  const auto refill = [&](int u) {
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        code[u][rt][h] = ld_stream(wp + (2 * rt + h) * wstride);
+        const uint16_t* q = sp + (2 * rt + h) * sstride;
+        smr[u][rt][h] = ld_u16(q) | (ld_u16(q + mdelta) << 16);
+      }
+  };
+  const auto advance = [&](bool more) {
+    wp += more ? 4 : 0;
+    sp += more ? 1 : 0;
+  };
+  if (ns <= 0) return;  // (lab: every warp has steps)
+#pragma unroll
+  for (int u = 0; u < D; ++u) {
+    refill(u);
+    advance(u + 1 < ns);
+  }
+  for (int i0 = 0; i0 < ns; i0 += D) {
+#pragma unroll
+    for (int u = 0; u < D; ++u) {
+      const int i = i0 + u;
+      if (i >= ns) break;
+      if (PROBE == 5) {  // the weights' stream alone: each 16-byte load folded into an accumulator
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            acc[rt][0][h] += __uint_as_float((code[u][rt][h].x ^ code[u][rt][h].y ^ code[u][rt][h].z ^ code[u][rt][h].w ^
+                                             smr[u][rt][h]) & 0x3FFFFFFFu);
+        refill(u);
+        advance(i + D + 1 < ns);
+        continue;
+      }
+      uint4 xv[MT][4];
+#pragma unroll
+      for (int wd = 0; wd < 4; ++wd) {
+        if (PROBE == 1 || PROBE == 4 || PROBE == 6) {  // every lane reads the same 16 bytes (one wavefront): wrong values
+          xv[0][wd] = ld_x(reinterpret_cast<const uint4*>(x) + wd + (i & 1));
+          xv[1][wd] = ld_x(reinterpret_cast<const uint4*>(x) + 4 + wd + (i & 1));
+        } else {
+          xv[0][wd] = ld_x(xp + wd);
+          xv[1][wd] = ld_x(xp + x8 + wd);
+        }
+      }
+      xp += 16;
+      uint32_t s2[RT][2], nb2[RT][2], m2[RT][2];
+#pragma unroll
+      for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          s2[rt][h] = __byte_perm(smr[u][rt][h], 0, 0x1010);
+          m2[rt][h] = __byte_perm(smr[u][rt][h], 0, 0x3232);
+          nb2[rt][h] = (s2[rt][h] + 0x03800380u) ^ 0x80008000u;
+        }
+#pragma unroll
+      for (int wd = 0; wd < 4; ++wd)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          uint32_t b[MT][2];
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            const uint32_t* r = reinterpret_cast<const uint32_t*>(&xv[mt][wd]);
+            b[mt][0] = __byte_perm(r[half], r[half + 2], 0x5410);
+            b[mt][1] = __byte_perm(r[half], r[half + 2], 0x7632);
+          }
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt) {
+            const uint32_t lo = reinterpret_cast<const uint32_t*>(&code[u][rt][0])[wd];
+            const uint32_t hi = reinterpret_cast<const uint32_t*>(&code[u][rt][1])[wd];
+            uint32_t a[4];
+            if (PROBE == 2 || PROBE == 4 || PROBE == 6) {
+              a[0] = lo ^ half; a[1] = hi ^ half; a[2] = lo + half; a[3] = hi + half;
+            } else {
+            a[0] = hfma2(and_or(lo >> (8 * half), 0x000F000Fu, 0x43004300u), s2[rt][0], nb2[rt][0]);
+            a[1] = hfma2(and_or(hi >> (8 * half), 0x000F000Fu, 0x43004300u), s2[rt][1], nb2[rt][1]);
+            a[2] = hfma2(and_or(lo >> (8 * half + 4), 0x000F000Fu, 0x43004300u), s2[rt][0], nb2[rt][0]);
+            a[3] = hfma2(and_or(hi >> (8 * half + 4), 0x000F000Fu, 0x43004300u), s2[rt][1], nb2[rt][1]);
+            }
+            const uint32_t am[4] = {m2[rt][0], m2[rt][1], m2[rt][0], m2[rt][1]};
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              if (PROBE == 3) {
+                acc[rt][mt][0] += __uint_as_float(a[0] ^ b[mt][0]);
+                acc[rt][mt][1] += __uint_as_float(a[1] ^ b[mt][1]);
+                acc[rt][mt][2] += __uint_as_float(a[2] ^ b[mt][0]);
+                acc[rt][mt][3] += __uint_as_float(a[3] ^ b[mt][1]);
+                continue;
+              }
+              if (PROBE == 6 && mt == 1) continue;
+              mma(acc[rt][mt], a, b[mt][0], b[mt][1]);
+              if (MINS == 1) mma(accm[rt][mt], am, b[mt][0], b[mt][1]);
+              if (MINS == 2) mma(acc[rt][mt], am, b[mt][0], b[mt][1]);
+            }
+          }
+        }
+      refill(u);  // step i + D (the last step again past the end: harmless, unpredicated)
+      advance(i + D + 1 < ns);
+    }
+  }
+  // cross-warp reduction: [warp][RT*MT*4][32]
+  extern __shared__ float part[];
+  constexpr int kAcc = RT * MT * 4;
+#pragma unroll
+  for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        part[(warp * kAcc + (rt * MT + mt) * 4 + c) * 32 + lane] = acc[rt][mt][c] + accm[rt][mt][c];
+  __syncthreads();
+  for (int e = threadIdx.x; e < kAcc * 32; e += blockDim.x) {
+    float total = 0.f;
+    for (int wi = 0; wi < warps; ++wi) total += part[wi * kAcc * 32 + e];
+    const int j = e >> 5, l = e & 31, c = j & 3, rt = j / (MT * 4), mt = (j >> 2) % MT;
+    const int row = n0 + 16 * rt + (l >> 2) + 8 * (c >> 1), m = 8 * mt + 2 * (l & 3) + (c & 1);
+    out[(int64_t)m * n + row] = __float2bfloat16(total);
+  }
+}
+
+
+// ---- candidate: weights through shared memory by the TMA (tma16) ---------------------------------------------------
+// Persistent blocks of C consumer warps and one producer warp. The producer's lane 0 keeps `stages` stages in
+// flight: a stage is 8 four-slice steps (1,024 codes, 512 bytes) of each of the tile's 16 RT rows plus their 8
+// scales and 8 mins, one 2-D tensor-map box per row tile and tensor, completion counted in bytes on an mbarrier.
+// Consumer c takes steps c, c + C, ... of each stage: the lean kernels' math with the codes read from shared
+// memory (FORM 0: exact per-weight dequantization, (q s + m) rounded once as the reference does; 1: the min left
+// out, wrong; 2: biased codes, sums finished per step with sum(x) from an all-ones MMA; 3: no math, the pipeline
+// alone), x from global memory (XS: staged by the producer too). The consumers sum their tiles through shared memory at each tile's end.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+                 : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
+}
+__device__ __forceinline__ void tma_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+      ::"r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ uint32_t hsub2(uint32_t a, uint32_t b) {
+  uint32_t r;
+  asm("sub.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+
+template <int RT, int FORM, int MINB, int XS = 0, int SPLIT = 1>
+__global__ void __launch_bounds__(288, MINB) tma16(bf16* __restrict__ out, const bf16* __restrict__ x,
+                                                   const __grid_constant__ CUtensorMap cmap,
+                                                   const __grid_constant__ CUtensorMap smap,
+                                                   const __grid_constant__ CUtensorMap mmap,
+                                                   const __grid_constant__ CUtensorMap xmap, int n, int k, int stages) {
+  constexpr int kRows = 16 * RT, kRowBytes = 512, kAcc = RT * MT * 4;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const int consumers = (blockDim.x >> 5) - 1, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  unsigned char* codes = smem;
+  uint16_t* scl = reinterpret_cast<uint16_t*>(smem + stages * kRows * kRowBytes);
+  uint16_t* mns = scl + stages * kRows * 8;
+  uint64_t* full = reinterpret_cast<uint64_t*>(mns + stages * kRows * 8);
+  uint64_t* empty = full + stages;
+  float* part = reinterpret_cast<float*>(empty + stages);
+  // XS: x staged too, [stage][4 boxes of 256 inputs][16 rows][512 bytes], behind the partial tiles
+  unsigned char* xs = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(part + consumers * kAcc * 32) + 127) & ~static_cast<uintptr_t>(127));  // TMA: 128-byte aligned
+  const int tiles = n / kRows, tile_stages = k / 1024;
+  if (threadIdx.x == 0) {
+    for (int b = 0; b < stages; ++b) { mbar_init(full + b, 1); mbar_init(empty + b, consumers); }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  if (warp == consumers) {
+    if (lane == 0) {
+      const uint32_t bytes = kRows * (kRowBytes + 32) + (XS ? 16 * 2048 : 0);
+      int j = 0;
+      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x)
+        for (int st = 0; st < tile_stages; ++st, ++j) {
+          const int b = j % stages;
+          if (j >= stages) mbar_wait(empty + b, ((j / stages) - 1) & 1);
+          mbar_expect(full + b, bytes);
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt) {
+            const int row = tile * kRows + 16 * rt, slot = b * kRows + 16 * rt;
+            tma_2d(codes + slot * kRowBytes, &cmap, st * 128, row, full + b);
+            tma_2d(scl + slot * 8, &smap, st * 8, row, full + b);
+            tma_2d(mns + slot * 8, &mmap, st * 8, row, full + b);
+          }
+          if (XS)
+#pragma unroll
+            for (int bx = 0; bx < 4; ++bx) tma_2d(xs + (b * 4 + bx) * 16 * 512, &xmap, st * 1024 + bx * 256, 0, full + b);
+        }
+    }
+    return;
+  }
+  const int g = lane >> 2, t = lane & 3;
+  int j = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    float acc[RT][MT][4] = {};
+    for (int st = 0; st < tile_stages; ++st, ++j) {
+      const int b = j % stages;
+      mbar_wait(full + b, (j / stages) & 1);
+      if (FORM == 3) {  // the pipeline alone: every consumer folds its lanes' 16 bytes of one row per step
+        for (int s = warp; s < 8; s += consumers) {
+          const uint4 v = *reinterpret_cast<const uint4*>(codes + (b * kRows + g) * kRowBytes + s * 64 + t * 16);
+          acc[0][0][0] += __uint_as_float((v.x ^ v.y ^ v.z ^ v.w) & 0x3FFFFFFFu);
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + b);
+        continue;
+      }
+      for (int s = warp; s < 8; s += consumers) {
+        const int k0 = (st * 8 + s) * 128 + t * 32;
+        uint4 xv[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int wd = 0; wd < 4; ++wd)
+            xv[mt][wd] = XS ? *reinterpret_cast<const uint4*>(xs + ((b * 4 + (s >> 1)) * 16 + 8 * mt + g) * 512 +
+                                                               ((s & 1) * 128 + t * 32 + wd * 8) * 2)
+                            : ld_x(reinterpret_cast<const uint4*>(x + (int64_t)(8 * mt + g) * k + k0) + wd);
+        uint4 code[RT][2];
+        uint32_t s2[RT][2], m2[RT][2];
+#pragma unroll
+        for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int slot = b * kRows + 16 * rt + 8 * h + g;
+            code[rt][h] = *reinterpret_cast<const uint4*>(codes + slot * kRowBytes + s * 64 + t * 16);
+            const uint32_t sc = scl[slot * 8 + s], mn = mns[slot * 8 + s];
+            s2[rt][h] = sc | (sc << 16);
+            m2[rt][h] = mn | (mn << 16);
+          }
+        // FORM 2: this step's sums of biased codes x activations, and of x; SPLIT: independent accumulator sets
+        // (shorter chains of dependent MMAs), added at the end of the step
+        float step[SPLIT][RT][MT][4], sx[MT][4];
+        if (FORM == 2) {
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+              sx[mt][c] = 0.f;
+#pragma unroll
+              for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+                for (int sp = 0; sp < SPLIT; ++sp) step[sp][rt][mt][c] = 0.f;
+            }
+        }
+#pragma unroll
+        for (int wd = 0; wd < 4; ++wd)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            uint32_t bb[MT][2];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+              const uint32_t* r = reinterpret_cast<const uint32_t*>(&xv[mt][wd]);
+              bb[mt][0] = __byte_perm(r[half], r[half + 2], 0x5410);
+              bb[mt][1] = __byte_perm(r[half], r[half + 2], 0x7632);
+            }
+            if (FORM == 2) {  // sum(x) of every activation row over this MMA's inputs: an all-ones A
+              const uint32_t ones[4] = {0x3F803F80u, 0x3F803F80u, 0x3F803F80u, 0x3F803F80u};
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt) mma(sx[mt], ones, bb[mt][0], bb[mt][1]);
+            }
+#pragma unroll
+            for (int rt = 0; rt < RT; ++rt) {
+              const uint32_t lo = reinterpret_cast<const uint32_t*>(&code[rt][0])[wd];
+              const uint32_t hi = reinterpret_cast<const uint32_t*>(&code[rt][1])[wd];
+              uint32_t a[4];
+              const uint32_t q[4] = {and_or(lo >> (8 * half), 0x000F000Fu, 0x43004300u),
+                                     and_or(hi >> (8 * half), 0x000F000Fu, 0x43004300u),
+                                     and_or(lo >> (8 * half + 4), 0x000F000Fu, 0x43004300u),
+                                     and_or(hi >> (8 * half + 4), 0x000F000Fu, 0x43004300u)};
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                if (FORM == 0) a[e] = hfma2(hsub2(q[e], 0x43004300u), s2[rt][e & 1], m2[rt][e & 1]);
+                else if (FORM == 1) a[e] = hfma2(q[e], s2[rt][e & 1], (s2[rt][e & 1] + 0x03800380u) ^ 0x80008000u);
+                else a[e] = q[e];
+              }
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt)
+                mma(FORM == 2 ? step[(wd * 2 + half) % SPLIT][rt][mt] : acc[rt][mt], a, bb[mt][0], bb[mt][1]);
+            }
+          }
+        if (FORM == 2) {  // sum(w x) = s sum((128 + q) x) + (m - 128 s) sum(x), per row and step (group 128)
+#pragma unroll
+          for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              const float sc = __uint_as_float(s2[rt][h] << 16), mn = __uint_as_float(m2[rt][h] << 16);
+              const float shift = fmaf(-128.f, sc, mn);
+#pragma unroll
+              for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int e = 0; e < 2; ++e)
+                {
+                  float total = step[0][rt][mt][2 * h + e];
+#pragma unroll
+                  for (int sp = 1; sp < SPLIT; ++sp) total += step[sp][rt][mt][2 * h + e];
+                  acc[rt][mt][2 * h + e] = fmaf(sc, total, fmaf(shift, sx[mt][e], acc[rt][mt][2 * h + e]));
+                }
+            }
+        }
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty + b);
+    }
+#pragma unroll
+    for (int rt = 0; rt < RT; ++rt)
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) part[(warp * kAcc + (rt * MT + mt) * 4 + c) * 32 + lane] = acc[rt][mt][c];
+    asm volatile("bar.sync 1, %0;" ::"r"(consumers * 32) : "memory");
+    for (int e = threadIdx.x; e < kAcc * 32; e += consumers * 32) {
+      float total = 0.f;
+      for (int wi = 0; wi < consumers; ++wi) total += part[wi * kAcc * 32 + e];
+      const int jj = e >> 5, l = e & 31, c = jj & 3, rt = jj / (MT * 4), mt = (jj >> 2) % MT;
+      const int row = tile * kRows + 16 * rt + (l >> 2) + 8 * (c >> 1), m = 8 * mt + 2 * (l & 3) + (c & 1);
+      out[(int64_t)m * n + row] = __float2bfloat16(total);
+    }
+    asm volatile("bar.sync 1, %0;" ::"r"(consumers * 32) : "memory");
+  }
+}
+
+static CUtensorMap make_map(void* base, CUtensorMapDataType dtype, int elem, uint64_t cols, uint64_t rows, uint32_t box_cols,
+                            uint32_t box_rows) {
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {cols, rows};
+  const cuuint64_t strides[1] = {cols * elem};
+  const cuuint32_t box[2] = {box_cols, box_rows};
+  const cuuint32_t unit[2] = {1, 1};
+  CUresult r = cuTensorMapEncodeTiled(&map, dtype, 2, base, dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                      CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) { printf("cuTensorMapEncodeTiled failed %d\n", (int)r); exit(1); }
+  return map;
+}
+
+// ---- harness ----------------------------------------------------------------------------------------------------
+struct Layer {
+  uint32_t* w; bf16* sc; bf16* mn; bf16* dense;
+};
+
+static uint32_t rng = 12345;
+static uint32_t rnd32() { rng = rng * 1664525u + 1013904223u; return rng; }
+static float rndf() { return (rnd32() >> 8) / 16777216.f; }
+
+template <typename F> float time_it(F f, int iters) {
+  cudaEvent_t a, b; cudaEventCreate(&a); cudaEventCreate(&b);
+  for (int i = 0; i < 3; ++i) f(i);
+  cudaEventRecord(a);
+  for (int i = 0; i < iters; ++i) f(i);
+  cudaEventRecord(b); cudaEventSynchronize(b);
+  float ms; cudaEventElapsedTime(&ms, a, b);
+  CK(cudaGetLastError());
+  return ms * 1000.f / iters;
+}
+
+int main(int argc, char** argv) {
+  const int rows = 16, group = 128;
+  struct Shape { const char* name; int n, k; } shapes[] = {
+      {"gate_up", 28672, 4096}, {"down", 4096, 14336}, {"qkv", 6144, 4096}, {"o", 4096, 4096}, {"lm_head", 128256, 4096},
+      // gate/up-like widths whose 64-feature blocks fill whole waves of 2 blocks per SM (264 slots): 1 and 2 waves
+      {"gu_1wave", 16896, 4096}, {"gu_2wave", 33792, 4096}};
+  cublasHandle_t handle; cublasCreate(&handle);
+  const char* only = argc > 1 ? argv[1] : nullptr;
+  const char* variant = argc > 2 ? argv[2] : nullptr;
+  for (auto& sh : shapes) {
+    if (only && strcmp(only, sh.name)) continue;
+    const int n = sh.n, k = sh.k;
+    const size_t wbytes = (size_t)n * k / 2, dbytes = (size_t)n * k * 2;
+    const int copies = (int)std::max<size_t>(1, (size_t)(400u << 20) / dbytes + 1);
+    std::vector<Layer> L(copies);
+    std::vector<uint32_t> hw((size_t)n * k / 8);
+    std::vector<bf16> hs((size_t)n * k / group), hm((size_t)n * k / group);
+    for (auto& v : hw) v = rnd32();
+    for (size_t i = 0; i < hs.size(); ++i) {
+      float s = 0.002f + 0.01f * rndf();
+      hs[i] = __float2bfloat16(s);
+      hm[i] = __float2bfloat16(-s * (4.f + 8.f * rndf()));
+    }
+    for (int c = 0; c < copies; ++c) {
+      CK(cudaMalloc(&L[c].w, wbytes)); CK(cudaMalloc(&L[c].sc, hs.size() * 2)); CK(cudaMalloc(&L[c].mn, hm.size() * 2));
+      CK(cudaMalloc(&L[c].dense, dbytes));
+      CK(cudaMemcpy(L[c].w, hw.data(), wbytes, cudaMemcpyHostToDevice));
+      CK(cudaMemcpy(L[c].sc, hs.data(), hs.size() * 2, cudaMemcpyHostToDevice));
+      CK(cudaMemcpy(L[c].mn, hm.data(), hm.size() * 2, cudaMemcpyHostToDevice));
+      CK(cudaMemset(L[c].dense, 0, dbytes));
+    }
+    std::vector<bf16> hx((size_t)rows * k);
+    for (auto& v : hx) v = __float2bfloat16(rndf() * 2.f - 1.f);
+    bf16 *x, *out; float* ref;
+    CK(cudaMalloc(&x, hx.size() * 2)); CK(cudaMalloc(&out, (size_t)rows * n * 2)); CK(cudaMalloc(&ref, (size_t)rows * n * 4));
+    CK(cudaMemcpy(x, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice));
+    ref_kernel<<<(n + 127) / 128, 128>>>(ref, x, L[0].w, L[0].sc, L[0].mn, rows, n, k, group);
+    CK(cudaDeviceSynchronize());
+    std::vector<float> href((size_t)rows * n);
+    CK(cudaMemcpy(href.data(), ref, href.size() * 4, cudaMemcpyDeviceToHost));
+    const int iters = getenv("ITERS") ? atoi(getenv("ITERS")) : 200;
+    const float alpha = 1.f, beta = 0.f;
+    float t_bf16 = time_it([&](int i) {
+      cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, rows, k, &alpha, L[i % copies].dense, CUDA_R_16BF, k, x,
+                   CUDA_R_16BF, k, &beta, out, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    }, iters);
+    const double floor_us = (wbytes + hs.size() * 4.0) / 3.0e6;  // at 3.0 TB/s
+    printf("%-8s %6d x %5d: bf16 cuBLAS %7.1f us | int4 read floor @3.0TB/s %6.1f us\n", sh.name, n, k, t_bf16, floor_us);
+    auto run = [&](const char* name, auto kernel, int rt, int warps) {
+      if (variant && strncmp(variant, name, strlen(variant))) return;
+      const int steps = k / 128, spw = (steps + warps - 1) / warps;
+      const int blocks = n / (16 * rt);
+      const size_t smem = (size_t)warps * rt * MT * 4 * 32 * 4;
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      auto launch = [&](int i) {
+        kernel<<<blocks, warps * 32, smem>>>(out, x, reinterpret_cast<const uint4*>(L[i % copies].w),
+                                             reinterpret_cast<const uint16_t*>(L[i % copies].sc),
+                                             reinterpret_cast<const uint16_t*>(L[i % copies].mn), n, k, spw);
+      };
+      launch(0);
+      CK(cudaDeviceSynchronize());
+      std::vector<bf16> ho((size_t)rows * n);
+      CK(cudaMemcpy(ho.data(), out, ho.size() * 2, cudaMemcpyDeviceToHost));
+      double max_err = 0, max_ref = 0;
+      for (size_t i = 0; i < ho.size(); ++i) {
+        max_err = std::max(max_err, (double)fabsf(__bfloat162float(ho[i]) - href[i]));
+        max_ref = std::max(max_ref, (double)fabsf(href[i]));
+      }
+      float t = time_it(launch, iters);
+      printf("  %-22s rt %d warps %2d: %7.1f us  %5.1f%% of floor  %.2fx bf16  err %.2e (max |ref| %.2e)\n", name, rt,
+             warps, t, 100.0 * floor_us / t, t_bf16 / t, max_err, max_ref);
+    };
+    auto run_tma = [&](const char* name, auto kernel, int rt, int consumers, int stages, int xstaged = 0) {
+      if (variant && strncmp(variant, name, strlen(variant))) return;
+      const int rows_t = 16 * rt, threads = (consumers + 1) * 32;
+      const size_t smem = (size_t)stages * rows_t * (512 + 32) + 2 * stages * 8 + (size_t)consumers * rt * MT * 4 * 32 * 4 +
+                          (size_t)xstaged * (stages * 16 * 2048 + 128);
+      CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+      int per_sm = 0, sms = 0;
+      CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+      CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+      const int tiles = n / rows_t, blocks = std::min(tiles, std::max(1, per_sm) * sms);
+      std::vector<CUtensorMap> cm(copies), sm(copies), mm(copies);
+      for (int c = 0; c < copies; ++c) {
+        cm[c] = make_map(L[c].w, CU_TENSOR_MAP_DATA_TYPE_INT32, 4, k / 8, n, 128, 16);
+        sm[c] = make_map(L[c].sc, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, k / 128, n, 8, 16);
+        mm[c] = make_map(L[c].mn, CU_TENSOR_MAP_DATA_TYPE_UINT16, 2, k / 128, n, 8, 16);
+      }
+      const CUtensorMap xm = make_map(x, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, k, rows, 256, 16);
+      auto launch = [&](int i) {
+        kernel<<<blocks, threads, smem>>>(out, x, cm[i % copies], sm[i % copies], mm[i % copies], xm, n, k, stages);
+      };
+      launch(0);
+      CK(cudaDeviceSynchronize());
+      std::vector<bf16> ho((size_t)rows * n);
+      CK(cudaMemcpy(ho.data(), out, ho.size() * 2, cudaMemcpyDeviceToHost));
+      double max_err = 0, max_ref = 0;
+      for (size_t i = 0; i < ho.size(); ++i) {
+        max_err = std::max(max_err, (double)fabsf(__bfloat162float(ho[i]) - href[i]));
+        max_ref = std::max(max_ref, (double)fabsf(href[i]));
+      }
+      float t = time_it(launch, iters);
+      printf("  %-22s rt %d cons %d st %d (%d/SM, %3zu KB): %7.1f us  %5.1f%% of floor  %.2fx bf16  err %.2e\n", name, rt,
+             consumers, stages, per_sm, smem >> 10, t, 100.0 * floor_us / t, t_bf16 / t, max_err);
+    };
+    run_tma("T4 rt4 exact", tma16<4, 0, 1>, 4, 8, 2);
+    run_tma("B4 rt4 biased", tma16<4, 2, 1>, 4, 8, 2);
+    run_tma("B2 rt2 biased", tma16<2, 2, 2>, 2, 8, 2);
+    run_tma("BX4 rt4 biased x staged", tma16<4, 2, 1, 1>, 4, 8, 2, 1);
+    run_tma("S4 rt4 biased split2", tma16<4, 2, 1, 0, 2>, 4, 8, 2);
+    run_tma("TP4 pipeline only", tma16<4, 3, 1>, 4, 8, 2);
+    run_tma("TP4 pipeline only", tma16<4, 3, 1>, 4, 8, 3);
+    run_tma("TP2 pipeline only", tma16<2, 3, 2>, 2, 8, 2);
+    run("A rt2 D2 nomins", lean2<2, 2, 0>, 2, 4);
+    run("B rt2 D2 mins", lean2<2, 2, 1>, 2, 4);
+    run("G rt2 D2 mins-in-acc", lean2<2, 2, 2>, 2, 4);
+    run("R4 rt4 D1 nomins", lean2<4, 1, 0, 0, 256, 2>, 4, 8);
+    run("R4P1 x broadcast", lean2<4, 1, 0, 1, 256, 2>, 4, 8);
+    run("R4P2 no dequant", lean2<4, 1, 0, 2, 256, 2>, 4, 8);
+    run("R4P3 no mma", lean2<4, 1, 0, 3, 256, 2>, 4, 8);
+    run("R4P4 x broadcast + no dequant", lean2<4, 1, 0, 4, 256, 2>, 4, 8);
+    run("R4P5 weight loads only", lean2<4, 1, 0, 5, 256, 2>, 4, 8);
+    run("R4P6 P4 + half the MMAs", lean2<4, 1, 0, 6, 256, 2>, 4, 8);
+    run("R4G rt4 D1 mins-in-acc", lean2<4, 1, 2, 0, 256, 2>, 4, 4);
+    run("R4G rt4 D1 mins-in-acc", lean2<4, 1, 2, 0, 256, 2>, 4, 8);
+    run("R4D2 rt4 D2 nomins", lean2<4, 2, 0, 0, 256, 1>, 4, 8);
+    for (auto& l : L) { cudaFree(l.w); cudaFree(l.sc); cudaFree(l.mn); cudaFree(l.dense); }
+    cudaFree(x); cudaFree(out); cudaFree(ref);
+  }
+  return 0;
+}
