@@ -14,6 +14,7 @@
 #include <vector>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 
 // the FORM 4 / PROBE 5 branches end their loop bodies early (continue), leaving the generic code unreachable there
 #pragma nv_diag_suppress 128
@@ -587,6 +588,19 @@ int main(int argc, char** argv) {
     }, iters);
     const double floor_us = (wbytes + hs.size() * 4.0) / 3.0e6;  // at 3.0 TB/s
     printf("%-8s %6d x %5d: bf16 cuBLAS %7.1f us | int4 read floor @3.0TB/s %6.1f us\n", sh.name, n, k, t_bf16, floor_us);
+    // one call checked against the float32 reference (max abs error, max |reference|), then `iters` calls timed
+    auto check_and_time = [&](auto launch) {
+      launch(0);
+      CK(cudaDeviceSynchronize());
+      std::vector<bf16> ho((size_t)rows * n);
+      CK(cudaMemcpy(ho.data(), out, ho.size() * 2, cudaMemcpyDeviceToHost));
+      double max_err = 0, max_ref = 0;
+      for (size_t i = 0; i < ho.size(); ++i) {
+        max_err = std::max(max_err, (double)fabsf(__bfloat162float(ho[i]) - href[i]));
+        max_ref = std::max(max_ref, (double)fabsf(href[i]));
+      }
+      return std::make_tuple(time_it(launch, iters), max_err, max_ref);
+    };
     auto run = [&](const char* name, auto kernel, int rt, int warps) {
       if (variant && strncmp(variant, name, strlen(variant))) return;
       const int steps = k / 128, spw = (steps + warps - 1) / warps;
@@ -598,16 +612,7 @@ int main(int argc, char** argv) {
                                              reinterpret_cast<const uint16_t*>(L[i % copies].sc),
                                              reinterpret_cast<const uint16_t*>(L[i % copies].mn), n, k, spw);
       };
-      launch(0);
-      CK(cudaDeviceSynchronize());
-      std::vector<bf16> ho((size_t)rows * n);
-      CK(cudaMemcpy(ho.data(), out, ho.size() * 2, cudaMemcpyDeviceToHost));
-      double max_err = 0, max_ref = 0;
-      for (size_t i = 0; i < ho.size(); ++i) {
-        max_err = std::max(max_err, (double)fabsf(__bfloat162float(ho[i]) - href[i]));
-        max_ref = std::max(max_ref, (double)fabsf(href[i]));
-      }
-      float t = time_it(launch, iters);
+      const auto [t, max_err, max_ref] = check_and_time(launch);
       printf("  %-22s rt %d warps %2d: %7.1f us  %5.1f%% of floor  %.2fx bf16  err %.2e (max |ref| %.2e)\n", name, rt,
              warps, t, 100.0 * floor_us / t, t_bf16 / t, max_err, max_ref);
     };
@@ -631,16 +636,7 @@ int main(int argc, char** argv) {
       auto launch = [&](int i) {
         kernel<<<blocks, threads, smem>>>(out, x, cm[i % copies], sm[i % copies], mm[i % copies], xm, n, k, stages);
       };
-      launch(0);
-      CK(cudaDeviceSynchronize());
-      std::vector<bf16> ho((size_t)rows * n);
-      CK(cudaMemcpy(ho.data(), out, ho.size() * 2, cudaMemcpyDeviceToHost));
-      double max_err = 0, max_ref = 0;
-      for (size_t i = 0; i < ho.size(); ++i) {
-        max_err = std::max(max_err, (double)fabsf(__bfloat162float(ho[i]) - href[i]));
-        max_ref = std::max(max_ref, (double)fabsf(href[i]));
-      }
-      float t = time_it(launch, iters);
+      const auto [t, max_err, max_ref] = check_and_time(launch);
       printf("  %-22s rt %d cons %d st %d (%d/SM, %3zu KB): %7.1f us  %5.1f%% of floor  %.2fx bf16  err %.2e\n", name, rt,
              consumers, stages, per_sm, smem >> 10, t, 100.0 * floor_us / t, t_bf16 / t, max_err);
     };
