@@ -520,6 +520,191 @@ static CUtensorMap make_map(void* base, CUtensorMapDataType dtype, int elem, uin
   return map;
 }
 
+// ---- candidate: Marlin-class kernel on a load-time fragment layout (mq) ------------------------------------------
+// Weights repacked once (repack_mq) so that one 16-byte shared-memory read per lane holds the B fragments of 8
+// m16n8k16 MMAs: x is the A operand (16 rows = M), 8 output features the N of an MMA. A block of WN warps owns
+// NB = 32 WN output features; a stage is one 128-input group: NB x 128 codes (64 NB bytes, contiguous in the
+// packed layout), their scales and mins (4 NB bytes) and x[16][128] (4 KB), copied by all threads with cp.async
+// into STAGES slots (one __syncthreads per stage). Each warp owns 32 features (4 n8 tiles) and all 8 k16 slices of
+// a stage: A fragments by ldmatrix from a swizzled x tile, biased codes (0x4300 | q = 128 + q in bf16, 2 lop3 per
+// 4 codes) into a per-group accumulator, finished per group in fp32 with acc += s acc_g + (m - 128 s) sum(x), sum(x)
+// from an all-ones MMA. KSPLIT blocks share a tile's K: fp32 partials, the last block to arrive adds them in split
+// order (deterministic) and stores bf16.
+// Packed layout, per (feature tile of NB, group): [pair p < 4][warp w][lane (g, t)][word j < 4]; word j holds the
+// codes of feature 32 w + 8 j + g at inputs 32 p + {2t, 2t+1, 2t+8, 2t+9} (nibbles 0, 4, 1, 5) and the same + 16
+// (nibbles 2, 6, 3, 7). Scales: [w][t][j][2 bf16: features 8j + 2t, 8j + 2t + 1] then the mins the same way.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void ldmatrix4(uint32_t* a, const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(smem_u32(p)));
+}
+__device__ __forceinline__ void mma0(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {  // d = a b (C = 0)
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%10, %10, %10, %10};"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+}
+__device__ __forceinline__ float bf_lo(uint32_t v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
+
+// (packed word index within the whole layout) -> source feature and first input of its 8 codes' positions
+__global__ void repack_mq(uint32_t* __restrict__ dst, uint32_t* __restrict__ dsm, const uint32_t* __restrict__ src,
+                          const uint16_t* __restrict__ sc, const uint16_t* __restrict__ mn, int n, int k, int wn) {
+  const int nb = 32 * wn, groups = k / 128;
+  const int64_t words_per = (int64_t)nb * 16;  // NB x 128 codes / 8
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (int64_t)(n / nb) * groups * words_per) return;
+  const int64_t tg = i / words_per;
+  int r = (int)(i % words_per);
+  const int tile = (int)(tg / groups), grp = (int)(tg % groups);
+  const int j = r & 3, lane = (r >> 2) & 31, w = (r >> 7) % wn, p = (r >> 7) / wn;
+  const int g = lane >> 2, t = lane & 3;
+  const int feat = tile * nb + 32 * w + 8 * j + g;
+  const int kin[8] = {0, 8, 16, 24, 1, 9, 17, 25};  // nibble position -> input offset from 32 p + 2 t
+  uint32_t out = 0;
+  for (int pos = 0; pos < 8; ++pos) {
+    const int kk = grp * 128 + 32 * p + 2 * t + kin[pos];
+    out |= ((src[(int64_t)feat * (k / 8) + kk / 8] >> (4 * (kk % 8))) & 15u) << (4 * pos);
+  }
+  dst[i] = out;
+  if (p == 0 && lane < 4 && j == 0) {  // one thread per (tile, group, warp, t): 4 scale pairs then 4 min pairs
+    uint32_t* o = dsm + tg * nb + (w * 4 + t) * 8;
+    for (int jj = 0; jj < 4; ++jj) {
+      const int f = tile * nb + 32 * w + 8 * jj + 2 * t;
+      o[jj] = sc[(int64_t)f * groups + grp] | ((uint32_t)sc[(int64_t)(f + 1) * groups + grp] << 16);
+      o[4 + jj] = mn[(int64_t)f * groups + grp] | ((uint32_t)mn[(int64_t)(f + 1) * groups + grp] << 16);
+    }
+  }
+}
+
+template <int WN, int STAGES, int PROBE = 0>
+__global__ void __launch_bounds__(WN * 32) mq16(bf16* __restrict__ out, const bf16* __restrict__ x,
+                                                     const uint4* __restrict__ wq, const uint4* __restrict__ wsm,
+                                                     float* __restrict__ ws, int* __restrict__ counters, int n, int k, int KSPLIT) {
+  constexpr int NB = 32 * WN, kW = 64 * NB, kS = 4 * NB, kX = 4096, kStage = kW + kS + kX;
+  constexpr int THREADS = WN * 32;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int groups = k / 128, tile = blockIdx.x / KSPLIT, split = blockIdx.x % KSPLIT;
+  const int g0 = split * groups / KSPLIT, g1 = (split + 1) * groups / KSPLIT, ng = g1 - g0;
+  const unsigned char* wsrc = reinterpret_cast<const unsigned char*>(wq) + ((int64_t)tile * groups + g0) * kW;
+  const unsigned char* ssrc = reinterpret_cast<const unsigned char*>(wsm) + ((int64_t)tile * groups + g0) * kS;
+  // per thread and stage: 4 weight chunks (64 NB bytes = 4 x 16 x THREADS), 256 / THREADS x chunks, one scale chunk
+  // for threads < NB / 4; straight-line
+  static_assert(kW / 16 == 4 * THREADS && kX / 16 == 256, "chunk split");
+  const int xrow = threadIdx.x >> 4, xch = threadIdx.x & 15;  // x chunks threadIdx.x and threadIdx.x + THREADS
+  auto load = [&](int s) {  // group g0 + s into slot s % STAGES
+    if (s < ng) {
+      unsigned char* dst = smem + (s % STAGES) * kStage;
+      const unsigned char* wsg = wsrc + (int64_t)s * kW + threadIdx.x * 16;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) cp_async16(dst + threadIdx.x * 16 + c * THREADS * 16, wsg + c * THREADS * 16);
+      if (threadIdx.x < kS / 16) cp_async16(dst + kW + threadIdx.x * 16, ssrc + (int64_t)s * kS + threadIdx.x * 16);
+#pragma unroll
+      for (int c = 0; c < 256 / THREADS; ++c) {
+        const int row = xrow + c * (THREADS / 16);
+        cp_async16(dst + kW + kS + row * 256 + ((xch ^ (row & 7)) << 4), x + (int64_t)row * k + (g0 + s) * 128 + xch * 8);
+      }
+    }
+    cp_commit();
+  };
+  for (int s = 0; s < STAGES - 1; ++s) load(s);
+  float acc[4][4] = {};
+  const uint32_t ones = 0x3F803F80u, mask = 0x000F000Fu, ex = 0x43004300u;
+  // ldmatrix row address of this lane within a slice: matrix lane / 8, row lane % 8 (+ 8 for matrices 1 and 3)
+  const int lrow = (lane & 7) + ((lane >> 3) & 1) * 8, lhalf = lane >> 4;
+  for (int s = 0; s < ng; ++s) {
+    cp_wait<STAGES - 2>();
+    __syncthreads();
+    load(s + STAGES - 1);
+    const unsigned char* st = smem + (s % STAGES) * kStage;
+    const uint4* wv = reinterpret_cast<const uint4*>(st) + warp * 32 + lane;
+    const uint4 sv = reinterpret_cast<const uint4*>(st + kW)[(warp * 4 + t) * 2];
+    const uint4 mv = reinterpret_cast<const uint4*>(st + kW)[(warp * 4 + t) * 2 + 1];
+    const unsigned char* xs = st + kW + kS;
+    if (PROBE == 1) {  // the pipeline alone: each lane folds its codes into an accumulator (wrong on purpose)
+#pragma unroll
+      for (int p = 0; p < 4; ++p) { const uint4 q = wv[p * WN * 32]; acc[p][0] += __uint_as_float((q.x ^ q.y ^ q.z ^ q.w) & 0x3fffffffu); }
+      acc[0][1] += __uint_as_float(sv.x ^ mv.y);
+      continue;
+    }
+    float accg[4][4], sx[4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const uint4 q = wv[p * WN * 32];
+      const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int slice = 2 * p + h, ch = 2 * slice + lhalf;
+        uint32_t a[4];
+        ldmatrix4(a, xs + lrow * 256 + ((ch ^ (lrow & 7)) << 4));
+        if (PROBE != 2) { if (slice == 0) mma0(sx, a, ones, ones); else mma(sx, a, ones, ones); }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          uint32_t b0 = and_or(qw[j] >> (8 * h), mask, ex), b1 = and_or(qw[j] >> (8 * h + 4), mask, ex);
+          if (PROBE == 3) { b0 = qw[j] >> h; b1 = qw[j]; }
+          if (slice == 0) mma0(accg[j], a, b0, b1); else mma(accg[j], a, b0, b1);
+        }
+      }
+    }
+    const uint32_t svv[4] = {sv.x, sv.y, sv.z, sv.w}, mvv[4] = {mv.x, mv.y, mv.z, mv.w};
+    if (PROBE == 2) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) for (int c = 0; c < 4; ++c) acc[j][c] += accg[j][c];
+      continue;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float s0 = bf_lo(svv[j]), s1 = bf_hi(svv[j]);
+      const float m0 = fmaf(-128.f, s0, bf_lo(mvv[j])), m1 = fmaf(-128.f, s1, bf_hi(mvv[j]));
+      acc[j][0] = fmaf(s0, accg[j][0], fmaf(m0, sx[0], acc[j][0]));
+      acc[j][1] = fmaf(s1, accg[j][1], fmaf(m1, sx[0], acc[j][1]));
+      acc[j][2] = fmaf(s0, accg[j][2], fmaf(m0, sx[2], acc[j][2]));
+      acc[j][3] = fmaf(s1, accg[j][3], fmaf(m1, sx[2], acc[j][3]));
+    }
+  }
+  cp_wait<0>();
+  const int f0 = tile * NB + warp * 32 + 2 * t;
+  if (KSPLIT == 1) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)g * n + f0 + 8 * j) = __floats2bfloat162_rn(acc[j][0], acc[j][1]);
+      *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)(g + 8) * n + f0 + 8 * j) = __floats2bfloat162_rn(acc[j][2], acc[j][3]);
+    }
+    return;
+  }
+  float* part = ws + (int64_t)split * 16 * n;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    __stcg(reinterpret_cast<float2*>(part + (int64_t)g * n + f0 + 8 * j), make_float2(acc[j][0], acc[j][1]));
+    __stcg(reinterpret_cast<float2*>(part + (int64_t)(g + 8) * n + f0 + 8 * j), make_float2(acc[j][2], acc[j][3]));
+  }
+  __threadfence();
+  __syncthreads();
+  __shared__ int last;
+  if (threadIdx.x == 0) last = atomicAdd(counters + tile, 1) == KSPLIT - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    float2 lo = make_float2(0.f, 0.f), hi = lo;
+    for (int sp = 0; sp < KSPLIT; ++sp) {
+      const float* pp = ws + (int64_t)sp * 16 * n;
+      const float2 a = __ldcg(reinterpret_cast<const float2*>(pp + (int64_t)g * n + f0 + 8 * j));
+      const float2 b = __ldcg(reinterpret_cast<const float2*>(pp + (int64_t)(g + 8) * n + f0 + 8 * j));
+      lo.x += a.x; lo.y += a.y; hi.x += b.x; hi.y += b.y;
+    }
+    *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)g * n + f0 + 8 * j) = __floats2bfloat162_rn(lo.x, lo.y);
+    *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)(g + 8) * n + f0 + 8 * j) = __floats2bfloat162_rn(hi.x, hi.y);
+  }
+  if (threadIdx.x == 0) counters[tile] = 0;
+}
+
 // ---- harness ----------------------------------------------------------------------------------------------------
 struct Layer {
   uint32_t* w; bf16* sc; bf16* mn; bf16* dense;
@@ -640,6 +825,55 @@ int main(int argc, char** argv) {
       printf("  %-22s rt %d cons %d st %d (%d/SM, %3zu KB): %7.1f us  %5.1f%% of floor  %.2fx bf16  err %.2e\n", name, rt,
              consumers, stages, per_sm, smem >> 10, t, 100.0 * floor_us / t, t_bf16 / t, max_err);
     };
+    // mq16: weights repacked once per copy into the fragment layout (not timed), fp32 partials for KSPLIT > 1
+    float* ws = nullptr; int* counters = nullptr;
+    CK(cudaMalloc(&ws, (size_t)32 * rows * n * 4)); CK(cudaMalloc(&counters, (size_t)n / 32 * 4));
+    CK(cudaMemset(counters, 0, (size_t)n / 32 * 4));
+    std::vector<uint32_t*> pw(copies, nullptr), ps(copies, nullptr);
+    int packed_wn = 0;
+    auto run_mq = [&](const char* name, auto kernel, int wn, int stages, int ksplit) {
+      if (variant && strncmp(variant, name, strlen(variant))) return;
+      if (n % (32 * wn) || ksplit > 32 || ksplit > k / 128) return;
+      if (packed_wn != wn) {
+        for (int c = 0; c < copies; ++c) {
+          if (!pw[c]) { CK(cudaMalloc(&pw[c], wbytes)); CK(cudaMalloc(&ps[c], hs.size() * 4)); }
+          const int64_t words = (int64_t)n * k / 8;
+          repack_mq<<<(unsigned)((words + 255) / 256), 256>>>(pw[c], ps[c], L[c].w, reinterpret_cast<const uint16_t*>(L[c].sc),
+                                                             reinterpret_cast<const uint16_t*>(L[c].mn), n, k, wn);
+        }
+        CK(cudaDeviceSynchronize());
+        packed_wn = wn;
+      }
+      const int nb = 32 * wn;
+      const size_t smem = (size_t)stages * (64 * nb + 4 * nb + 4096);
+      CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+      int per_sm = 0;
+      CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, wn * 32, smem));
+      const int blocks = n / nb * ksplit;
+      auto launch = [&](int i) {
+        kernel<<<blocks, wn * 32, smem>>>(out, x, reinterpret_cast<const uint4*>(pw[i % copies]),
+                                          reinterpret_cast<const uint4*>(ps[i % copies]), ws, counters, n, k, ksplit);
+      };
+      const auto [t, max_err, max_ref] = check_and_time(launch);
+      printf("  %-22s wn %d st %d ks %d (%4d blocks, %d/SM, %3zu KB): %7.1f us  %5.1f%% of floor  %.2fx bf16  err %.2e\n",
+             name, wn, stages, ksplit, blocks, per_sm, smem >> 10, t, 100.0 * floor_us / t, t_bf16 / t, max_err);
+    };
+    const char* ks_env = getenv("KS");
+    std::vector<int> kss;
+    for (const char* s = ks_env ? ks_env : "1,2,4,8"; *s;) { kss.push_back(atoi(s)); while (*s && *s != ',') ++s; if (*s) ++s; }
+    for (int ks : kss) {
+      run_mq("M4 wn4 st4", mq16<4, 4>, 4, 4, ks);
+      run_mq("M4 wn4 st3", mq16<4, 3>, 4, 3, ks);
+      run_mq("M4 wn4 st5", mq16<4, 5>, 4, 5, ks);
+      run_mq("M8 wn8 st4", mq16<8, 4>, 8, 4, ks);
+      run_mq("M8 wn8 st3", mq16<8, 3>, 8, 3, ks);
+      run_mq("MP4 pipeline only", mq16<4, 4, 1>, 4, 4, ks);
+      run_mq("MP8 pipeline only", mq16<8, 4, 1>, 8, 4, ks);
+      run_mq("MQ2 no sum(x), no fix-up", mq16<4, 4, 2>, 4, 4, ks);
+      run_mq("MQ3 codes undequantized", mq16<4, 4, 3>, 4, 4, ks);
+    }
+    for (int c = 0; c < copies; ++c) { cudaFree(pw[c]); cudaFree(ps[c]); }
+    cudaFree(ws); cudaFree(counters);
     run_tma("T4 rt4 exact", tma16<4, 0, 1>, 4, 8, 2);
     run_tma("B4 rt4 biased", tma16<4, 2, 1>, 4, 8, 2);
     run_tma("B2 rt2 biased", tma16<2, 2, 2>, 2, 8, 2);
