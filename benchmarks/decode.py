@@ -28,6 +28,7 @@ from flux_infer.generation import generate as generate_module  # noqa: E402
 from flux_infer.generation.runner import DecoderRunner  # noqa: E402
 from flux_infer.kernels import cuda as cuda_kernels  # noqa: E402
 from flux_infer.kernels import matmul as linear_module  # noqa: E402
+from flux_infer.plugins import int4_fragments  # noqa: E402
 from flux_infer.plugins.fused_kernels import FluxGatedMLP  # noqa: E402
 
 FLUX_MODES = {
@@ -64,9 +65,14 @@ FLUX_MODES["flux_int4_normapart"] = FLUX_MODES["flux_int4"]
 # quantized, with every prefill matmul on the Triton dequantize-in-the-loop kernel (an A/B of
 # flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS: cuBLAS on the dequantized weight)
 FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
+# INT4 with every layer in the checkpoint layout (no int4_fragments), or with down kept in it (A/Bs of
+# flux_infer.plugins.int4_fragments.ROLES)
+FLUX_MODES["flux_int4_rowlayout"] = FLUX_MODES["flux_int4"]
+FLUX_MODES["flux_int4_nodownfrag"] = FLUX_MODES["flux_int4"]
 
 
 default_add_norm = kernels.add_rms_norm
+default_fragment_roles = int4_fragments.ROLES
 
 
 def _pass_through_add_norm(x, residual, weight, eps, weight_offset):  # the *_nonorm modes' stand-in (wrong values)
@@ -219,6 +225,8 @@ def main() -> int:
                                                     if mode.endswith("_triton_prefill") else dict(default_dequant_rows))
             if mode.endswith("_nonorm"):
                 kernels.add_rms_norm = _pass_through_add_norm
+            int4_fragments.ROLES = (() if mode.endswith("_rowlayout") else ("gate_up", "lm_head")
+                                    if mode.endswith("_nodownfrag") else default_fragment_roles)
             flux_infer.optimize(model, config=FLUX_MODES[mode])
             print(model.flux_report, flush=True)
             info[f"{mode}_model_gb"] = model.flux_report.memory_after.model_bytes / 1e9
@@ -251,6 +259,7 @@ def main() -> int:
             DecoderRunner.fuse_norms = None
             cuda_kernels.QUANT_MMA_PLANS = {}
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = dict(default_dequant_rows)
+            int4_fragments.ROLES = default_fragment_roles
             torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}
     for r in results:  # greedy on random weights: report agreement with eager, do not assert it

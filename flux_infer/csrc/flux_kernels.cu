@@ -630,6 +630,14 @@ torch::Tensor quant_mma_scale_norm(torch::Tensor x, torch::Tensor qweight, torch
 torch::Tensor dequantize_weight(torch::Tensor qweight, torch::Tensor scales, c10::optional<torch::Tensor> mins,
                                 int64_t group);
 
+std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins,
+                                      c10::optional<torch::Tensor> bias, int64_t activation,
+                                      c10::optional<torch::Tensor> scale_partials, double eps,
+                                      c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> norm_weight,
+                                      torch::Tensor counters, int64_t warps, int64_t ksplit);
+
+torch::Tensor frag_dequantize(torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins);
+
 torch::Tensor rotary_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor cos,
                                torch::Tensor sin, torch::Tensor positions, torch::Tensor k_cache,
                                torch::Tensor v_cache, torch::Tensor slots, torch::Tensor kv_start,
@@ -650,6 +658,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_mma_scale_norm", &quant_mma_scale_norm,
         "INT4 linear (optionally gated) on an RMSNorm's weighted input, the norm's scale applied to its sums");
   m.def("dequantize_weight", &dequantize_weight, "the dense weight INT8/INT4 codes stand for (long prefills)");
+  m.def("quant_frag", &quant_frag, "INT4 linear on the fragment layout, 1-16 rows per launch, with the decode epilogues");
+  m.def("frag_dequantize", &frag_dequantize, "the dense weight of fragment-layout INT4 codes (long prefills)");
   m.def("programmatic_launch", [] { return flux::pdl_enabled() && flux::pdl_supported(c10::cuda::current_device()); },
         "whether flux kernels launch with programmatic dependent launch on the current device");
   m.def("set_programmatic_launch", [](bool enabled) { flux::pdl_enabled() = enabled; },

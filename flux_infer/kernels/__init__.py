@@ -37,6 +37,12 @@ from flux_infer.kernels.quant import (
     quantized_gated_linear_ref,
 )
 from flux_infer.kernels.norm import add_rms_norm, add_rms_norm_ref, rms_norm, rms_norm_ref
+from flux_infer.kernels.quant_frag import (
+    int4f_linear,
+    int4f_linear_add_norm,
+    int4f_linear_add_norm_ref,
+    int4f_linear_ref,
+)
 from flux_infer.kernels.registry import implementation
 from flux_infer.kernels.rotary import (
     rotary_cache_write_,
@@ -58,6 +64,10 @@ __all__ = [
     "int4_gated_linear_norm_scaled",
     "int4_gated_linear_norm_scaled_ref",
     "int4_linear",
+    "int4f_linear",
+    "int4f_linear_add_norm",
+    "int4f_linear_add_norm_ref",
+    "int4f_linear_ref",
     "int4_linear_add_norm",
     "int4_linear_add_norm_ref",
     "int4_linear_norm_scaled",

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from flux_infer.kernels import activation, attention, matmul, norm, quant, rotary
+from flux_infer.kernels import activation, attention, matmul, norm, quant, quant_frag, rotary
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ DEQUANT_MATMUL_MIN_ROWS = {4: 128, 8: 320}
 # (benchmarks/decode.py's *_qkvbiased mode and --plans)
 QUANT_MMA_PLANS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
 AUTO_PLAN = (0, 0, 0, -1)  # the same four arguments left to the launcher
+FRAG_MAX_ROWS = 48  # fragment-layout INT4 layers: their kernel (16 rows a launch) up to here, cuBLAS on the
+# dequantized weight above
 NORM_EPILOGUE_MAX_ROWS = 8  # the INT4 layers around an RMSNorm (quant_linear_norm.cu) run in the kernel up to here
 # (blocks per (row, kv head), warps per block) of the one-launch decode attention; 0 = chosen by the launcher
 ROTARY_ATTENTION_LAUNCH = (0, 0)
@@ -103,7 +105,7 @@ def _build() -> Any:
         name="flux_infer_kernels",
         sources=[str(CSRC / name) for name in ("flux_kernels.cu", "quant_linear.cu", "quant_linear_gated.cu",
                                                   "quant_linear_norm.cu", "quant_linear_norm_gated.cu",
-                                                  "decode_attention.cu")],
+                                                  "quant_frag.cu", "decode_attention.cu")],
         build_directory=str(target),
         extra_cuda_cflags=["-O3", f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"],
         extra_cflags=["-O3"],
@@ -332,6 +334,48 @@ def _register(module: Any) -> None:
         gate, up = int4_linear_norm_scaled(x, qweight, scales, mins, group_size, bias, partials, eps).chunk(2, -1)
         return act_mul(gate, up, activation_kind)
 
+    def frag_rows(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> int:
+        """Rows of ``x`` when the fragment-layout kernel takes these shapes (any count: 16 per launch), else 0."""
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        fits = (x.dtype == torch.bfloat16 and scales.dtype == torch.bfloat16 and qweight.shape[0] % 64 == 0
+                and qweight.data_ptr() % 16 == 0)
+        return rows if fits else 0
+
+    def int4f_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                     bias: torch.Tensor | None, activation_kind: str, partials: torch.Tensor | None,
+                     eps: float) -> torch.Tensor:
+        """The fragment kernel up to ``FRAG_MAX_ROWS`` rows (and for every RMSNorm-scaled call), cuBLAS on the
+        dequantized weight above."""
+        rows = frag_rows(x, qweight, scales)
+        act = activation.ACTIVATIONS.index(activation_kind) if activation_kind in activation.ACTIVATIONS else -1
+        if rows and (act >= 0 or not activation_kind):
+            x2 = _aligned_rows(x).contiguous()
+            if rows <= FRAG_MAX_ROWS or partials is not None:
+                scale_rows = partials.reshape(rows, partials.shape[-1]).float().contiguous() if partials is not None \
+                    else None
+                out = module.quant_frag(x2, qweight, scales, mins, bias, act, scale_rows, eps, None, None,
+                                        quant_frag.counters(x.device), 0, 0)[0]
+            else:
+                out = torch.nn.functional.linear(x2, module.frag_dequantize(qweight, scales, mins), bias)
+                if act >= 0:
+                    out = act_mul(*out.chunk(2, dim=-1), activation_kind)
+            return out.view(*x.shape[:-1], out.shape[-1])
+        return quant_frag.int4f_linear_ref(x, qweight, scales, mins, bias, activation_kind, partials, eps)
+
+    def int4f_linear_add_norm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                              bias: torch.Tensor | None, residual: torch.Tensor, norm_weight: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, n = frag_rows(x, qweight, scales), qweight.shape[0]
+        if rows and residual.dtype == torch.bfloat16 and norm_weight.dtype == torch.bfloat16:
+            lead = x.shape[:-1]
+            normed, h, partials = module.quant_frag(_aligned_rows(x).contiguous(), qweight, scales, mins, bias, -1,
+                                                    None, 0.0, _rows(residual), norm_weight.contiguous(),
+                                                    quant_frag.counters(x.device), 0, 0)
+            return normed.view(*lead, n), h.view(*lead, n), partials.view(*lead, partials.shape[-1])
+        return quant_frag.int4f_linear_add_norm_ref(x, qweight, scales, mins, bias, residual, norm_weight)
+
+    quant_frag.int4f_linear.register("cuda", int4f_linear, "cuda")
+    quant_frag.int4f_linear_add_norm.register("cuda", int4f_linear_add_norm, "cuda")
     quant.int8_linear.register("cuda", int8_linear, "cuda")
     quant.int4_linear_add_norm.register("cuda", int4_linear_add_norm, "cuda")
     quant.int4_linear_norm_scaled.register("cuda", int4_linear_norm_scaled, "cuda")

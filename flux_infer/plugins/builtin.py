@@ -12,6 +12,7 @@ from flux_infer.plugins.fast_generate import FastGeneratePlugin
 from flux_infer.plugins.flash_attention import FlashAttentionPlugin
 from flux_infer.plugins.fuse_projections import FuseProjectionsPlugin
 from flux_infer.plugins.fused_kernels import FusedKernelsPlugin
+from flux_infer.plugins.int4_fragments import Int4FragmentsPlugin
 from flux_infer.plugins.kv_cache_int8 import KVCacheInt8Plugin
 from flux_infer.plugins.paged_kv_cache import PagedKVCachePlugin
 from flux_infer.plugins.quantization import QuantizationPlugin
@@ -25,6 +26,7 @@ def flux_infer_register_plugins() -> list[Plugin]:
         FlashAttentionPlugin(),
         FusedKernelsPlugin(),
         FuseProjectionsPlugin(),
+        Int4FragmentsPlugin(),
         FastGeneratePlugin(),
         PagedKVCachePlugin(),
         KVCacheInt8Plugin(),

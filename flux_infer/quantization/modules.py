@@ -2,7 +2,9 @@
 
 Their buffers are what a quantized checkpoint stores: ``qweight``, ``scale`` (INT8) or ``scales``/``mins``
 (INT4), ``bias``. Optional ``input_scale`` divides activations first (AWQ scales that could not be folded into a
-preceding layer).
+preceding layer). An INT4 layer may hold its codes, scales and mins in the fragment layout instead
+(``kernels/quant_frag.py``: ``to_fragments``), the form its decode-batch CUDA kernel streams; its ``state_dict``
+still holds the checkpoint layout.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 import torch
 
 from flux_infer import kernels
+from flux_infer.kernels import quant_frag
 from flux_infer.kernels.quant import dequantize_int4, dequantize_int8
 from flux_infer.quantization.rtn import quantize_int4, quantize_int8
 
@@ -37,6 +40,7 @@ class QuantizedLinear(torch.nn.Module):
             self.register_buffer("mins", torch.empty(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
         self.register_buffer("input_perm", None)  # GPTQ act-order checkpoints: input channels regrouped
+        self.fragments = False  # INT4 codes, scales and mins in the fragment layout (set_fragments)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, *, bits: int,
@@ -56,12 +60,58 @@ class QuantizedLinear(torch.nn.Module):
     def weight_dtype(self) -> torch.dtype:
         return (self.scale if self.bits == 8 else self.scales).dtype
 
+    # ---- the fragment layout (INT4, group 128) ---------------------------------------------------------------
+    @property
+    def fragments_fit(self) -> bool:
+        """Whether this layer can take the fragment layout (and its CUDA kernel: bf16, 64 outputs at a time)."""
+        return (self.bits == 4 and self.input_perm is None and self.weight_dtype == torch.bfloat16
+                and self.out_features % 64 == 0 and quant_frag.fits(self.out_features, self.in_features,
+                                                                   self.group_size))
+
+    def set_fragments(self, enabled: bool, *, storage_only: bool = False) -> None:
+        """Reorder the codes, scales and mins in place (their storage, so views of it follow) into the fragment
+        layout, or back. ``storage_only``: the tensors were reordered through another module sharing their storage
+        (a fused projection's buffers); only record the layout."""
+        if enabled == self.fragments:
+            return
+        if enabled and not self.fragments_fit:
+            raise ValueError(f"{self.extra_repr()}: the fragment layout needs INT4 with group 128, bf16 scales, "
+                             "out_features a multiple of 64 and no input permutation")
+        if not storage_only:
+            convert = quant_frag.to_fragments if enabled else quant_frag.from_fragments
+            with torch.no_grad():
+                for buffer, value in zip((self.qweight, self.scales, self.mins),
+                                         convert(self.qweight, self.scales, self.mins), strict=True):
+                    buffer.copy_(value)
+        self.fragments = enabled
+
+    def checkpoint_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """INT4 ``(qweight, scales, mins)`` in the checkpoint layout (copies when held as fragments)."""
+        if self.fragments:
+            return quant_frag.from_fragments(self.qweight, self.scales, self.mins)
+        return self.qweight, self.scales, self.mins
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.fragments:  # checkpoints hold the checkpoint layout
+            for name, value in zip(("qweight", "scales", "mins"), self.checkpoint_buffers(), strict=True):
+                destination[prefix + name] = value
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        fragments = self.fragments
+        if fragments:  # what arrives is the checkpoint layout: load it as such, then reorder
+            self.set_fragments(False)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if fragments:
+            self.set_fragments(True)
+
     def dequantize(self) -> torch.Tensor:
         """The full-precision weight ``[out_features, in_features]`` these codes stand for."""
         if self.bits == 8:
             weight = dequantize_int8(self.qweight, self.scale, self.weight_dtype)
         else:
-            weight = dequantize_int4(self.qweight, self.scales, self.mins, self.group_size, self.weight_dtype)
+            qweight, scales, mins = self.checkpoint_buffers()
+            weight = dequantize_int4(qweight, scales, mins, self.group_size, self.weight_dtype)
         if self.input_perm is not None:  # column j of the stored weight belongs to input channel input_perm[j]
             weight = torch.empty_like(weight).index_copy_(1, self.input_perm, weight)
         return weight
@@ -71,6 +121,8 @@ class QuantizedLinear(torch.nn.Module):
             x = x.index_select(-1, self.input_perm)
         if self.bits == 8:
             return kernels.int8_linear(x, self.qweight, self.scale, self.bias)
+        if self.fragments:
+            return quant_frag.int4f_linear(x, self.qweight, self.scales, self.mins, self.bias, "", None, 0.0)
         return kernels.int4_linear(x, self.qweight, self.scales, self.mins, self.group_size, self.bias)
 
     def gated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
@@ -79,6 +131,8 @@ class QuantizedLinear(torch.nn.Module):
         written; otherwise the layer and ``act_mul`` run apart (the same values)."""
         if self.input_perm is not None:
             x = x.index_select(-1, self.input_perm)
+        if self.fragments:
+            return quant_frag.int4f_linear(x, self.qweight, self.scales, self.mins, self.bias, activation, None, 0.0)
         mins = self.mins if self.bits == 4 else None
         scales = self.scales if self.bits == 4 else self.scale
         return kernels.quantized_gated_linear(x, self.qweight, scales, mins, self.group_size or 0, self.bias,
@@ -94,6 +148,9 @@ class QuantizedLinear(torch.nn.Module):
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(h * norm_weight, h, partials)`` with ``h = residual + self(x)``: the layer, the residual add after it
         and the part of the next RMSNorm that needs all of h (its sums of squares, ``partials``)."""
+        if self.fragments:
+            return quant_frag.int4f_linear_add_norm(x, self.qweight, self.scales, self.mins, self.bias, residual,
+                                                    norm_weight)
         return kernels.int4_linear_add_norm(x, self.qweight, self.scales, self.mins, self.group_size, self.bias,
                                             residual, norm_weight)
 
@@ -101,6 +158,9 @@ class QuantizedLinear(torch.nn.Module):
                     activation: str | None = None) -> torch.Tensor:
         """This layer on ``rms_norm(h)`` given ``x = h * norm_weight`` and ``add_norm``'s ``partials``: the norm's
         scale is applied to the layer's sums. ``activation``: a ``[gate; up]`` layer's ``act(gate) * up``."""
+        if self.fragments:
+            return quant_frag.int4f_linear(x, self.qweight, self.scales, self.mins, self.bias, activation or "",
+                                           partials, eps)
         if activation is None:
             return kernels.int4_linear_norm_scaled(x, self.qweight, self.scales, self.mins, self.group_size,
                                                    self.bias, partials, eps)
@@ -109,7 +169,8 @@ class QuantizedLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
+        layout = ", fragments" if self.fragments else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}{layout}"
 
 
 class QuantizedExperts(torch.nn.Module):

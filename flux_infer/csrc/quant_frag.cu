@@ -1,0 +1,431 @@
+// quant_frag: INT4 linear layers (group 128, bf16) on the fragment layout (flux_infer/quantization/fragments.py),
+// 1-16 rows of x per launch: the decode-batch kernel of benchmarks/lab/q16.cu's mq16 (docs/benchmarks.md,
+// thirteenth session), with the epilogues the decode paths use (plain, gated act(gate) * up, the RMSNorm scale
+// applied to the sums, and the residual add + norm pieces before an RMSNorm); and the fragment layout's dense weight
+// for long prefills.
+//
+// x is the MMA's A operand (16 rows = M), 8 output features its N. A block of WN warps owns WN fragment tiles of 32
+// features (gated: WN / 2 gate tiles and the matching up tiles); a stage is one 128-input group: each warp's tile
+// codes (a contiguous 2 KB run), scales and mins (64 bytes each) and x[16][128] (4 KB), copied by cp.async into
+// STAGES slots, one __syncthreads per stage. Per warp and stage: 32 MMAs on biased codes (0x4300 | q = 128 + q in
+// bf16, two lop3 per four codes) into per-group accumulators, finished in fp32 as acc += s acc_g + (m - 128 s)
+// sum(x), with sum(x) per row from 8 MMAs against ones. Layers with few tiles split K over ksplit blocks: fp32
+// partials, the last block of a tile (an arrival counter it resets) adds them in split order and runs the epilogue.
+#include "common.cuh"
+
+namespace flux {
+namespace {
+
+constexpr int kPlainE = 0, kGatedE = 1, kAddNormE = 2;  // epilogues; the norm scale is a run-time option of all
+
+struct FragArgs {
+  at::BFloat16* out;
+  const at::BFloat16* x;
+  const uint32_t* codes;
+  const uint16_t* scales;
+  const uint16_t* mins;
+  const at::BFloat16* bias;
+  float* ws;  // ksplit > 1: [ksplit][16][blocks * NB] partial tiles
+  int* counters;  // one per block index, zero between launches
+  int rows, n, k, ksplit, act;
+  bool early;  // signal dependents at the start (pdl_trigger) instead of after the main loop
+  const float* scale_partials;  // the norm scale: rsqrt(sum(scale_partials[row]) / k + eps); null: none
+  int scale_slots;
+  float eps;
+  const at::BFloat16* residual;  // kAddNormE: out = h = residual + layer, normed = h * norm_weight,
+  int64_t residual_stride;  // norm_partials[row][tile] = sum of h^2 over the 32 features of a fragment tile
+  const at::BFloat16* norm_weight;
+  at::BFloat16* normed;
+  float* norm_partials;
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void ldmatrix4(uint32_t* a, uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(addr));
+}
+__device__ __forceinline__ void mma_zero(float* d, const uint32_t* a, uint32_t b0, uint32_t b1) {  // d = a b
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+               "{%10, %10, %10, %10};"
+               : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
+}
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {  // (a & b) | c
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
+  return r;
+}
+__device__ __forceinline__ float bf_lo(uint32_t v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
+
+template <int WN, int STAGES, int E>
+__global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
+  constexpr int NB = 32 * WN, THREADS = 32 * WN, kCodes = 2048, kScales = 64, kX = 4096;
+  constexpr int kStage = WN * (kCodes + 2 * kScales) + kX, kXC = 256 / THREADS;
+  static_assert(E != kGatedE || WN % 2 == 0, "a gated block pairs gate and up tiles");
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int groups = a.k / 128, blk = blockIdx.x / a.ksplit, split = blockIdx.x % a.ksplit;
+  const int g0 = split * groups / a.ksplit, ng = (split + 1) * groups / a.ksplit - g0;
+  // this warp's fragment tile: gated blocks pair gate tile i with up tile i (n / 64 tiles further)
+  const int lt = E == kGatedE ? (warp < WN / 2 ? blk * (WN / 2) + warp : a.n / 64 + blk * (WN / 2) + warp - WN / 2)
+                              : blk * WN + warp;
+  const unsigned char* wnext = reinterpret_cast<const unsigned char*>(a.codes) +
+                               ((int64_t)lt * groups + g0) * kCodes + lane * 16;
+  const uint16_t* snext = (lane < 4 ? a.scales : a.mins) + ((int64_t)lt * groups + g0) * 32 + (lane & 3) * 8;
+  const uint32_t sbase = smem_addr(smem);
+  const uint32_t wdst = warp * kCodes + lane * 16, sdst = WN * kCodes + (lane < 4 ? 0 : WN * kScales) +
+                                                          warp * kScales + (lane & 3) * 16;
+  const int xrow = threadIdx.x >> 4, xch = threadIdx.x & 15;
+  const at::BFloat16* xnext[kXC];
+  uint32_t xdst[kXC];
+#pragma unroll
+  for (int c = 0; c < kXC; ++c) {
+    const int row = xrow + c * (THREADS / 16);  // rows past the batch read its last row (their sums are not stored)
+    xnext[c] = a.x + (int64_t)min(row, a.rows - 1) * a.k + g0 * 128 + xch * 8;
+    xdst[c] = WN * (kCodes + 2 * kScales) + row * 256 + ((xch ^ (row & 7)) << 4);  // swizzled: ldmatrix, no conflicts
+  }
+  int next = 0, slot = 0;
+  auto load_weights = [&]() {  // stage `next`'s codes, scales and mins into `slot`
+    if (next < ng) {
+      const uint32_t dst = sbase + slot * kStage;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) cp_async16(dst + wdst + i * 512, wnext + i * 512);
+      if (lane < 8) cp_async16(dst + sdst, snext);
+      wnext += kCodes;
+      snext += 32;
+    }
+  };
+  auto load_x = [&]() {  // and its x; then the stage's commit group
+    if (next < ng) {
+      const uint32_t dst = sbase + slot * kStage;
+#pragma unroll
+      for (int c = 0; c < kXC; ++c) cp_async16(dst + xdst[c], xnext[c] + next * 128);
+      slot = slot == STAGES - 1 ? 0 : slot + 1;
+    }
+    ++next;
+    cp_commit();
+  };
+  // the weights of the first stages stream while the kernel before this one finishes; x after it has
+  for (int s = 0; s < STAGES - 1; ++s) {
+    load_weights();
+    slot = slot == STAGES - 1 ? 0 : slot + 1;
+    ++next;
+  }
+  pdl_wait();
+  if (a.early) pdl_trigger();
+  next = slot = 0;
+  for (int s = 0; s < STAGES - 1; ++s) load_x();
+
+  float acc[4][4] = {};
+  const uint32_t ones = 0x3F803F80u, mask = 0x000F000Fu, ex = 0x43004300u;
+  const int lrow = (lane & 7) + ((lane >> 3) & 1) * 8, lhalf = lane >> 4;
+  for (int s = 0; s < ng; ++s) {
+    cp_wait<STAGES - 2>();
+    __syncthreads();
+    load_weights();
+    load_x();
+    const unsigned char* st = smem + (s % STAGES) * kStage;
+    const uint4* wv = reinterpret_cast<const uint4*>(st + warp * kCodes) + lane;
+    const uint4 sv = *reinterpret_cast<const uint4*>(st + WN * kCodes + warp * kScales + t * 16);
+    const uint4 mv = *reinterpret_cast<const uint4*>(st + WN * (kCodes + kScales) + warp * kScales + t * 16);
+    const uint32_t xs = sbase + (s % STAGES) * kStage + WN * (kCodes + 2 * kScales);
+    float accg[4][4], sx[4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const uint4 q = wv[p * 32];
+      const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int slice = 2 * p + h, ch = 2 * slice + lhalf;
+        uint32_t xa[4];
+        ldmatrix4(xa, xs + lrow * 256 + ((ch ^ (lrow & 7)) << 4));
+        if (slice == 0) mma_zero(sx, xa, ones, ones);
+        else mma<at::BFloat16>(sx, xa, ones, ones);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint32_t b0 = and_or(qw[j] >> (8 * h), mask, ex), b1 = and_or(qw[j] >> (8 * h + 4), mask, ex);
+          if (slice == 0) mma_zero(accg[j], xa, b0, b1);
+          else mma<at::BFloat16>(accg[j], xa, b0, b1);
+        }
+      }
+    }
+    const uint32_t svv[4] = {sv.x, sv.y, sv.z, sv.w}, mvv[4] = {mv.x, mv.y, mv.z, mv.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float s0 = bf_lo(svv[j]), s1 = bf_hi(svv[j]);
+      const float m0 = fmaf(-128.f, s0, bf_lo(mvv[j])), m1 = fmaf(-128.f, s1, bf_hi(mvv[j]));
+      acc[j][0] = fmaf(s0, accg[j][0], fmaf(m0, sx[0], acc[j][0]));
+      acc[j][1] = fmaf(s1, accg[j][1], fmaf(m1, sx[0], acc[j][1]));
+      acc[j][2] = fmaf(s0, accg[j][2], fmaf(m0, sx[2], acc[j][2]));
+      acc[j][3] = fmaf(s1, accg[j][3], fmaf(m1, sx[2], acc[j][3]));
+    }
+  }
+  cp_wait<0>();
+  if (!a.early) pdl_trigger();
+  __syncthreads();  // the stage slots become the block's tile: float [16][NB], column 32 warp + 8 j + 2 t + e
+  float* tile = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const int c = warp * 32 + 8 * j + 2 * t;
+    *reinterpret_cast<float2*>(tile + g * NB + c) = make_float2(acc[j][0], acc[j][1]);
+    *reinterpret_cast<float2*>(tile + (g + 8) * NB + c) = make_float2(acc[j][2], acc[j][3]);
+  }
+  __syncthreads();
+  if (a.ksplit > 1) {  // partials out; the last block of the tile adds them in split order
+    const int width = gridDim.x / a.ksplit * NB;
+    float* part = a.ws + (int64_t)split * 16 * width + blk * NB;
+    for (int i = threadIdx.x; i < 4 * NB; i += THREADS) {
+      const int row = i / (NB / 4), col = (i % (NB / 4)) * 4;
+      __stcg(reinterpret_cast<float4*>(part + (int64_t)row * width + col),
+             *reinterpret_cast<float4*>(tile + row * NB + col));
+    }
+    __threadfence();
+    __syncthreads();
+    __shared__ int last;
+    if (threadIdx.x == 0) last = atomicAdd(a.counters + blk, 1) == a.ksplit - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    for (int i = threadIdx.x; i < 4 * NB; i += THREADS) {
+      const int row = i / (NB / 4), col = (i % (NB / 4)) * 4;
+      const float* base = a.ws + (int64_t)row * width + blk * NB + col;
+      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int s0 = 0; s0 < a.ksplit; s0 += 4) {  // four splits' loads in flight
+        float4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          v[u] = s0 + u < a.ksplit ? __ldcg(reinterpret_cast<const float4*>(base + (int64_t)(s0 + u) * 16 * width))
+                                   : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) { sum.x += v[u].x; sum.y += v[u].y; sum.z += v[u].z; sum.w += v[u].w; }
+      }
+      *reinterpret_cast<float4*>(tile + row * NB + col) = sum;
+    }
+    if (threadIdx.x == 0) a.counters[blk] = 0;
+  }
+  __shared__ float row_scale[16];
+  if (a.scale_partials != nullptr) {  // every block sums a row's slots in the same order
+    for (int m = warp; m < a.rows; m += WN) {
+      float sum = 0.f;
+      for (int i = lane; i < a.scale_slots; i += 32)
+        sum += load_coherent(a.scale_partials + (int64_t)m * a.scale_slots + i);
+      sum = warp_sum(sum);
+      if (lane == 0) row_scale[m] = rsqrtf(fmaf(sum, 1.f / a.k, a.eps));
+    }
+  }
+  __syncthreads();
+  // epilogue: element e = (row, column) of the block's outputs, a warp's 32 consecutive columns in one row
+  constexpr int kOut = E == kGatedE ? NB / 2 : NB;
+  const int n_out = E == kGatedE ? a.n / 2 : a.n;
+  for (int e = threadIdx.x; e < 16 * kOut; e += THREADS) {
+    const int m = e / kOut, c = e % kOut, f = blk * kOut + c;
+    if (m >= a.rows) continue;  // uniform per warp: kOut is a multiple of 32
+    const float scale = a.scale_partials != nullptr ? row_scale[m] : 1.f;
+    auto value = [&](int col, int feature) {
+      float v = tile[m * NB + col] * scale;
+      if (a.bias != nullptr) v += static_cast<float>(a.bias[feature]);
+      return v;
+    };
+    if constexpr (E == kGatedE) {
+      const float gate = rnd<at::BFloat16>(value(c, f)), up = rnd<at::BFloat16>(value(c + NB / 2, a.n / 2 + f));
+      a.out[(int64_t)m * n_out + f] = from_float<at::BFloat16>(rnd<at::BFloat16>(activation(gate, a.act)) * up);
+    } else if constexpr (E == kAddNormE) {
+      const float h = rnd<at::BFloat16>(rnd<at::BFloat16>(value(c, f)) +
+                                        static_cast<float>(a.residual[m * a.residual_stride + f]));
+      a.out[(int64_t)m * n_out + f] = from_float<at::BFloat16>(h);
+      a.normed[(int64_t)m * n_out + f] = from_float<at::BFloat16>(h * static_cast<float>(a.norm_weight[f]));
+      const float squares = warp_sum(h * h);  // the warp's 32 columns: one fragment tile
+      if (lane == 0) a.norm_partials[(int64_t)m * (a.n / 32) + f / 32] = squares;
+    } else {
+      a.out[(int64_t)m * n_out + f] = from_float<at::BFloat16>(value(c, f));
+    }
+  }
+}
+
+// Dense weights [N, K] of the fragment layout: one thread per packed word, bit for bit dequantize_int4_kernel's
+// values (q * scale exact in float32, one rounding of the fused multiply-add).
+__global__ void frag_dequantize_kernel(at::BFloat16* __restrict__ out, const uint32_t* __restrict__ codes,
+                                       const at::BFloat16* __restrict__ scales, const at::BFloat16* __restrict__ mins,
+                                       int64_t words, int k) {
+  pdl_wait();
+  pdl_trigger();
+  const int groups = k / 128;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < words;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t tg = i / 512;  // (tile, group)
+    const int w = static_cast<int>(i % 512), p = w >> 7, lane = (w >> 2) & 31, j = w & 3, gg = lane >> 2, t = lane & 3;
+    const int64_t tile = tg / groups;
+    const int grp = static_cast<int>(tg % groups);
+    const int64_t feature = tile * 32 + 8 * j + gg;
+    const int64_t at = tg * 32 + (gg >> 1) * 8 + j * 2 + (gg & 1);  // the feature's scale in the tile's run
+    const float s = static_cast<float>(scales[at]), m = static_cast<float>(mins[at]);
+    const uint32_t word = codes[i];
+    at::BFloat16* row = out + feature * k + grp * 128 + 32 * p + 2 * t;
+#pragma unroll
+    for (int pos = 0; pos < 8; ++pos)  // nibble a + 4 b: input 8 a + b (from 32 p + 2 t)
+      row[8 * (pos & 3) + (pos >> 2)] =
+          from_float<at::BFloat16>(fmaf(static_cast<float>((word >> (4 * pos)) & 0xFu), s, m));
+  }
+}
+
+struct FragPlan {
+  int warps, ksplit;
+};
+
+// Measured on H100 (docs/benchmarks.md, thirteenth session): 2-warp blocks for most layers, K split until about
+// 384 blocks run; 8-warp blocks of 3 stages for the widest (lm_head).
+FragPlan choose_frag_plan(int n, int k, bool gated) {
+  if (n >= 65536 && n % 256 == 0 && !gated) return {8, 1};
+  const int blocks = n / 64, groups = k / 128;
+  int ksplit = 1;
+  while (blocks * ksplit < 384 && ksplit < 8 && groups / (2 * ksplit) >= 4) ksplit *= 2;
+  return {2, ksplit};
+}
+
+template <int WN, int STAGES, int E>
+void launch_frag(const FragArgs& args, int blocks, cudaStream_t stream) {
+  constexpr int kStage = WN * (2048 + 128) + 4096;
+  const size_t smem = static_cast<size_t>(STAGES) * kStage;
+  static_assert(STAGES * kStage >= 16 * 32 * WN * 4, "the tile reuses the stage slots");
+  auto kernel = quant_frag_kernel<WN, STAGES, E>;
+  static bool configured = false;  // per instantiation
+  if (!configured) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    configured = true;
+  }
+  launch(kernel, blocks, WN * 32, smem, stream, args);
+}
+
+template <int E>
+void dispatch_frag(const FragArgs& args, const FragPlan& plan, cudaStream_t stream) {
+  const int blocks = args.n / (32 * plan.warps) * plan.ksplit;
+  if (plan.warps == 8) launch_frag<8, 3, E>(args, blocks, stream);
+  else launch_frag<2, 4, E>(args, blocks, stream);
+}
+
+}  // namespace
+}  // namespace flux
+
+// x @ W.T (+ bias) for a fragment-layout INT4 layer (qweight int32 [N, K / 8], scales/mins bf16 [N, K / 128], both
+// reordered by fragments.to_fragments), 1..16 rows of bf16 x per launch (more: launches of 16). activation >= 0:
+// a [gate; up] layer's act(gate) * up (0 = silu, 1 = gelu_tanh). scale_partials: the layer after an RMSNorm, its
+// sums scaled per row by rsqrt(sum(scale_partials[row]) / K + eps). residual + norm_weight: the layer before one,
+// returning (normed, h, partials [rows, N / 32]) as quant_mma_add_norm does. counters: int32, zero, at least
+// N / 64 entries, reset by the kernels (one buffer per device serves every layer: launches in one stream).
+std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins,
+                                      c10::optional<torch::Tensor> bias, int64_t activation,
+                                      c10::optional<torch::Tensor> scale_partials, double eps,
+                                      c10::optional<torch::Tensor> residual, c10::optional<torch::Tensor> norm_weight,
+                                      torch::Tensor counters, int64_t warps, int64_t ksplit) {
+  flux::check_cuda(x, "x");
+  const int64_t rows = x.size(0), k = x.size(1), n = qweight.size(0);
+  const bool gated = activation >= 0, add_norm = residual.has_value();
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.stride(0) == k && x.scalar_type() == at::kBFloat16 && rows >= 1 &&
+                  flux::aligned16(x),
+              "quant_frag: x must be contiguous bf16 [rows, K], 16-byte aligned");
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.is_contiguous() && qweight.size(1) * 8 == k &&
+                  k % 128 == 0 && n % 64 == 0 && flux::aligned16(qweight) && scales.is_contiguous() &&
+                  mins.is_contiguous() && scales.scalar_type() == at::kBFloat16 &&
+                  mins.scalar_type() == at::kBFloat16 && scales.numel() == n * (k / 128) &&
+                  mins.numel() == scales.numel() && flux::aligned16(scales) && flux::aligned16(mins),
+              "quant_frag: fragment-layout INT4 weights, group 128, N a multiple of 64, bf16 scales and mins");
+  TORCH_CHECK(!bias || (bias->is_contiguous() && bias->scalar_type() == at::kBFloat16 && bias->numel() == n),
+              "quant_frag: bias must be bf16 [N]");
+  TORCH_CHECK(activation >= -1 && activation <= 1 && !(gated && add_norm),
+              "quant_frag: activation -1 (none), 0 (silu) or 1 (gelu_tanh); a gated layer does not feed a norm");
+  TORCH_CHECK(counters.scalar_type() == at::kInt && counters.is_contiguous() && counters.numel() >= n / 64,
+              "quant_frag: counters must be int32 with at least N / 64 zeros");
+  TORCH_CHECK(!scale_partials || (scale_partials->dim() == 2 && scale_partials->size(0) == rows &&
+                                  scale_partials->is_contiguous() && scale_partials->scalar_type() == at::kFloat),
+              "quant_frag: scale_partials must be contiguous float32 [rows, slots]");
+  TORCH_CHECK(!add_norm || (norm_weight && residual->dim() == 2 && residual->size(0) == rows &&
+                            residual->size(1) == n && residual->stride(1) == 1 &&
+                            residual->scalar_type() == at::kBFloat16 && norm_weight->is_contiguous() &&
+                            norm_weight->numel() == n && norm_weight->scalar_type() == at::kBFloat16),
+              "quant_frag: residual must be bf16 [rows, N] with a contiguous last dim, norm_weight bf16 [N]");
+  flux::FragPlan plan = flux::choose_frag_plan(static_cast<int>(n), static_cast<int>(k), gated);
+  if (warps > 0) plan.warps = static_cast<int>(warps);
+  if (ksplit > 0) plan.ksplit = static_cast<int>(ksplit);
+  TORCH_CHECK((plan.warps == 2 || (plan.warps == 8 && !gated)) && n % (32 * plan.warps) == 0 && plan.ksplit >= 1 &&
+                  plan.ksplit <= k / 128,
+              "quant_frag: 2 warps (8 for plain layers of N a multiple of 256), 1..K/128 splits");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t n_out = gated ? n / 2 : n;
+  auto out = torch::empty({rows, n_out}, x.options());
+  torch::Tensor normed, partials;
+  if (add_norm) {
+    normed = torch::empty({rows, n}, x.options());
+    partials = torch::empty({rows, n / 32}, x.options().dtype(at::kFloat));
+  }
+  torch::Tensor ws;
+  if (plan.ksplit > 1) ws = torch::empty({plan.ksplit * 16 * n}, x.options().dtype(at::kFloat));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    flux::FragArgs args = {};
+    args.rows = static_cast<int>(std::min<int64_t>(16, rows - r0));
+    args.out = reinterpret_cast<at::BFloat16*>(out.data_ptr()) + r0 * n_out;
+    args.x = reinterpret_cast<const at::BFloat16*>(x.data_ptr()) + r0 * k;
+    args.codes = reinterpret_cast<const uint32_t*>(qweight.data_ptr());
+    args.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+    args.mins = reinterpret_cast<const uint16_t*>(mins.data_ptr());
+    args.bias = bias ? reinterpret_cast<const at::BFloat16*>(bias->data_ptr()) : nullptr;
+    args.ws = plan.ksplit > 1 ? ws.data_ptr<float>() : nullptr;
+    args.counters = counters.data_ptr<int>();
+    args.n = static_cast<int>(n);
+    args.k = static_cast<int>(k);
+    args.ksplit = plan.ksplit;
+    args.act = static_cast<int>(activation);
+    args.early = flux::trigger_early(rows);
+    if (scale_partials) {
+      args.scale_slots = static_cast<int>(scale_partials->size(1));
+      args.scale_partials = scale_partials->data_ptr<float>() + r0 * args.scale_slots;
+      args.eps = static_cast<float>(eps);
+    }
+    if (add_norm) {
+      args.residual = reinterpret_cast<const at::BFloat16*>(residual->data_ptr()) + r0 * residual->stride(0);
+      args.residual_stride = residual->stride(0);
+      args.norm_weight = reinterpret_cast<const at::BFloat16*>(norm_weight->data_ptr());
+      args.normed = reinterpret_cast<at::BFloat16*>(normed.data_ptr()) + r0 * n;
+      args.norm_partials = partials.data_ptr<float>() + r0 * (n / 32);
+    }
+    if (gated) flux::dispatch_frag<flux::kGatedE>(args, plan, stream);
+    else if (add_norm) flux::dispatch_frag<flux::kAddNormE>(args, plan, stream);
+    else flux::dispatch_frag<flux::kPlainE>(args, plan, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  if (add_norm) return {normed, out, partials};
+  return {out};
+}
+
+// The dense bf16 weight [N, K] a fragment-layout INT4 layer stands for (long prefills: cuBLAS then runs the matmul).
+torch::Tensor frag_dequantize(torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins) {
+  flux::check_cuda(qweight, "qweight");
+  const int64_t n = qweight.size(0), k = qweight.size(1) * 8;
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.is_contiguous() && k % 128 == 0 && n % 32 == 0 &&
+                  scales.is_contiguous() && mins.is_contiguous() && scales.scalar_type() == at::kBFloat16 &&
+                  mins.scalar_type() == at::kBFloat16 && scales.numel() == n * (k / 128) &&
+                  mins.numel() == scales.numel(),
+              "frag_dequantize: fragment-layout INT4 weights, group 128, bf16 scales and mins");
+  const c10::cuda::CUDAGuard guard(qweight.device());
+  auto out = torch::empty({n, k}, scales.options());
+  const int64_t words = n * k / 8;
+  if (words == 0) return out;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((words + threads - 1) / threads, 65535);
+  flux::launch(flux::frag_dequantize_kernel, blocks, threads, 0, c10::cuda::getCurrentCUDAStream(),
+               reinterpret_cast<at::BFloat16*>(out.data_ptr()), reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
+               reinterpret_cast<const at::BFloat16*>(scales.data_ptr()),
+               reinterpret_cast<const at::BFloat16*>(mins.data_ptr()), words, static_cast<int>(k));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}

@@ -1,0 +1,199 @@
+"""The fragment-layout INT4 kernel (csrc/quant_frag.cu) against its references, and the int4_fragments plugin end to
+end (GPU only: marked `cuda`). Tolerances as tests/test_cuda_kernels.py: within twice the error of the PyTorch
+reference against float64; bit for bit where the same sums are rounded the same way."""
+
+import copy
+
+import pytest
+import torch
+
+import flux_infer
+from flux_infer import InferenceConfig, kernels
+from flux_infer.kernels import cuda as cuda_kernels
+from flux_infer.kernels import quant_frag
+from flux_infer.quantization.modules import QuantizedLinear
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert cuda_kernels.load(), cuda_kernels.status()
+
+
+def fragment_case(n, k, bias=True, seed=0):
+    torch.manual_seed(seed)
+    w = (torch.randn(n, k, device="cuda") / k**0.5).bfloat16()
+    b = torch.randn(n, device="cuda").bfloat16() if bias else None
+    checkpoint = QuantizedLinear.from_weight(w, b, bits=4, group_size=128)
+    layer = copy.deepcopy(checkpoint)
+    layer.set_fragments(True)
+    return checkpoint, layer
+
+
+def rel_err(x, truth):
+    return ((x.double() - truth).norm() / truth.norm()).item()
+
+
+def assert_close_to_float64(out, reference, truth):
+    assert out.shape == reference.shape
+    assert rel_err(out, truth) <= 2 * rel_err(reference, truth) + 2**-8
+
+
+def kernel(layer, x, activation=-1, partials=None, eps=0.0, residual=None, norm_weight=None, warps=0, ksplit=0):
+    return cuda_kernels._state["module"].quant_frag(x, layer.qweight, layer.scales, layer.mins, layer.bias, activation,
+                                                    partials, eps, residual, norm_weight,
+                                                    quant_frag.counters(x.device), warps, ksplit)
+
+
+PLANS = [(0, 0), (2, 1), (2, 3), (2, 8), (8, 1), (8, 4)]  # (warps, K split); 0: the launcher's choice
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 17, 40])
+@pytest.mark.parametrize("n, k", [(1024, 1024), (512, 2048), (4096, 512), (256, 14336)])
+@pytest.mark.parametrize("plan", PLANS)
+def test_fragment_kernel_against_float64(rows, n, k, plan):
+    if (plan[0] == 8 and n % 256) or plan[1] > k // 128:
+        pytest.skip("8-warp blocks take 256 outputs; a K split of at most K / 128")
+    checkpoint, layer = fragment_case(n, k, bias=rows % 2 == 1)
+    x = torch.randn(rows, k, device="cuda").bfloat16()
+    out = kernel(layer, x, warps=plan[0], ksplit=plan[1])[0]
+    bias = checkpoint.bias.double() if checkpoint.bias is not None else None
+    truth = torch.nn.functional.linear(x.double(), checkpoint.dequantize().double(), bias)
+    reference = kernels.int4_linear_ref(x, checkpoint.qweight, checkpoint.scales, checkpoint.mins, 128, checkpoint.bias)
+    assert_close_to_float64(out, reference, truth)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 48, 64, 200])  # from 49 rows: cuBLAS on the dequantized weight
+def test_the_op_serves_every_row_count(rows):
+    checkpoint, layer = fragment_case(1024, 1024)
+    assert kernels.implementation("int4f_linear", "cuda") == "cuda"
+    x = torch.randn(rows, 1024, device="cuda").bfloat16()
+    truth = torch.nn.functional.linear(x.double(), checkpoint.dequantize().double(), checkpoint.bias.double())
+    assert_close_to_float64(layer(x), checkpoint(x), truth)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 33])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("half, k", [(512, 1024), (2048, 4096)])
+def test_gated_is_the_plain_layers_halves_through_act_mul_bit_for_bit(rows, activation, half, k):
+    """Gated blocks pair gate and up tiles; each tile's sums are the plain launch's (same K split), rounded as
+    the layer and act_mul round them."""
+    _, layer = fragment_case(2 * half, k, bias=rows % 2 == 0)
+    x = torch.randn(rows, k, device="cuda").bfloat16()
+    gate, up = layer(x).chunk(2, dim=-1)
+    assert torch.equal(layer.gated(x, activation), kernels.act_mul(gate, up, activation))
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8])
+@pytest.mark.parametrize("activation", [None, "silu"])
+@pytest.mark.parametrize("n, k", [(1024, 1024), (4096, 512)])
+def test_norm_scaled_against_float64(rows, activation, n, k):
+    checkpoint, layer = fragment_case(n, k, bias=rows % 2 == 0)
+    x = torch.randn(rows, k, device="cuda").bfloat16()
+    partials, eps = torch.rand(rows, 37, device="cuda") * k / 20, 1e-5
+    out = layer.norm_scaled(x, partials, eps, activation)
+    scale = torch.rsqrt(partials.double().sum(-1, keepdim=True) / k + eps)
+    full = torch.nn.functional.linear(x.double(), checkpoint.dequantize().double()) * scale
+    if checkpoint.bias is not None:
+        full = full + checkpoint.bias.double()
+    truth = full if activation is None else kernels.act_mul_ref(*full.chunk(2, dim=-1), activation)
+    reference = quant_frag.int4f_linear_ref(x, layer.qweight, layer.scales, layer.mins, layer.bias,
+                                            activation or "", partials, eps)
+    assert_close_to_float64(out, reference, truth)
+    if activation:
+        gate, up = layer.norm_scaled(x, partials, eps).chunk(2, dim=-1)
+        assert torch.equal(out, kernels.act_mul(gate, up, activation))
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+@pytest.mark.parametrize("n, k", [(1024, 1024), (576, 1536), (4096, 14336)])
+def test_add_norm_is_the_layer_and_the_add_bit_for_bit(rows, n, k):
+    _, layer = fragment_case(n, k, bias=rows % 2 == 1)
+    x, residual = torch.randn(rows, k, device="cuda").bfloat16(), torch.randn(rows, n, device="cuda").bfloat16()
+    weight = (torch.rand(n, device="cuda") + 0.5).bfloat16()
+    normed, h, partials = layer.add_norm(x, residual, weight)
+    assert torch.equal(h, layer(x) + residual)
+    assert torch.equal(normed, (h.float() * weight.float()).bfloat16())
+    assert partials.shape == (rows, n // 32) and partials.dtype == torch.float32
+    torch.testing.assert_close(partials, h.float().pow(2).view(rows, n // 32, 32).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_dequantize_is_the_checkpoint_layouts_bit_for_bit():
+    checkpoint, layer = fragment_case(1024, 2048)
+    dense = cuda_kernels._state["module"].frag_dequantize(layer.qweight, layer.scales, layer.mins)
+    assert torch.equal(dense, checkpoint.dequantize())
+
+
+def test_the_kernel_refuses_what_it_cannot_run():
+    _, layer = fragment_case(1024, 1024)
+    x = torch.randn(2, 1024, device="cuda").bfloat16()
+    with pytest.raises(RuntimeError, match="2 warps"):
+        kernel(layer, x, activation=0, warps=8)
+    with pytest.raises(RuntimeError, match="x must be contiguous bf16"):
+        kernel(layer, x.half())
+    torch.library.opcheck(torch.ops.flux.int4f_linear.default,
+                          (x, layer.qweight, layer.scales, layer.mins, layer.bias, "silu", None, 0.0))
+
+
+def test_a_decode_step_in_a_cuda_graph_leaves_the_counters_at_zero():
+    _, layer = fragment_case(256, 14336)  # a K split: the counters are used
+    x = torch.randn(4, 14336, device="cuda").bfloat16()
+    eager = layer(x)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer(x)
+    for _ in range(3):
+        graph.replay()
+        assert torch.equal(out, eager)
+    assert not quant_frag.counters(x.device).any()
+
+
+def test_int4_decode_with_the_wide_layers_in_the_fragment_layout(monkeypatch):
+    """A small random Llama at INT4 group 128 with lm_head quantized: gate/up, down and lm_head switch to the
+    fragment layout, the state_dict stays the checkpoint layout's, and greedy decoding (4 rows: the norm pieces;
+    16 rows by batching the prompts 4 times) matches the same model without the switch within twice what bf16
+    changes in the unquantized model's logits (against float32), up to the first near tie; revert restores it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from flux_infer.plugins import int4_fragments
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                  num_attention_heads=8, num_key_value_heads=4, head_dim=64, vocab_size=4096,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16).eval()
+    prompts = torch.randint(3, 4096, (4, 20), device="cuda")
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    with torch.no_grad():
+        bf16_error = rel(model(input_ids=prompts).logits.float(),
+                         copy.deepcopy(model).float()(input_ids=prompts).logits)
+    settings = InferenceConfig(optimization_level="O1", quantization="int4", quantization_group_size=128,
+                               quantize_lm_head=True)
+    plain = copy.deepcopy(model)
+    flux_infer.optimize(model, config=settings)
+    switched = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.fragments]
+    assert len(switched) == 2 * 3 + 1  # gate_proj, up_proj (views of the fused layer), down; lm_head
+    monkeypatch.setattr(int4_fragments, "ROLES", ())
+    flux_infer.optimize(plain, config=settings)
+    assert not any(isinstance(m, QuantizedLinear) and m.fragments for m in plain.modules())
+    state, plain_state = model.state_dict(), plain.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in plain_state.items())
+    for copies in (1, 4):
+        ids = prompts.repeat(copies, 1)
+        runs = [m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                           temperature=None, top_p=None, top_k=None, pad_token_id=0, return_dict_in_generate=True,
+                           output_logits=True) for m in (model, plain)]
+        same = []
+        for row in range(len(ids)):
+            for step, (a, b) in enumerate(zip(runs[0].logits, runs[1].logits, strict=True)):
+                a, b = a[row].float(), b[row].float()
+                mine, theirs = runs[0].sequences[row, 20 + step], runs[1].sequences[row, 20 + step]
+                if mine != theirs:
+                    assert b[theirs] - b[mine] <= (a - b).abs().max(), (copies, row, step)
+                    break
+                same.append((a, b))
+        got, want = (torch.stack(x) for x in zip(*same, strict=True))
+        assert rel(got, want) <= 2 * bf16_error, (copies, rel(got, want), bf16_error)
+    flux_infer.revert(model)
+    assert not any(isinstance(m, QuantizedLinear) and m.fragments for m in model.modules())
