@@ -90,9 +90,13 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
   uint32_t xdst[kXC];
 #pragma unroll
   for (int c = 0; c < kXC; ++c) {
-    const int row = xrow + c * (THREADS / 16);  // rows past the batch read its last row (their sums are not stored)
+    const int row = xrow + c * (THREADS / 16);
     xnext[c] = a.x + (int64_t)min(row, a.rows - 1) * a.k + g0 * 128 + xch * 8;
     xdst[c] = WN * (kCodes + 2 * kScales) + row * 256 + ((xch ^ (row & 7)) << 4);  // swizzled: ldmatrix, no conflicts
+    // rows past the batch: zeros in every slot, written once and never copied over (copying the last row into
+    // them instead made every block read one line of L2 16 times per stage: 1-row gate/up took 55 us, not 28)
+    if (row >= a.rows)
+      for (int s = 0; s < STAGES; ++s) *reinterpret_cast<uint4*>(smem + s * kStage + xdst[c]) = make_uint4(0, 0, 0, 0);
   }
   int next = 0, slot = 0;
   auto load_weights = [&]() {  // stage `next`'s codes, scales and mins into `slot`
@@ -109,7 +113,8 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
     if (next < ng) {
       const uint32_t dst = sbase + slot * kStage;
 #pragma unroll
-      for (int c = 0; c < kXC; ++c) cp_async16(dst + xdst[c], xnext[c] + next * 128);
+      for (int c = 0; c < kXC; ++c)
+        if (xrow + c * (THREADS / 16) < a.rows) cp_async16(dst + xdst[c], xnext[c] + next * 128);
       slot = slot == STAGES - 1 ? 0 : slot + 1;
     }
     ++next;
@@ -252,29 +257,34 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
   }
 }
 
-// Dense weights [N, K] of the fragment layout: one thread per packed word, bit for bit dequantize_int4_kernel's
-// values (q * scale exact in float32, one rounding of the fused multiply-add).
+// Dense weights [N, K] of the fragment layout: one thread per 8 consecutive outputs of a row (one 16-byte store),
+// gathered from the four words (lanes t = 0..3) that hold them; bit for bit dequantize_int4_kernel's values (q * scale
+// exact in float32, one rounding of the fused multiply-add).
 __global__ void frag_dequantize_kernel(at::BFloat16* __restrict__ out, const uint32_t* __restrict__ codes,
                                        const at::BFloat16* __restrict__ scales, const at::BFloat16* __restrict__ mins,
-                                       int64_t words, int k) {
+                                       int64_t chunks, int k) {
   pdl_wait();
   pdl_trigger();
   const int groups = k / 128;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < words;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < chunks;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t tg = i / 512;  // (tile, group)
-    const int w = static_cast<int>(i % 512), p = w >> 7, lane = (w >> 2) & 31, j = w & 3, gg = lane >> 2, t = lane & 3;
-    const int64_t tile = tg / groups;
-    const int grp = static_cast<int>(tg % groups);
-    const int64_t feature = tile * 32 + 8 * j + gg;
-    const int64_t at = tg * 32 + (gg >> 1) * 8 + j * 2 + (gg & 1);  // the feature's scale in the tile's run
+    const int64_t feature = i / (k / 8);
+    const int kc = static_cast<int>(i % (k / 8)), grp = kc >> 4, p = (kc >> 2) & 3, a = kc & 3;
+    const int64_t tile = feature >> 5;
+    const int j = (feature >> 3) & 3, g = feature & 7;
+    const int64_t tg = tile * groups + grp;
+    const uint32_t* words = codes + tg * 512 + p * 128 + g * 16 + j;  // word (p, g, t, j) = + 4 t
+    const int64_t at = tg * 32 + (g >> 1) * 8 + j * 2 + (g & 1);  // the feature's scale in the tile's run
     const float s = static_cast<float>(scales[at]), m = static_cast<float>(mins[at]);
-    const uint32_t word = codes[i];
-    at::BFloat16* row = out + feature * k + grp * 128 + 32 * p + 2 * t;
+    uint4 v;
+    at::BFloat16* o = reinterpret_cast<at::BFloat16*>(&v);
 #pragma unroll
-    for (int pos = 0; pos < 8; ++pos)  // nibble a + 4 b: input 8 a + b (from 32 p + 2 t)
-      row[8 * (pos & 3) + (pos >> 2)] =
-          from_float<at::BFloat16>(fmaf(static_cast<float>((word >> (4 * pos)) & 0xFu), s, m));
+    for (int t = 0; t < 4; ++t) {  // inputs 8 a + 2 t + b: nibble a + 4 b of lane t's word
+      const uint32_t word = words[4 * t];
+      o[2 * t] = from_float<at::BFloat16>(fmaf(static_cast<float>((word >> (4 * a)) & 0xFu), s, m));
+      o[2 * t + 1] = from_float<at::BFloat16>(fmaf(static_cast<float>((word >> (4 * a + 16)) & 0xFu), s, m));
+    }
+    reinterpret_cast<uint4*>(out)[i] = v;
   }
 }
 
@@ -418,14 +428,14 @@ torch::Tensor frag_dequantize(torch::Tensor qweight, torch::Tensor scales, torch
               "frag_dequantize: fragment-layout INT4 weights, group 128, bf16 scales and mins");
   const c10::cuda::CUDAGuard guard(qweight.device());
   auto out = torch::empty({n, k}, scales.options());
-  const int64_t words = n * k / 8;
-  if (words == 0) return out;
+  const int64_t chunks = n * k / 8;
+  if (chunks == 0) return out;
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((words + threads - 1) / threads, 65535);
+  const int64_t blocks = std::min<int64_t>((chunks + threads - 1) / threads, 65535);
   flux::launch(flux::frag_dequantize_kernel, blocks, threads, 0, c10::cuda::getCurrentCUDAStream(),
                reinterpret_cast<at::BFloat16*>(out.data_ptr()), reinterpret_cast<const uint32_t*>(qweight.data_ptr()),
                reinterpret_cast<const at::BFloat16*>(scales.data_ptr()),
-               reinterpret_cast<const at::BFloat16*>(mins.data_ptr()), words, static_cast<int>(k));
+               reinterpret_cast<const at::BFloat16*>(mins.data_ptr()), chunks, static_cast<int>(k));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
