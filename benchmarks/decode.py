@@ -65,10 +65,11 @@ FLUX_MODES["flux_int4_normapart"] = FLUX_MODES["flux_int4"]
 # quantized, with every prefill matmul on the Triton dequantize-in-the-loop kernel (an A/B of
 # flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS: cuBLAS on the dequantized weight)
 FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
-# INT4 with every layer in the checkpoint layout (no int4_fragments), or with down kept in it (A/Bs of
-# flux_infer.plugins.int4_fragments.ROLES)
-FLUX_MODES["flux_int4_rowlayout"] = FLUX_MODES["flux_int4"]
-FLUX_MODES["flux_int4_nodownfrag"] = FLUX_MODES["flux_int4"]
+# INT4 with the wide layers in the fragment layout (the opt-in int4_fragments plugin), and the same with down kept
+# in the checkpoint layout (an A/B of flux_infer.plugins.int4_fragments.ROLES)
+FLUX_MODES["flux_int4_frag"] = flux_infer.InferenceConfig(optimization_level="O1", quantization="int4",
+                                                          quantize_lm_head=True, plugins=["int4_fragments"])
+FLUX_MODES["flux_int4_frag_nodown"] = FLUX_MODES["flux_int4_frag"]
 
 
 default_add_norm = kernels.add_rms_norm
@@ -225,8 +226,7 @@ def main() -> int:
                                                     if mode.endswith("_triton_prefill") else dict(default_dequant_rows))
             if mode.endswith("_nonorm"):
                 kernels.add_rms_norm = _pass_through_add_norm
-            int4_fragments.ROLES = (() if mode.endswith("_rowlayout") else ("gate_up", "lm_head")
-                                    if mode.endswith("_nodownfrag") else default_fragment_roles)
+            int4_fragments.ROLES = ("gate_up", "lm_head") if mode.endswith("_nodown") else default_fragment_roles
             flux_infer.optimize(model, config=FLUX_MODES[mode])
             print(model.flux_report, flush=True)
             info[f"{mode}_model_gb"] = model.flux_report.memory_after.model_bytes / 1e9

@@ -149,14 +149,12 @@ def test_a_decode_step_in_a_cuda_graph_leaves_the_counters_at_zero():
     assert not quant_frag.counters(x.device).any()
 
 
-def test_int4_decode_with_the_wide_layers_in_the_fragment_layout(monkeypatch):
+def test_int4_decode_with_the_wide_layers_in_the_fragment_layout():
     """A small random Llama at INT4 group 128 with lm_head quantized: gate/up, down and lm_head switch to the
     fragment layout, the state_dict stays the checkpoint layout's, and greedy decoding (4 rows: the norm pieces;
     16 rows by batching the prompts 4 times) matches the same model without the switch within twice what bf16
     changes in the unquantized model's logits (against float32), up to the first near tie; revert restores it."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from flux_infer.plugins import int4_fragments
 
     torch.manual_seed(0)
     config = AutoConfig.for_model("llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
@@ -168,14 +166,12 @@ def test_int4_decode_with_the_wide_layers_in_the_fragment_layout(monkeypatch):
     with torch.no_grad():
         bf16_error = rel(model(input_ids=prompts).logits.float(),
                          copy.deepcopy(model).float()(input_ids=prompts).logits)
-    settings = InferenceConfig(optimization_level="O1", quantization="int4", quantization_group_size=128,
-                               quantize_lm_head=True)
+    settings = dict(optimization_level="O1", quantization="int4", quantization_group_size=128, quantize_lm_head=True)
     plain = copy.deepcopy(model)
-    flux_infer.optimize(model, config=settings)
+    flux_infer.optimize(model, config=InferenceConfig(**settings, plugins=["int4_fragments"]))
     switched = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.fragments]
     assert len(switched) == 2 * 3 + 1  # gate_proj, up_proj (views of the fused layer), down; lm_head
-    monkeypatch.setattr(int4_fragments, "ROLES", ())
-    flux_infer.optimize(plain, config=settings)
+    flux_infer.optimize(plain, config=InferenceConfig(**settings))  # opt-in: not without being named
     assert not any(isinstance(m, QuantizedLinear) and m.fragments for m in plain.modules())
     state, plain_state = model.state_dict(), plain.state_dict()
     assert all(torch.equal(state[k], v) for k, v in plain_state.items())

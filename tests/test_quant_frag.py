@@ -117,3 +117,18 @@ def test_the_fake_implementations_give_the_shapes():
     torch.library.opcheck(torch.ops.flux.int4f_linear.default, (*args, "", torch.rand(2, 3), 1e-5))
     torch.library.opcheck(torch.ops.flux.int4f_linear_add_norm.default,
                           (*args, torch.randn(2, 64).bfloat16(), torch.ones(64).bfloat16()))
+
+
+def test_the_plugin_is_opt_in_and_says_why_it_does_not_apply_on_the_cpu():
+    import flux_infer
+    from flux_infer import InferenceConfig
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    flux_infer.optimize(model, config=InferenceConfig(optimization_level="O2"))
+    assert "int4_fragments" not in [s.name for s in model.flux_report.applied]
+    model = tiny_model("llama")
+    flux_infer.optimize(model, config=InferenceConfig(optimization_level="O1", quantization="int4",
+                                                      plugins=["int4_fragments"]))
+    skipped = {s.name: s.reason for s in model.flux_report.skipped}
+    assert "CUDA" in skipped["int4_fragments"]
