@@ -590,6 +590,17 @@ __global__ void repack_mq(uint32_t* __restrict__ dst, uint32_t* __restrict__ dsm
   }
 }
 
+// One group's biased sums (acc_g over codes 128 + q; sx: sums of x, rows g and g + 8 in sx[0] and sx[2]) into the
+// accumulators of an n8 tile's columns 2t and 2t + 1 (scales s0, s1, mins m0, m1): acc += s acc_g + (m - 128 s) sx.
+__device__ __forceinline__ void finish_group(float (&acc)[4], const float (&accg)[4], const float* sx, float s0,
+                                             float s1, float mn0, float mn1) {
+  const float m0 = fmaf(-128.f, s0, mn0), m1 = fmaf(-128.f, s1, mn1);
+  acc[0] = fmaf(s0, accg[0], fmaf(m0, sx[0], acc[0]));
+  acc[1] = fmaf(s1, accg[1], fmaf(m1, sx[0], acc[1]));
+  acc[2] = fmaf(s0, accg[2], fmaf(m0, sx[2], acc[2]));
+  acc[3] = fmaf(s1, accg[3], fmaf(m1, sx[2], acc[3]));
+}
+
 // The block's 16 x NB tile: stored (ksplit 1) or written as an fp32 partial; the last of a tile's ksplit blocks to
 // arrive adds the partials in split order (4 splits' loads in flight per thread) and stores bf16.
 template <int WN>
@@ -763,12 +774,7 @@ __global__ void __launch_bounds__(WN * 32) mq16(bf16* __restrict__ out, const bf
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float s0 = bf_lo(svv[j]), s1 = bf_hi(svv[j]);
-      const float m0 = fmaf(-128.f, s0, bf_lo(mvv[j])), m1 = fmaf(-128.f, s1, bf_hi(mvv[j]));
-      acc[j][0] = fmaf(s0, accg[j][0], fmaf(m0, sx[0], acc[j][0]));
-      acc[j][1] = fmaf(s1, accg[j][1], fmaf(m1, sx[0], acc[j][1]));
-      acc[j][2] = fmaf(s0, accg[j][2], fmaf(m0, sx[2], acc[j][2]));
-      acc[j][3] = fmaf(s1, accg[j][3], fmaf(m1, sx[2], acc[j][3]));
+      finish_group(acc[j], accg[j], sx, bf_lo(svv[j]), bf_hi(svv[j]), bf_lo(mvv[j]), bf_hi(mvv[j]));
     }
   }
   cp_wait<0>();
@@ -884,12 +890,7 @@ __global__ void __launch_bounds__(WN * 32) mq16s(bf16* __restrict__ out, const b
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const float s0 = bf_lo(sm[j].x), s1 = bf_lo(sm[j].y);
-      const float m0 = fmaf(-128.f, s0, bf_hi(sm[j].x)), m1 = fmaf(-128.f, s1, bf_hi(sm[j].y));
-      acc[j][0] = fmaf(s0, accg[j][0], fmaf(m0, sx[0], acc[j][0]));
-      acc[j][1] = fmaf(s1, accg[j][1], fmaf(m1, sx[0], acc[j][1]));
-      acc[j][2] = fmaf(s0, accg[j][2], fmaf(m0, sx[2], acc[j][2]));
-      acc[j][3] = fmaf(s1, accg[j][3], fmaf(m1, sx[2], acc[j][3]));
+      finish_group(acc[j], accg[j], sx, bf_lo(sm[j].x), bf_lo(sm[j].y), bf_hi(sm[j].x), bf_hi(sm[j].y));
     }
   }
   cp_wait<0>();

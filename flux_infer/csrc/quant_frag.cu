@@ -94,7 +94,8 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
     xnext[c] = a.x + (int64_t)min(row, a.rows - 1) * a.k + g0 * 128 + xch * 8;
     xdst[c] = WN * (kCodes + 2 * kScales) + row * 256 + ((xch ^ (row & 7)) << 4);  // swizzled: ldmatrix, no conflicts
     // rows past the batch: zeros in every slot, written once and never copied over (copying the last row into
-    // them instead made every block read one line of L2 16 times per stage: 1-row gate/up took 55 us, not 28)
+    // them instead has every block read one L2 line 16 times per stage; with it 1-row gate/up took 55 us, and
+    // batch-1 decode went from 307.6 to 391.0 tok/s with this change and the dequantize fix: docs/benchmarks.md)
     if (row >= a.rows)
       for (int s = 0; s < STAGES; ++s) *reinterpret_cast<uint4*>(smem + s * kStage + xdst[c]) = make_uint4(0, 0, 0, 0);
   }
