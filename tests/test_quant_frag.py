@@ -45,8 +45,10 @@ def test_a_tile_keeps_its_rows_so_row_slices_of_32_convert_alone():
     whole = quant_frag.to_fragments(module.qweight, module.scales, module.mins)
     halves = [quant_frag.to_fragments(module.qweight[r:r + 64], module.scales[r:r + 64], module.mins[r:r + 64])
               for r in (0, 64)]
+    blocks = quant_frag._by_rows(quant_frag._to_fragments, module.qweight, module.scales, module.mins, rows=32)
     for i in range(3):
         assert torch.equal(whole[i], torch.cat([h[i] for h in halves]))
+        assert torch.equal(whole[i], blocks[i])
 
 
 @pytest.mark.parametrize("n, k, group, dtype", [(48, 256, 128, torch.bfloat16), (64, 256, 64, torch.bfloat16),

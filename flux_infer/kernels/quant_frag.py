@@ -66,8 +66,33 @@ def _scales_view(values: torch.Tensor, n: int, groups: int) -> torch.Tensor:
 def to_fragments(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Checkpoint-layout ``(qweight, scales, mins)`` in the fragment layout (new tensors, same shapes)."""
+    return _by_rows(_to_fragments, qweight, scales, mins)
+
+
+def from_fragments(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The inverse of ``to_fragments``: the checkpoint layout back (new tensors)."""
+    return _by_rows(_from_fragments, qweight, scales, mins)
+
+
+def _by_rows(convert, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+             rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``convert`` over blocks of ``rows`` rows (tiles keep their rows): the unpacked codes of a whole lm_head would
+    take gigabytes."""
     n, k = qweight.shape[0], qweight.shape[1] * 8
     _check(n, k, scales)
+    if n <= rows:
+        return convert(qweight, scales, mins)
+    out = (torch.empty_like(qweight), torch.empty_like(scales), torch.empty_like(mins))
+    for r in range(0, n, rows):
+        for dst, value in zip(out, convert(qweight[r:r + rows], scales[r:r + rows], mins[r:r + rows]), strict=True):
+            dst[r:r + rows] = value
+    return out
+
+
+def _to_fragments(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, k = qweight.shape[0], qweight.shape[1] * 8
     codes = unpack_int4(qweight).to(torch.uint8)
     # destination order (lt, grp, p, g, t, j, b, a): nibble a + 4 b of word (p, g, t, j)
     frag = _codes_view(codes, n, k).permute(0, 3, 4, 2, 6, 1, 7, 5).reshape(n, k)
@@ -77,11 +102,9 @@ def to_fragments(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
             _scales_view(mins, n, groups).permute(0, 4, 2, 1, 3).reshape(n, groups))
 
 
-def from_fragments(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The inverse of ``to_fragments``: the checkpoint layout back (new tensors)."""
+def _from_fragments(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, k = qweight.shape[0], qweight.shape[1] * 8
-    _check(n, k, scales)
     groups = k // GROUP
     frag = unpack_int4(qweight).to(torch.uint8).view(n // TILE, groups, 4, 8, 4, 4, 2, 4)  # lt grp p g t j b a
     codes = frag.permute(0, 5, 3, 1, 2, 7, 4, 6).reshape(n, k)
