@@ -11,7 +11,7 @@
 // bf16, two lop3 per four codes) into per-group accumulators, finished in fp32 as acc += s acc_g + (m - 128 s)
 // sum(x), with sum(x) per row from 8 MMAs against ones. Layers with few tiles split K over ksplit blocks: fp32
 // partials, the last block of a tile (an arrival counter it resets) adds them in split order and runs the epilogue.
-#include "common.cuh"
+#include "quant_mma.cuh"  // and_or / int4_biased, bits_to_float, NormArgs and row_norm_scale
 
 namespace flux {
 namespace {
@@ -29,9 +29,7 @@ struct FragArgs {
   int* counters;  // one per block index, zero between launches
   int rows, n, k, ksplit, act;
   bool early;  // signal dependents at the start (pdl_trigger) instead of after the main loop
-  const float* scale_partials;  // the norm scale: rsqrt(sum(scale_partials[row]) / k + eps); null: none
-  int scale_slots;
-  float eps;
+  NormArgs<at::BFloat16> scale_norm;  // partials non-null: the norm scale, row_norm_scale (quant_mma.cuh)
   const at::BFloat16* residual;  // kAddNormE: out = h = residual + layer, normed = h * norm_weight,
   int64_t residual_stride;  // norm_partials[row][tile] = sum of h^2 over the 32 features of a fragment tile
   const at::BFloat16* norm_weight;
@@ -59,13 +57,8 @@ __device__ __forceinline__ void mma_zero(float* d, const uint32_t* a, uint32_t b
                : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.f));
 }
-__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t b, uint32_t c) {  // (a & b) | c
-  uint32_t r;
-  asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(a), "r"(b), "r"(c));
-  return r;
-}
-__device__ __forceinline__ float bf_lo(uint32_t v) { return __uint_as_float(v << 16); }
-__device__ __forceinline__ float bf_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
+__device__ __forceinline__ float bf_lo(uint32_t v) { return bits_to_float<at::BFloat16>(v); }  // the low half
+__device__ __forceinline__ float bf_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }  // the high half
 
 template <int WN, int STAGES, int E>
 __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
@@ -133,7 +126,7 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
   for (int s = 0; s < STAGES - 1; ++s) load_x();
 
   float acc[4][4] = {};
-  const uint32_t ones = 0x3F803F80u, mask = 0x000F000Fu, ex = 0x43004300u;
+  const uint32_t ones = 0x3F803F80u;
   const int lrow = (lane & 7) + ((lane >> 3) & 1) * 8, lhalf = lane >> 4;
   for (int s = 0; s < ng; ++s) {
     cp_wait<STAGES - 2>();
@@ -159,7 +152,8 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
         else mma<at::BFloat16>(sx, xa, ones, ones);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const uint32_t b0 = and_or(qw[j] >> (8 * h), mask, ex), b1 = and_or(qw[j] >> (8 * h + 4), mask, ex);
+          const uint32_t b0 = int4_biased<at::BFloat16>(qw[j], 2 * h);
+          const uint32_t b1 = int4_biased<at::BFloat16>(qw[j], 2 * h + 1);
           if (slice == 0) mma_zero(accg[j], xa, b0, b1);
           else mma<at::BFloat16>(accg[j], xa, b0, b1);
         }
@@ -220,15 +214,12 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
     if (threadIdx.x == 0) a.counters[blk] = 0;
   }
   __shared__ float row_scale[16];
-  if (a.scale_partials != nullptr) {  // every block sums a row's slots in the same order
+  const bool scaled = a.scale_norm.partials != nullptr;
+  if (scaled)
     for (int m = warp; m < a.rows; m += WN) {
-      float sum = 0.f;
-      for (int i = lane; i < a.scale_slots; i += 32)
-        sum += load_coherent(a.scale_partials + (int64_t)m * a.scale_slots + i);
-      sum = warp_sum(sum);
-      if (lane == 0) row_scale[m] = rsqrtf(fmaf(sum, 1.f / a.k, a.eps));
+      const float scale = row_norm_scale(a.scale_norm, m, lane);
+      if (lane == 0) row_scale[m] = scale;
     }
-  }
   __syncthreads();
   // epilogue: element e = (row, column) of the block's outputs, a warp's 32 consecutive columns in one row
   constexpr int kOut = E == kGatedE ? NB / 2 : NB;
@@ -236,7 +227,7 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
   for (int e = threadIdx.x; e < 16 * kOut; e += THREADS) {
     const int m = e / kOut, c = e % kOut, f = blk * kOut + c;
     if (m >= a.rows) continue;  // uniform per warp: kOut is a multiple of 32
-    const float scale = a.scale_partials != nullptr ? row_scale[m] : 1.f;
+    const float scale = scaled ? row_scale[m] : 1.f;
     auto value = [&](int col, int feature) {
       float v = tile[m * NB + col] * scale;
       if (a.bias != nullptr) v += static_cast<float>(a.bias[feature]);
@@ -398,9 +389,10 @@ std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, to
     args.act = static_cast<int>(activation);
     args.early = flux::trigger_early(rows);
     if (scale_partials) {
-      args.scale_slots = static_cast<int>(scale_partials->size(1));
-      args.scale_partials = scale_partials->data_ptr<float>() + r0 * args.scale_slots;
-      args.eps = static_cast<float>(eps);
+      args.scale_norm.slots = static_cast<int>(scale_partials->size(1));
+      args.scale_norm.partials = scale_partials->data_ptr<float>() + r0 * args.scale_norm.slots;
+      args.scale_norm.inv_k = 1.f / static_cast<float>(k);
+      args.scale_norm.eps = static_cast<float>(eps);
     }
     if (add_norm) {
       args.residual = reinterpret_cast<const at::BFloat16*>(residual->data_ptr()) + r0 * residual->stride(0);
