@@ -4,6 +4,7 @@ memory than the L2 cache holds.
 
     python benchmarks/gemv.py                    # bf16: cuBLAS vs flux's GEMV
     python benchmarks/gemv.py --quant [--sweep] [--rows 8,16] [--launch-shapes 0,2] [--shapes down,lm_head] [--gated]
+                              [--frag]
                                                  # INT8 / INT4 vs bf16 cuBLAS
 """
 
@@ -78,10 +79,11 @@ def mma_time(layers: list, x: torch.Tensor, plan: tuple[int, int, int, int], act
 
 
 def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
-              shapes: tuple[int, ...] = (0, 1, 2), names: tuple[str, ...] = tuple(SHAPES), gated: bool = False) -> None:
+              shapes: tuple[int, ...] = (0, 1, 2), names: tuple[str, ...] = tuple(SHAPES), gated: bool = False, frag: bool = False) -> None:
     """Weight-only INT8 / INT4 (group 128) linear layers against bf16 cuBLAS, same shapes. With ``sweep``, every
     warp count / row tiling of the tensor-core kernel too (the launcher's heuristic picks one of them). ``gated``:
-    the quantized layers as decode runs a fused gate/up layer, SiLU(gate) * up in the epilogue (half as wide)."""
+    the quantized layers as decode runs a fused gate/up layer, SiLU(gate) * up in the epilogue (half as wide).
+    ``frag``: INT4 in the fragment layout too (``fragment_times``)."""
     from flux_infer.quantization.modules import QuantizedLinear
 
     act = 0 if gated else -1
@@ -115,8 +117,36 @@ def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
                 label = f"m{mode} l{shape} w{warps} t{tiles}"
                 print(f"{label:>14} {rows:>4} {'':>8} {t8 * 1e6:>8.1f} {pct(nbytes8, t8):>5.1f} "
                       f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f}", flush=True)
+        if frag:
+            fragment_times(int4, k, rows_measured, act, sweep, lambda t: pct(nbytes4, t))
         del dense, int8, int4
         torch.cuda.empty_cache()
+
+
+def fragment_times(layers: list, k: int, rows_measured: tuple[int, ...], act: int, sweep: bool, pct) -> None:
+    """The same INT4 layers reordered into the fragment layout (int4_fragments) on ``csrc/quant_frag.cu``: the
+    launcher's own plan, and with ``sweep`` every (warps, K split) it takes."""
+    from flux_infer.kernels import quant_frag
+
+    module = cuda._state["module"]
+    for layer in layers:
+        layer.set_fragments(True)
+    counters = quant_frag.counters(layers[0].qweight.device)
+    plans = [(0, 0)] + ([(w, s) for w in (2, 8) for s in (1, 2, 4, 8, 16)] if sweep else [])
+    for rows in rows_measured:
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        for warps, split in plans:
+            if (split and (k // 128) < split) or (warps == 8 and act >= 0):
+                continue
+
+            def call(i: int, warps=warps, split=split) -> torch.Tensor:
+                layer = layers[i % len(layers)]
+                return module.quant_frag(x, layer.qweight, layer.scales, layer.mins, None, act, None, 0.0, None,
+                                         None, counters, warps, split)[0]
+
+            t = graph_time(call)
+            label = "int4f auto" if not warps else f"int4f w{warps} s{split}"
+            print(f"{label:>14} {rows:>4} {'':>8} {'':>8} {'':>5} {t * 1e6:>8.1f} {pct(t):>5.1f}", flush=True)
 
 
 def integers(text: str) -> tuple[int, ...]:
@@ -132,6 +162,8 @@ def main() -> int:
     parser.add_argument("--gated", action="store_true",
                         help="with --quant: the layers as gated ones (SiLU(gate) * up in the epilogue), as decode runs "
                              "the fused gate/up layer")
+    parser.add_argument("--frag", action="store_true",
+                        help="with --quant: INT4 in the fragment layout (int4_fragments) too, csrc/quant_frag.cu")
     parser.add_argument("--shapes", type=lambda text: tuple(text.split(",")), default=tuple(SHAPES),
                         help=f"with --quant: a comma-separated subset of {', '.join(SHAPES)}")
     args = parser.parse_args()
@@ -144,7 +176,7 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  copy {bandwidth:.0f} GB/s")
     if args.quant:
         quantized(bandwidth, sweep=args.sweep, rows_measured=args.rows, shapes=args.launch_shapes, names=args.shapes,
-                  gated=args.gated)
+                  gated=args.gated, frag=args.frag)
         return 0
     print(f"{'shape':>14} {'rows':>4} {'cuBLAS us':>10} {'%bw':>5} {'flux us':>9} {'%bw':>5} {'speedup':>7}")
     for name, (n, k) in SHAPES.items():

@@ -86,6 +86,7 @@ def main() -> int:
     parser.add_argument("--trace", type=Path, default=None, help="also keep the chrome trace here")
     parser.add_argument("--fuse-norms", action=argparse.BooleanOptionalAction, default=True,
                         help="INT4 decode steps with the norms inside the quantized layers (DecoderRunner.fuse_norms)")
+    parser.add_argument("--plugins", default="", help="opt-in plugins by name, comma-separated (int4_fragments)")
     args = parser.parse_args()
     if not args.fuse_norms:
         from flux_infer.generation.runner import DecoderRunner
@@ -96,11 +97,12 @@ def main() -> int:
     if abs(args.steps - args.layers) <= 1:  # (at batch 16 the prefill's per-layer matmuls outlast the lm_head)
         parser.error("--steps must differ from --layers by more than 1: the prefill runs each of its per-layer "
                      "kernels --layers times, and the step detection would take one of them for the lm_head")
-    prof = profiled_generate(args.layers, args.batch, args.steps, args.quantization, graphs=True)
+    prof = profiled_generate(args.layers, args.batch, args.steps, args.quantization, graphs=True,
+                             plugins=tuple(p for p in args.plugins.split(",") if p))
     path = args.trace or Path(tempfile.mkdtemp()) / "trace.json"
     prof.export_chrome_trace(str(path))
     print(f"quantization {args.quantization}, batch {args.batch}, {args.layers} layers, norms fused "
-          f"{args.fuse_norms}, {torch.cuda.get_device_name()}")
+          f"{args.fuse_norms}, plugins [{args.plugins}], {torch.cuda.get_device_name()}")
     print(summarize(kernels_of(json.loads(path.read_text())), args.steps))
     return 0
 

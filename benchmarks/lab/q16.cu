@@ -958,7 +958,9 @@ int main(int argc, char** argv) {
     if (only && strcmp(only, sh.name)) continue;
     const int n = sh.n, k = sh.k;
     const size_t wbytes = (size_t)n * k / 2, dbytes = (size_t)n * k * 2;
-    const int copies = (int)std::max<size_t>(1, (size_t)(400u << 20) / dbytes + 1);
+    // ROTATE_MB (default 400): the bf16 bytes the copies rotate through (the INT4 copies hold a quarter of them)
+    const size_t rotate = (size_t)(getenv("ROTATE_MB") ? atoi(getenv("ROTATE_MB")) : 400) << 20;
+    const int copies = (int)std::max<size_t>(1, rotate / dbytes + 1);
     std::vector<Layer> L(copies);
     std::vector<uint32_t> hw((size_t)n * k / 8);
     std::vector<bf16> hs((size_t)n * k / group), hm((size_t)n * k / group);

@@ -25,7 +25,7 @@ struct FragArgs {
   const uint16_t* scales;
   const uint16_t* mins;
   const at::BFloat16* bias;
-  float* ws;  // ksplit > 1: [ksplit][16][blocks * NB] partial tiles
+  float* ws;  // ksplit > 1: [ksplit][blocks per split][threads][16] partial sums, each thread's contiguous
   int* counters;  // one per block index, zero between launches
   int rows, n, k, ksplit, act;
   bool early;  // signal dependents at the start (pdl_trigger) instead of after the main loop
@@ -59,6 +59,14 @@ __device__ __forceinline__ void mma_zero(float* d, const uint32_t* a, uint32_t b
 }
 __device__ __forceinline__ float bf_lo(uint32_t v) { return bits_to_float<at::BFloat16>(v); }  // the low half
 __device__ __forceinline__ float bf_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }  // the high half
+
+// o[0..1]: row g, columns f and f + 1; o[2..3]: row g + 8; bf16 pairs, rows past the batch skipped
+__device__ __forceinline__ void store_rows(at::BFloat16* out, int stride, int f, const float (&o)[4], int g, int rows) {
+  if (g < rows)
+    *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)g * stride + f) = __floats2bfloat162_rn(o[0], o[1]);
+  if (g + 8 < rows)
+    *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)(g + 8) * stride + f) = __floats2bfloat162_rn(o[2], o[3]);
+}
 
 template <int WN, int STAGES, int E>
 __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
@@ -124,6 +132,14 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
   if (a.early) pdl_trigger();
   next = slot = 0;
   for (int s = 0; s < STAGES - 1; ++s) load_x();
+  // the norm scale of each row (the layer after an RMSNorm), read while the first stages stream; the main loop's
+  // first barrier publishes it
+  __shared__ float row_scale[16];
+  if (a.scale_norm.partials != nullptr)
+    for (int m = warp; m < a.rows; m += WN) {
+      const float scale = row_norm_scale(a.scale_norm, m, lane);
+      if (lane == 0) row_scale[m] = scale;
+    }
 
   float acc[4][4] = {};
   const uint32_t ones = 0x3F803F80u;
@@ -172,23 +188,17 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
   }
   cp_wait<0>();
   if (!a.early) pdl_trigger();
-  __syncthreads();  // the stage slots become the block's tile: float [16][NB], column 32 warp + 8 j + 2 t + e
-  float* tile = reinterpret_cast<float*>(smem);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const int c = warp * 32 + 8 * j + 2 * t;
-    *reinterpret_cast<float2*>(tile + g * NB + c) = make_float2(acc[j][0], acc[j][1]);
-    *reinterpret_cast<float2*>(tile + (g + 8) * NB + c) = make_float2(acc[j][2], acc[j][3]);
-  }
-  __syncthreads();
+  // The results stay in registers (a round trip through shared memory and one 2-byte store per output took
+  // Llama-3-8B's 16-row gate/up from 26.2 to 30.8 us on an H100: docs/benchmarks.md, fourteenth session): lane
+  // (g, t) of a warp holds rows g and g + 8 (acc[j][0..1] and acc[j][2..3]) of columns 8 j + 2 t and + 1 of the
+  // warp's fragment tile.
   if (a.ksplit > 1) {  // partials out; the last block of the tile adds them in split order
-    const int width = gridDim.x / a.ksplit * NB;
-    float* part = a.ws + (int64_t)split * 16 * width + blk * NB;
-    for (int i = threadIdx.x; i < 4 * NB; i += THREADS) {
-      const int row = i / (NB / 4), col = (i % (NB / 4)) * 4;
-      __stcg(reinterpret_cast<float4*>(part + (int64_t)row * width + col),
-             *reinterpret_cast<float4*>(tile + row * NB + col));
-    }
+    // workspace [ksplit][blocks per split][THREADS][16]: each thread's 16 sums contiguous (four 16-byte stores and
+    // loads per split; the reduction keeps four splits' loads in flight)
+    const int64_t per_split = (int64_t)(gridDim.x / a.ksplit) * THREADS * 4;  // in float4
+    float4* part = reinterpret_cast<float4*>(a.ws) + (int64_t)split * per_split + (blk * THREADS + threadIdx.x) * 4;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) __stcg(part + j, make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
     __threadfence();
     __syncthreads();
     __shared__ int last;
@@ -196,55 +206,89 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
     __syncthreads();
     if (!last) return;
     __threadfence();
-    for (int i = threadIdx.x; i < 4 * NB; i += THREADS) {
-      const int row = i / (NB / 4), col = (i % (NB / 4)) * 4;
-      const float* base = a.ws + (int64_t)row * width + blk * NB + col;
-      float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-      for (int s0 = 0; s0 < a.ksplit; s0 += 4) {  // four splits' loads in flight
-        float4 v[4];
+    const float4* mine = reinterpret_cast<const float4*>(a.ws) + (blk * THREADS + threadIdx.x) * 4;
 #pragma unroll
-        for (int u = 0; u < 4; ++u)
-          v[u] = s0 + u < a.ksplit ? __ldcg(reinterpret_cast<const float4*>(base + (int64_t)(s0 + u) * 16 * width))
-                                   : make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
+    for (int s0 = 0; s0 < a.ksplit; s0 += 4) {
+      float4 v[4][4];
 #pragma unroll
-        for (int u = 0; u < 4; ++u) { sum.x += v[u].x; sum.y += v[u].y; sum.z += v[u].z; sum.w += v[u].w; }
-      }
-      *reinterpret_cast<float4*>(tile + row * NB + col) = sum;
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          v[u][j] = s0 + u < a.ksplit ? __ldcg(mine + (s0 + u) * per_split + j) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          acc[j][0] += v[u][j].x;
+          acc[j][1] += v[u][j].y;
+          acc[j][2] += v[u][j].z;
+          acc[j][3] += v[u][j].w;
+        }
     }
     if (threadIdx.x == 0) a.counters[blk] = 0;
   }
-  __shared__ float row_scale[16];
   const bool scaled = a.scale_norm.partials != nullptr;
-  if (scaled)
-    for (int m = warp; m < a.rows; m += WN) {
-      const float scale = row_norm_scale(a.scale_norm, m, lane);
-      if (lane == 0) row_scale[m] = scale;
+  const float scale[2] = {scaled && g < a.rows ? row_scale[g] : 1.f, scaled && g + 8 < a.rows ? row_scale[g + 8] : 1.f};
+  auto value = [&](int j, int e, int feature) {  // element e of acc[j]: row g + 8 (e / 2), column 8 j + 2 t + e % 2
+    float v = acc[j][e] * scale[e >> 1];
+    if (a.bias != nullptr) v += static_cast<float>(a.bias[feature]);
+    return v;
+  };
+  if constexpr (E == kGatedE) {  // up warps hand their values to the gate warps of the same columns
+    float4* xchg = reinterpret_cast<float4*>(smem);
+    __syncthreads();  // every warp is past its last read of the stage slots
+    if (warp >= WN / 2)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        xchg[((warp - WN / 2) * 4 + j) * 32 + lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+    __syncthreads();
+    if (warp >= WN / 2) return;
+    const int f0 = lt * 32 + 2 * t, n_out = a.n / 2;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float4 up4 = xchg[(warp * 4 + j) * 32 + lane];
+      const float ups[4] = {up4.x, up4.y, up4.z, up4.w};
+      float o[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int f = f0 + 8 * j + (e & 1);
+        const float gate = rnd<at::BFloat16>(value(j, e, f));
+        float up = ups[e] * scale[e >> 1];
+        if (a.bias != nullptr) up += static_cast<float>(a.bias[n_out + f]);
+        o[e] = rnd<at::BFloat16>(activation(gate, a.act)) * rnd<at::BFloat16>(up);
+      }
+      store_rows(a.out, n_out, f0 + 8 * j, o, g, a.rows);
     }
-  __syncthreads();
-  // epilogue: element e = (row, column) of the block's outputs, a warp's 32 consecutive columns in one row
-  constexpr int kOut = E == kGatedE ? NB / 2 : NB;
-  const int n_out = E == kGatedE ? a.n / 2 : a.n;
-  for (int e = threadIdx.x; e < 16 * kOut; e += THREADS) {
-    const int m = e / kOut, c = e % kOut, f = blk * kOut + c;
-    if (m >= a.rows) continue;  // uniform per warp: kOut is a multiple of 32
-    const float scale = scaled ? row_scale[m] : 1.f;
-    auto value = [&](int col, int feature) {
-      float v = tile[m * NB + col] * scale;
-      if (a.bias != nullptr) v += static_cast<float>(a.bias[feature]);
-      return v;
-    };
-    if constexpr (E == kGatedE) {
-      const float gate = rnd<at::BFloat16>(value(c, f)), up = rnd<at::BFloat16>(value(c + NB / 2, a.n / 2 + f));
-      a.out[(int64_t)m * n_out + f] = from_float<at::BFloat16>(rnd<at::BFloat16>(activation(gate, a.act)) * up);
-    } else if constexpr (E == kAddNormE) {
-      const float h = rnd<at::BFloat16>(rnd<at::BFloat16>(value(c, f)) +
-                                        static_cast<float>(a.residual[m * a.residual_stride + f]));
-      a.out[(int64_t)m * n_out + f] = from_float<at::BFloat16>(h);
-      a.normed[(int64_t)m * n_out + f] = from_float<at::BFloat16>(h * static_cast<float>(a.norm_weight[f]));
-      const float squares = warp_sum(h * h);  // the warp's 32 columns: one fragment tile
-      if (lane == 0) a.norm_partials[(int64_t)m * (a.n / 32) + f / 32] = squares;
-    } else {
-      a.out[(int64_t)m * n_out + f] = from_float<at::BFloat16>(value(c, f));
+  } else {
+    const int f0 = lt * 32 + 2 * t;
+    float squares[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float o[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[e] = value(j, e, f0 + 8 * j + (e & 1));
+      if constexpr (E == kAddNormE) {
+        float normed[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int m = g + 8 * (e >> 1), f = f0 + 8 * j + (e & 1);
+          const float res = m < a.rows ? static_cast<float>(a.residual[m * a.residual_stride + f]) : 0.f;
+          o[e] = rnd<at::BFloat16>(rnd<at::BFloat16>(o[e]) + res);
+          normed[e] = o[e] * static_cast<float>(a.norm_weight[f]);
+          squares[e >> 1] += o[e] * o[e];
+        }
+        store_rows(a.normed, a.n, f0 + 8 * j, normed, g, a.rows);
+      }
+      store_rows(a.out, a.n, f0 + 8 * j, o, g, a.rows);
+    }
+    if constexpr (E == kAddNormE) {  // sums of h^2 over the warp's 32 columns: one fragment tile
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        squares[h] += __shfl_xor_sync(0xffffffffu, squares[h], 1);
+        squares[h] += __shfl_xor_sync(0xffffffffu, squares[h], 2);
+        if (t == 0 && g + 8 * h < a.rows) a.norm_partials[(int64_t)(g + 8 * h) * (a.n / 32) + lt] = squares[h];
+      }
     }
   }
 }
