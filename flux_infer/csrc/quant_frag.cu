@@ -349,7 +349,13 @@ void launch_frag(const FragArgs& args, int blocks, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     configured = true;
   }
-  launch(kernel, blocks, WN * 32, smem, stream, args);
+  // Programmatic launch for single rows only (their early trigger lets this kernel stream its first weights during
+  // the previous kernel). Above, a plain launch: on an H100 the programmatic one made back-to-back 16-row calls
+  // about 2 us slower each (gate/up 30.8 vs 28.9 us, down 21.3 vs 19.5) and batch-16 decode 1% slower
+  // (docs/benchmarks.md, fourteenth session). FLUX_INFER_FRAG_PDL=1: programmatic at every row count (A/B runs).
+  static const bool always_pdl = std::getenv("FLUX_INFER_FRAG_PDL") != nullptr;
+  if (args.rows == 1 || always_pdl) launch(kernel, blocks, WN * 32, smem, stream, args);
+  else kernel<<<blocks, WN * 32, smem, stream>>>(args);
 }
 
 template <int E>
