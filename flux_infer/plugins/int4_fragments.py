@@ -2,14 +2,15 @@
 
 At decode batch sizes (about 8 rows and more) the checkpoint layout's tensor-core kernel runs the fused gate/up
 layer at about half of the memory bandwidth; ``csrc/quant_frag.cu`` streams the fragment layout
-(``kernels/quant_frag.py``) at about 80% (H100, docs/benchmarks.md, thirteenth session: gate/up 25.2 vs 37.2 us at
-16 rows, lm_head 98.8 vs 138.7). Both layouts at once would cost the memory INT4 saves, so the chosen layers switch
-for every batch size: the fused gate/up projection, down and a quantized lm_head (``ROLES``); q/k/v and o keep
-the checkpoint layout. Llama-3-8B shape on an H100, same process: batch-16 decode 5,524 tok/s against 4,918
-without it (bf16: 2,489), batch 1 391.0 against 452.3 tok/s: a choice for serving batches, hence opt-in:
-``InferenceConfig(plugins=["int4_fragments"])``. In place: codes, scales and mins are reordered in their own
-storage (a fused projection's members are views of it and follow), the ``state_dict`` still gives the checkpoint
-layout, and ``revert`` reorders them back. CUDA only (the layout is for that kernel), bf16, INT4 with group 128.
+(``kernels/quant_frag.py``) at about 80% (H100, docs/benchmarks.md, fourteenth session: gate/up 26.5 vs 37.7 us at
+16 rows, lm_head 101.7 vs 137.7). Both layouts at once would cost the memory INT4 saves, so the chosen layers switch
+for every batch size: the fused gate/up projection, down and a quantized lm_head (``ROLES``); q/k/v and o keep the
+checkpoint layout (on fragments they measured slower). Llama-3-8B shape on an H100, same process: batch-16 decode
+5,721 tok/s against 4,922 without it (bf16: 2,492), batch 1 384.1 against 454.8 tok/s: a choice for serving batches,
+hence opt-in: ``InferenceConfig(plugins=["int4_fragments"])``. In place: codes, scales and mins are reordered in
+their own storage (a fused projection's members are views of it and follow), the ``state_dict`` still gives the
+checkpoint layout, and ``revert`` reorders them back. CUDA only (the layout is for that kernel), bf16, INT4 with
+group 128.
 """
 
 from __future__ import annotations
