@@ -70,8 +70,6 @@ FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux
 FLUX_MODES["flux_int4_frag"] = flux_infer.InferenceConfig(optimization_level="O1", quantization="int4",
                                                           quantize_lm_head=True, plugins=["int4_fragments"])
 FLUX_MODES["flux_int4_frag_nodown"] = FLUX_MODES["flux_int4_frag"]
-FLUX_MODES["flux_int4_frag_qkv"] = FLUX_MODES["flux_int4_frag"]  # and q/k/v in the fragment layout
-FLUX_MODES["flux_int4_frag_all"] = FLUX_MODES["flux_int4_frag"]  # and q/k/v and o
 
 
 default_add_norm = kernels.add_rms_norm
@@ -228,9 +226,7 @@ def main() -> int:
                                                     if mode.endswith("_triton_prefill") else dict(default_dequant_rows))
             if mode.endswith("_nonorm"):
                 kernels.add_rms_norm = _pass_through_add_norm
-            int4_fragments.ROLES = {"_nodown": ("gate_up", "lm_head"), "_qkv": (*default_fragment_roles, "qkv"),
-                                    "_all": (*default_fragment_roles, "qkv", "o")}.get(
-                                        mode[mode.rfind("_"):], default_fragment_roles)
+            int4_fragments.ROLES = ("gate_up", "lm_head") if mode.endswith("_nodown") else default_fragment_roles
             flux_infer.optimize(model, config=FLUX_MODES[mode])
             print(model.flux_report, flush=True)
             info[f"{mode}_model_gb"] = model.flux_report.memory_after.model_bytes / 1e9
