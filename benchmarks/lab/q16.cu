@@ -781,6 +781,118 @@ __global__ void __launch_bounds__(WN * 32) mq16(bf16* __restrict__ out, const bf
   mq_store<WN>(acc, out, ws, counters, n, tile, split, ksplit);
 }
 
+// ---- candidate: the package's per-warp tiles (csrc/quant_frag.cu), its gate/up pairing and epilogues (mq16g) -----
+// Fourteenth session's open question: the package's gated gate/up call takes 30.0 us at 16 rows against 26.5 for
+// the same kernel without the gate (benchmarks/gemv.py --quant --frag [--gated]). The weights packed with wn = 1
+// (one 2 KB run per 32-feature tile and group: the package's fragment layout); blocks of two warps, one tile each.
+// PAIR 0: tiles 2 b and 2 b + 1 (the package's plain layers); 1: tile b and tile n / 64 + b (its gated layers: gate
+// and up rows 29 MB apart on Llama-3-8B). EPI 0: each warp stores its own tile (bf16 pairs from registers; the
+// plain result for either pairing); 1: the package's gated epilogue (the up warp hands its values to the gate warp
+// through shared memory, silu(gate) * up into an n / 2 wide output; with PAIR 0 timing only).
+template <int PAIR, int EPI, int STAGES = 4>
+__global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* __restrict__ x,
+                                            const uint4* __restrict__ wq, const uint4* __restrict__ wsm, int n, int k) {
+  constexpr int kW = 2048, kS = 128, kWarp = kW + kS, kStage = 2 * kWarp + 4096;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int groups = k / 128, blk = blockIdx.x;
+  const int lt = PAIR ? (warp == 0 ? blk : n / 64 + blk) : 2 * blk + warp;
+  const unsigned char* wnext = reinterpret_cast<const unsigned char*>(wq) + (int64_t)lt * groups * kW + lane * 16;
+  const unsigned char* snext = reinterpret_cast<const unsigned char*>(wsm) + (int64_t)lt * groups * kS + lane * 16;
+  const uint32_t sbase = smem_u32(smem);
+  const int xrow = threadIdx.x >> 4, xch = threadIdx.x & 15;
+  const bf16* xnext = x + (int64_t)xrow * k + xch * 8;
+  uint32_t xdst[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int row = xrow + 4 * c;
+    xdst[c] = 2 * kWarp + row * 256 + ((xch ^ (row & 7)) << 4);
+  }
+  int next = 0, slot = 0;
+  auto load = [&]() {
+    if (next < groups) {
+      const uint32_t dst = sbase + slot * kStage;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) cp_async16s(dst + warp * kWarp + lane * 16 + i * 512, wnext + i * 512);
+      if (lane < 8) cp_async16s(dst + warp * kWarp + kW + lane * 16, snext);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) cp_async16s(dst + xdst[c], xnext + (int64_t)4 * c * k);
+      wnext += kW; snext += kS; xnext += 128;
+      slot = slot == STAGES - 1 ? 0 : slot + 1;
+    }
+    ++next;
+    cp_commit();
+  };
+  for (int s = 0; s < STAGES - 1; ++s) load();
+  float acc[4][4] = {};
+  const uint32_t ones = 0x3F803F80u, mask = 0x000F000Fu, ex = 0x43004300u;
+  const int lrow = (lane & 7) + ((lane >> 3) & 1) * 8, lhalf = lane >> 4;
+  for (int s = 0; s < groups; ++s) {
+    cp_wait<STAGES - 2>();
+    __syncthreads();
+    load();
+    const unsigned char* st = smem + (s % STAGES) * kStage;
+    const uint4* wv = reinterpret_cast<const uint4*>(st + warp * kWarp) + lane;
+    const uint4 sv = reinterpret_cast<const uint4*>(st + warp * kWarp + kW)[t * 2];
+    const uint4 mv = reinterpret_cast<const uint4*>(st + warp * kWarp + kW)[t * 2 + 1];
+    const unsigned char* xs = st + 2 * kWarp;
+    float accg[4][4], sx[4];
+#pragma unroll
+    for (int p = 0; p < 4; ++p) {
+      const uint4 q = wv[p * 32];
+      const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int slice = 2 * p + h, ch = 2 * slice + lhalf;
+        uint32_t a[4];
+        ldmatrix4(a, xs + lrow * 256 + ((ch ^ (lrow & 7)) << 4));
+        if (slice == 0) mma0(sx, a, ones, ones); else mma(sx, a, ones, ones);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const uint32_t b0 = and_or(qw[j] >> (8 * h), mask, ex), b1 = and_or(qw[j] >> (8 * h + 4), mask, ex);
+          if (slice == 0) mma0(accg[j], a, b0, b1); else mma(accg[j], a, b0, b1);
+        }
+      }
+    }
+    const uint32_t svv[4] = {sv.x, sv.y, sv.z, sv.w}, mvv[4] = {mv.x, mv.y, mv.z, mv.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      finish_group(acc[j], accg[j], sx, bf_lo(svv[j]), bf_hi(svv[j]), bf_lo(mvv[j]), bf_hi(mvv[j]));
+  }
+  cp_wait<0>();
+  if (EPI == 0) {
+    const int f0 = lt * 32 + 2 * t;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)g * n + f0 + 8 * j) = __floats2bfloat162_rn(acc[j][0], acc[j][1]);
+      *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)(g + 8) * n + f0 + 8 * j) = __floats2bfloat162_rn(acc[j][2], acc[j][3]);
+    }
+    return;
+  }
+  float4* xchg = reinterpret_cast<float4*>(smem);
+  __syncthreads();
+  if (warp == 1)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) xchg[j * 32 + lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+  __syncthreads();
+  if (warp == 1) return;
+  const int f0 = blk * 32 + 2 * t, half = n / 2;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float4 u = xchg[j * 32 + lane];
+    const float ups[4] = {u.x, u.y, u.z, u.w};
+    float o[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float gate = __bfloat162float(__float2bfloat16(acc[j][e]));
+      const float act = __bfloat162float(__float2bfloat16(gate / (1.f + __expf(-gate))));
+      o[e] = act * __bfloat162float(__float2bfloat16(ups[e]));
+    }
+    *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)g * half + f0 + 8 * j) = __floats2bfloat162_rn(o[0], o[1]);
+    *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)(g + 8) * half + f0 + 8 * j) = __floats2bfloat162_rn(o[2], o[3]);
+  }
+}
+
 // ---- candidate: the same kernel on the checkpoint's code layout (mq16s) ------------------------------------------
 // Codes stay [N][K / 8] (what every other INT4 path reads); only the scales and mins get a second, transposed copy
 // smt[G][N] of (scale | min << 16) words (1/16 of the codes' bytes), so a stage's NB pairs are one contiguous run.
@@ -1053,19 +1165,53 @@ int main(int argc, char** argv) {
     CK(cudaMemset(counters, 0, (size_t)n / 32 * 4));
     std::vector<uint32_t*> pw(copies, nullptr), ps(copies, nullptr);
     int packed_wn = 0;
+    auto ensure_packed = [&](int wn) {  // every copy repacked for NB = 32 wn (not timed)
+      if (packed_wn == wn) return;
+      for (int c = 0; c < copies; ++c) {
+        if (!pw[c]) { CK(cudaMalloc(&pw[c], wbytes)); CK(cudaMalloc(&ps[c], hs.size() * 4)); }
+        const int64_t words = (int64_t)n * k / 8;
+        repack_mq<<<(unsigned)((words + 255) / 256), 256>>>(pw[c], ps[c], L[c].w, reinterpret_cast<const uint16_t*>(L[c].sc),
+                                                           reinterpret_cast<const uint16_t*>(L[c].mn), n, k, wn);
+      }
+      CK(cudaDeviceSynchronize());
+      packed_wn = wn;
+    };
+    // mq16g: the package's per-warp tiles; EPI 1 checked against silu(ref[:, :n/2]) * ref[:, n/2:] (bf16 roundings)
+    auto run_g = [&](const char* name, auto kernel, int epi) {
+      if (variant && strncmp(variant, name, strlen(variant))) return;
+      if (n % 64) return;
+      ensure_packed(1);
+      const size_t smem = (size_t)4 * (2 * (2048 + 128) + 4096);
+      CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+      auto launch = [&](int i) {
+        kernel<<<n / 64, 64, smem, g_stream>>>(out, x, reinterpret_cast<const uint4*>(pw[i % copies]),
+                                                reinterpret_cast<const uint4*>(ps[i % copies]), n, k);
+      };
+      auto [t, max_err, max_ref] = check_and_time(launch);
+      if (epi) {  // the gated output: the first rows x n / 2 values
+        launch(0);
+        CK(cudaDeviceSynchronize());
+        std::vector<bf16> ho((size_t)rows * n / 2);
+        CK(cudaMemcpy(ho.data(), out, ho.size() * 2, cudaMemcpyDeviceToHost));
+        max_err = 0;
+        for (int m = 0; m < rows; ++m)
+          for (int f = 0; f < n / 2; ++f) {
+            const float gate = href[(size_t)m * n + f], up = href[(size_t)m * n + n / 2 + f];
+            const double want = gate / (1.0 + exp(-(double)gate)) * up;
+            max_err = std::max(max_err, fabs(__bfloat162float(ho[(size_t)m * n / 2 + f]) - want));
+          }
+      }
+      printf("  %-22s wn 1 st 4 (%4d blocks, 33 KB): %7.1f us  %5.1f%% of floor  %.2fx bf16  err %.2e%s\n", name,
+             n / 64, t, 100.0 * floor_us / t, t_bf16 / t, max_err, epi ? " (vs the gated reference)" : "");
+    };
+    run_g("G00 plain pairs, own stores", mq16g<0, 0>, 0);
+    run_g("G10 gate/up pairs, own stores", mq16g<1, 0>, 0);
+    run_g("G11 gate/up pairs, gated epilogue", mq16g<1, 1>, 1);
+    run_g("G01 plain pairs, gated epilogue", mq16g<0, 1>, 1);
     auto run_mq = [&](const char* name, auto kernel, int wn, int stages, int ksplit, int tma = 0) {
       if (variant && strncmp(variant, name, strlen(variant))) return;
       if (n % (32 * wn) || ksplit > 32 || ksplit > k / 128) return;
-      if (packed_wn != wn) {
-        for (int c = 0; c < copies; ++c) {
-          if (!pw[c]) { CK(cudaMalloc(&pw[c], wbytes)); CK(cudaMalloc(&ps[c], hs.size() * 4)); }
-          const int64_t words = (int64_t)n * k / 8;
-          repack_mq<<<(unsigned)((words + 255) / 256), 256>>>(pw[c], ps[c], L[c].w, reinterpret_cast<const uint16_t*>(L[c].sc),
-                                                             reinterpret_cast<const uint16_t*>(L[c].mn), n, k, wn);
-        }
-        CK(cudaDeviceSynchronize());
-        packed_wn = wn;
-      }
+      ensure_packed(wn);
       const int nb = 32 * wn;
       const size_t smem = (size_t)stages * (64 * nb + 4 * nb + (tma ? 16 * 272 : 4096));
       CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
