@@ -1,8 +1,9 @@
-// Standalone lab for 16-row INT4 kernels (issue #4, twelfth and thirteenth sessions; findings in docs/benchmarks.md).
+// Standalone lab for 16-row INT4 kernels (issue #4, twelfth to fourteenth sessions; findings in docs/benchmarks.md).
 // No torch: it builds in seconds, so a kernel idea costs one short device call instead of an extension build.
 //   nvcc -O3 -arch=sm_90 -lineinfo benchmarks/lab/q16.cu -lcublas -lcuda -o /tmp/q16
 //   /tmp/q16 [shape [variant-prefix]]      (ITERS=n: timed calls per case, default 200; GRAPH=1: CUDA-graph timing
-//                                            as benchmarks/gemv.py; KS=1,2,4,8: the K splits the mq16 forms try)
+//                                            as benchmarks/gemv.py; KS=1,2,4,8: the K splits the mq16 forms try;
+//                                            ROTATE_MB=400: bf16 bytes the weight copies rotate through)
 // For each Llama-3-8B shape at 16 rows it times the bf16 cuBLAS GEMM and each candidate in one process, weights
 // rotated through more memory than L2 holds, and checks each candidate against a float32 reference (max abs error;
 // the MINS = 0, PROBE and tma16 FORM 1 and 3 forms are wrong on purpose: they bound what the removed part costs).
@@ -788,20 +789,23 @@ __global__ void __launch_bounds__(WN * 32) mq16(bf16* __restrict__ out, const bf
 // PAIR 0: tiles 2 b and 2 b + 1 (the package's plain layers); 1: tile b and tile n / 64 + b (its gated layers: gate
 // and up rows 29 MB apart on Llama-3-8B). EPI 0: each warp stores its own tile (bf16 pairs from registers; the
 // plain result for either pairing); 1: the package's gated epilogue (the up warp hands its values to the gate warp
-// through shared memory, silu(gate) * up into an n / 2 wide output; with PAIR 0 timing only).
+// through shared memory, silu(gate) * up into an n / 2 wide output; with PAIR 0 timing only). ksplit > 1 (EPI 0,
+// PAIR 0: the package's down at K split 8 takes 20.0 us against mq16's 16.3): mq_store's partials and reduction.
 template <int PAIR, int EPI, int STAGES = 4>
 __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* __restrict__ x,
-                                            const uint4* __restrict__ wq, const uint4* __restrict__ wsm, int n, int k) {
+                                            const uint4* __restrict__ wq, const uint4* __restrict__ wsm,
+                                            float* __restrict__ ws, int* __restrict__ counters, int n, int k, int ksplit) {
   constexpr int kW = 2048, kS = 128, kWarp = kW + kS, kStage = 2 * kWarp + 4096;
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int groups = k / 128, blk = blockIdx.x;
+  const int groups = k / 128, blk = blockIdx.x / ksplit, split = blockIdx.x % ksplit;
+  const int g0 = split * groups / ksplit, ng = (split + 1) * groups / ksplit - g0;
   const int lt = PAIR ? (warp == 0 ? blk : n / 64 + blk) : 2 * blk + warp;
-  const unsigned char* wnext = reinterpret_cast<const unsigned char*>(wq) + (int64_t)lt * groups * kW + lane * 16;
-  const unsigned char* snext = reinterpret_cast<const unsigned char*>(wsm) + (int64_t)lt * groups * kS + lane * 16;
+  const unsigned char* wnext = reinterpret_cast<const unsigned char*>(wq) + ((int64_t)lt * groups + g0) * kW + lane * 16;
+  const unsigned char* snext = reinterpret_cast<const unsigned char*>(wsm) + ((int64_t)lt * groups + g0) * kS + lane * 16;
   const uint32_t sbase = smem_u32(smem);
   const int xrow = threadIdx.x >> 4, xch = threadIdx.x & 15;
-  const bf16* xnext = x + (int64_t)xrow * k + xch * 8;
+  const bf16* xnext = x + (int64_t)xrow * k + g0 * 128 + xch * 8;
   uint32_t xdst[4];
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
@@ -810,7 +814,7 @@ __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* 
   }
   int next = 0, slot = 0;
   auto load = [&]() {
-    if (next < groups) {
+    if (next < ng) {
       const uint32_t dst = sbase + slot * kStage;
 #pragma unroll
       for (int i = 0; i < 4; ++i) cp_async16s(dst + warp * kWarp + lane * 16 + i * 512, wnext + i * 512);
@@ -827,7 +831,7 @@ __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* 
   float acc[4][4] = {};
   const uint32_t ones = 0x3F803F80u, mask = 0x000F000Fu, ex = 0x43004300u;
   const int lrow = (lane & 7) + ((lane >> 3) & 1) * 8, lhalf = lane >> 4;
-  for (int s = 0; s < groups; ++s) {
+  for (int s = 0; s < ng; ++s) {
     cp_wait<STAGES - 2>();
     __syncthreads();
     load();
@@ -860,6 +864,10 @@ __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* 
       finish_group(acc[j], accg[j], sx, bf_lo(svv[j]), bf_hi(svv[j]), bf_lo(mvv[j]), bf_hi(mvv[j]));
   }
   cp_wait<0>();
+  if (EPI == 0 && PAIR == 0) {  // tiles 2 b and 2 b + 1: mq_store's 64-feature tile b
+    mq_store<2>(acc, out, ws, counters, n, blk, split, ksplit);
+    return;
+  }
   if (EPI == 0) {
     const int f0 = lt * 32 + 2 * t;
 #pragma unroll
@@ -1177,15 +1185,16 @@ int main(int argc, char** argv) {
       packed_wn = wn;
     };
     // mq16g: the package's per-warp tiles; EPI 1 checked against silu(ref[:, :n/2]) * ref[:, n/2:] (bf16 roundings)
-    auto run_g = [&](const char* name, auto kernel, int epi) {
+    auto run_g = [&](const char* name, auto kernel, int epi, int ksplit) {
       if (variant && strncmp(variant, name, strlen(variant))) return;
-      if (n % 64) return;
+      if (n % 64 || ksplit > k / 128) return;
       ensure_packed(1);
       const size_t smem = (size_t)4 * (2 * (2048 + 128) + 4096);
       CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
       auto launch = [&](int i) {
-        kernel<<<n / 64, 64, smem, g_stream>>>(out, x, reinterpret_cast<const uint4*>(pw[i % copies]),
-                                                reinterpret_cast<const uint4*>(ps[i % copies]), n, k);
+        kernel<<<n / 64 * ksplit, 64, smem, g_stream>>>(out, x, reinterpret_cast<const uint4*>(pw[i % copies]),
+                                                         reinterpret_cast<const uint4*>(ps[i % copies]), ws, counters, n,
+                                                         k, ksplit);
       };
       auto [t, max_err, max_ref] = check_and_time(launch);
       if (epi) {  // the gated output: the first rows x n / 2 values
@@ -1201,13 +1210,10 @@ int main(int argc, char** argv) {
             max_err = std::max(max_err, fabs(__bfloat162float(ho[(size_t)m * n / 2 + f]) - want));
           }
       }
-      printf("  %-22s wn 1 st 4 (%4d blocks, 33 KB): %7.1f us  %5.1f%% of floor  %.2fx bf16  err %.2e%s\n", name,
-             n / 64, t, 100.0 * floor_us / t, t_bf16 / t, max_err, epi ? " (vs the gated reference)" : "");
+      printf("  %-22s wn 1 st 4 ks %d (%4d blocks, 33 KB): %7.1f us  %5.1f%% of floor  %.2fx bf16  err %.2e%s\n",
+             name, ksplit, n / 64 * ksplit, t, 100.0 * floor_us / t, t_bf16 / t, max_err,
+             epi ? " (vs the gated reference)" : "");
     };
-    run_g("G00 plain pairs, own stores", mq16g<0, 0>, 0);
-    run_g("G10 gate/up pairs, own stores", mq16g<1, 0>, 0);
-    run_g("G11 gate/up pairs, gated epilogue", mq16g<1, 1>, 1);
-    run_g("G01 plain pairs, gated epilogue", mq16g<0, 1>, 1);
     auto run_mq = [&](const char* name, auto kernel, int wn, int stages, int ksplit, int tma = 0) {
       if (variant && strncmp(variant, name, strlen(variant))) return;
       if (n % (32 * wn) || ksplit > 32 || ksplit > k / 128) return;
@@ -1262,6 +1268,12 @@ int main(int argc, char** argv) {
     std::vector<int> kss;
     for (const char* s = ks_env ? ks_env : "1,2,4,8"; *s;) { kss.push_back(atoi(s)); while (*s && *s != ',') ++s; if (*s) ++s; }
     for (int ks : kss) {
+      run_g("G00 plain pairs, own stores", mq16g<0, 0>, 0, ks);
+      if (ks == 1) {
+        run_g("G10 gate/up pairs, own stores", mq16g<1, 0>, 0, 1);
+        run_g("G11 gate/up pairs, gated epilogue", mq16g<1, 1>, 1, 1);
+        run_g("G01 plain pairs, gated epilogue", mq16g<0, 1>, 1, 1);
+      }
       run_mq("M4 wn4 st4", mq16<4, 4>, 4, 4, ks);
       run_mqs("S2 std wn2 st4", mq16s<2, 4>, 2, 4, ks);
       run_mqs("S4 std wn4 st4", mq16s<4, 4>, 4, 4, ks);
