@@ -602,6 +602,43 @@ __device__ __forceinline__ void finish_group(float (&acc)[4], const float (&accg
   acc[3] = fmaf(s1, accg[3], fmaf(m1, sx[2], acc[3]));
 }
 
+// One stage's math for one warp (mq16, mq16g): the p-th 16-byte code chunk of this lane at wv[p * pstride], its
+// scale and min pairs sv and mv, x chunk ch's ldmatrix address for this lane x_at(ch); 32 MMAs on biased codes and
+// 8 on an all-ones B (sums of x), then the per-group fix-up into acc. PROBE 2 and 3 as mq16's.
+template <int PROBE = 0, typename XAt>
+__device__ __forceinline__ void mq_group(float (&acc)[4][4], const uint4* wv, int pstride, uint4 sv, uint4 mv,
+                                         XAt x_at) {
+  const uint32_t ones = 0x3F803F80u, mask = 0x000F000Fu, ex = 0x43004300u;
+  float accg[4][4], sx[4];
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const uint4 q = wv[p * pstride];
+    const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int slice = 2 * p + h;
+      uint32_t a[4];
+      ldmatrix4(a, x_at(2 * slice + (threadIdx.x & 31) / 16));
+      if (PROBE != 2) { if (slice == 0) mma0(sx, a, ones, ones); else mma(sx, a, ones, ones); }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        uint32_t b0 = and_or(qw[j] >> (8 * h), mask, ex), b1 = and_or(qw[j] >> (8 * h + 4), mask, ex);
+        if (PROBE == 3) { b0 = qw[j] >> h; b1 = qw[j]; }
+        if (slice == 0) mma0(accg[j], a, b0, b1); else mma(accg[j], a, b0, b1);
+      }
+    }
+  }
+  if (PROBE == 2) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) for (int c = 0; c < 4; ++c) acc[j][c] += accg[j][c];
+    return;
+  }
+  const uint32_t svv[4] = {sv.x, sv.y, sv.z, sv.w}, mvv[4] = {mv.x, mv.y, mv.z, mv.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j)
+    finish_group(acc[j], accg[j], sx, bf_lo(svv[j]), bf_hi(svv[j]), bf_lo(mvv[j]), bf_hi(mvv[j]));
+}
+
 // The block's 16 x NB tile: stored (ksplit 1) or written as an fp32 partial; the last of a tile's ksplit blocks to
 // arrive adds the partials in split order (4 splits' loads in flight per thread) and stores bf16.
 template <int WN>
@@ -729,9 +766,8 @@ __global__ void __launch_bounds__(WN * 32) mq16(bf16* __restrict__ out, const bf
   };
   for (int s = 0; s < STAGES - 1; ++s) load();
   float acc[4][4] = {};
-  const uint32_t ones = 0x3F803F80u, mask = 0x000F000Fu, ex = 0x43004300u;
   // ldmatrix row address of this lane within a slice: matrix lane / 8, row lane % 8 (+ 8 for matrices 1 and 3)
-  const int lrow = (lane & 7) + ((lane >> 3) & 1) * 8, lhalf = lane >> 4;
+  const int lrow = (lane & 7) + ((lane >> 3) & 1) * 8;
   for (int s = 0; s < ng; ++s) {
     if (TMA) mbar_wait(full + s % STAGES, (s / STAGES) & 1);
     else cp_wait<STAGES - 2>();
@@ -748,35 +784,9 @@ __global__ void __launch_bounds__(WN * 32) mq16(bf16* __restrict__ out, const bf
       acc[0][1] += __uint_as_float(sv.x ^ mv.y);
       continue;
     }
-    float accg[4][4], sx[4];
-#pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      const uint4 q = wv[p * WN * 32];
-      const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int slice = 2 * p + h, ch = 2 * slice + lhalf;
-        uint32_t a[4];
-        ldmatrix4(a, xs + (TMA ? lrow * kXRow + (ch << 4) : lrow * 256 + ((ch ^ (lrow & 7)) << 4)));
-        if (PROBE != 2) { if (slice == 0) mma0(sx, a, ones, ones); else mma(sx, a, ones, ones); }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          uint32_t b0 = and_or(qw[j] >> (8 * h), mask, ex), b1 = and_or(qw[j] >> (8 * h + 4), mask, ex);
-          if (PROBE == 3) { b0 = qw[j] >> h; b1 = qw[j]; }
-          if (slice == 0) mma0(accg[j], a, b0, b1); else mma(accg[j], a, b0, b1);
-        }
-      }
-    }
-    const uint32_t svv[4] = {sv.x, sv.y, sv.z, sv.w}, mvv[4] = {mv.x, mv.y, mv.z, mv.w};
-    if (PROBE == 2) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) for (int c = 0; c < 4; ++c) acc[j][c] += accg[j][c];
-      continue;
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      finish_group(acc[j], accg[j], sx, bf_lo(svv[j]), bf_hi(svv[j]), bf_lo(mvv[j]), bf_hi(mvv[j]));
-    }
+    mq_group<PROBE == 2 || PROBE == 3 ? PROBE : 0>(acc, wv, WN * 32, sv, mv, [&](int ch) {
+      return xs + (TMA ? lrow * kXRow + (ch << 4) : lrow * 256 + ((ch ^ (lrow & 7)) << 4));
+    });
   }
   cp_wait<0>();
   mq_store<WN>(acc, out, ws, counters, n, tile, split, ksplit);
@@ -829,8 +839,7 @@ __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* 
   };
   for (int s = 0; s < STAGES - 1; ++s) load();
   float acc[4][4] = {};
-  const uint32_t ones = 0x3F803F80u, mask = 0x000F000Fu, ex = 0x43004300u;
-  const int lrow = (lane & 7) + ((lane >> 3) & 1) * 8, lhalf = lane >> 4;
+  const int lrow = (lane & 7) + ((lane >> 3) & 1) * 8;
   for (int s = 0; s < ng; ++s) {
     cp_wait<STAGES - 2>();
     __syncthreads();
@@ -840,28 +849,7 @@ __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* 
     const uint4 sv = reinterpret_cast<const uint4*>(st + warp * kWarp + kW)[t * 2];
     const uint4 mv = reinterpret_cast<const uint4*>(st + warp * kWarp + kW)[t * 2 + 1];
     const unsigned char* xs = st + 2 * kWarp;
-    float accg[4][4], sx[4];
-#pragma unroll
-    for (int p = 0; p < 4; ++p) {
-      const uint4 q = wv[p * 32];
-      const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int slice = 2 * p + h, ch = 2 * slice + lhalf;
-        uint32_t a[4];
-        ldmatrix4(a, xs + lrow * 256 + ((ch ^ (lrow & 7)) << 4));
-        if (slice == 0) mma0(sx, a, ones, ones); else mma(sx, a, ones, ones);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const uint32_t b0 = and_or(qw[j] >> (8 * h), mask, ex), b1 = and_or(qw[j] >> (8 * h + 4), mask, ex);
-          if (slice == 0) mma0(accg[j], a, b0, b1); else mma(accg[j], a, b0, b1);
-        }
-      }
-    }
-    const uint32_t svv[4] = {sv.x, sv.y, sv.z, sv.w}, mvv[4] = {mv.x, mv.y, mv.z, mv.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      finish_group(acc[j], accg[j], sx, bf_lo(svv[j]), bf_hi(svv[j]), bf_lo(mvv[j]), bf_hi(mvv[j]));
+    mq_group(acc, wv, 32, sv, mv, [&](int ch) { return xs + lrow * 256 + ((ch ^ (lrow & 7)) << 4); });
   }
   cp_wait<0>();
   if (EPI == 0 && PAIR == 0) {  // tiles 2 b and 2 b + 1: mq_store's 64-feature tile b
