@@ -22,10 +22,10 @@ import torch
 from flux_infer.config import Quantization
 from flux_infer.kernels import cuda, quant_frag
 from flux_infer.plugins.base import ApplyContext, PlanContext, Plugin
+from flux_infer.plugins.fuse_projections import GATE_UP
 from flux_infer.quantization.modules import QuantizedLinear
 from flux_infer.support import Support
 
-GATE_UP = ("gate_proj", "up_proj")
 ROLES = ("gate_up", "down", "lm_head")  # the layers that switch (an A/B knob of benchmarks/decode.py; q/k/v and o
 # as well measured slower end to end at batch 16: fourteenth session in docs/benchmarks.md, commit c24345a)
 
