@@ -561,6 +561,16 @@ __device__ __forceinline__ void mma0(float* d, const uint32_t* a, uint32_t b0, u
 __device__ __forceinline__ float bf_lo(uint32_t v) { return __uint_as_float(v << 16); }
 __device__ __forceinline__ float bf_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }
 
+// mq16g SEP: the interleaved (scale, min) runs of repack_mq split into a scales array and a mins array, 64 bytes per
+// tile and group in each (the package's fragment layout keeps scales and mins in separate tensors)
+__global__ void split_sm(uint4* __restrict__ scales, uint4* __restrict__ mins, const uint4* __restrict__ sm, int64_t chunks) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= chunks) return;
+  const int64_t tg = i / 8;
+  const int c = (int)(i % 8);
+  (c < 4 ? scales : mins)[tg * 4 + (c & 3)] = sm[i];
+}
+
 // (packed word index within the whole layout) -> source feature and first input of its 8 codes' positions
 __global__ void repack_mq(uint32_t* __restrict__ dst, uint32_t* __restrict__ dsm, const uint32_t* __restrict__ src,
                           const uint16_t* __restrict__ sc, const uint16_t* __restrict__ mn, int n, int k, int wn) {
@@ -801,10 +811,17 @@ __global__ void __launch_bounds__(WN * 32) mq16(bf16* __restrict__ out, const bf
 // plain result for either pairing); 1: the package's gated epilogue (the up warp hands its values to the gate warp
 // through shared memory, silu(gate) * up into an n / 2 wide output; with PAIR 0 timing only). ksplit > 1 (EPI 0,
 // PAIR 0: the package's down at K split 8 takes 20.0 us against mq16's 16.3): mq_store's partials and reduction.
-template <int PAIR, int EPI, int STAGES = 4>
+// FLAGS (fifteenth session: which of the package's differences costs what): 1 SEP: scales and mins read from two
+// arrays (the package's layout; wsm then holds the scales, wsm2 the mins, 64 bytes per tile and group in each);
+// 2 PRO: the package's prologue (the first STAGES - 1 stages' weights, then their x, in one commit group);
+// 4 TCWS: the package's K-split workspace [split][block][thread][16] (each thread's partials contiguous);
+// 8 JWS: a workspace [split][block][j][thread] of float4 (the register layout, coalesced).
+constexpr int kSep = 1, kPro = 2, kTcws = 4, kJws = 8;
+template <int PAIR, int EPI, int STAGES = 4, int FLAGS = 0>
 __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* __restrict__ x,
                                             const uint4* __restrict__ wq, const uint4* __restrict__ wsm,
-                                            float* __restrict__ ws, int* __restrict__ counters, int n, int k, int ksplit) {
+                                            float* __restrict__ ws, int* __restrict__ counters, int n, int k, int ksplit,
+                                            const uint4* __restrict__ wsm2 = nullptr) {
   constexpr int kW = 2048, kS = 128, kWarp = kW + kS, kStage = 2 * kWarp + 4096;
   extern __shared__ __align__(128) unsigned char smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -812,7 +829,9 @@ __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* 
   const int g0 = split * groups / ksplit, ng = (split + 1) * groups / ksplit - g0;
   const int lt = PAIR ? (warp == 0 ? blk : n / 64 + blk) : 2 * blk + warp;
   const unsigned char* wnext = reinterpret_cast<const unsigned char*>(wq) + ((int64_t)lt * groups + g0) * kW + lane * 16;
-  const unsigned char* snext = reinterpret_cast<const unsigned char*>(wsm) + ((int64_t)lt * groups + g0) * kS + lane * 16;
+  const unsigned char* snext = (FLAGS & kSep)
+      ? reinterpret_cast<const unsigned char*>(lane < 4 ? wsm : wsm2) + ((int64_t)lt * groups + g0) * 64 + (lane & 3) * 16
+      : reinterpret_cast<const unsigned char*>(wsm) + ((int64_t)lt * groups + g0) * kS + lane * 16;
   const uint32_t sbase = smem_u32(smem);
   const int xrow = threadIdx.x >> 4, xch = threadIdx.x & 15;
   const bf16* xnext = x + (int64_t)xrow * k + g0 * 128 + xch * 8;
@@ -831,13 +850,36 @@ __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* 
       if (lane < 8) cp_async16s(dst + warp * kWarp + kW + lane * 16, snext);
 #pragma unroll
       for (int c = 0; c < 4; ++c) cp_async16s(dst + xdst[c], xnext + (int64_t)4 * c * k);
-      wnext += kW; snext += kS; xnext += 128;
+      wnext += kW; snext += (FLAGS & kSep) ? 64 : kS; xnext += 128;
       slot = slot == STAGES - 1 ? 0 : slot + 1;
     }
     ++next;
     cp_commit();
   };
-  for (int s = 0; s < STAGES - 1; ++s) load();
+  if (FLAGS & kPro) {  // weights of the first stages, then their x; one commit group
+    for (int s = 0; s < STAGES - 1; ++s) {
+      const uint32_t dst = sbase + s * kStage;
+      if (s < ng) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) cp_async16s(dst + warp * kWarp + lane * 16 + i * 512, wnext + i * 512);
+        if (lane < 8) cp_async16s(dst + warp * kWarp + kW + lane * 16, snext);
+        wnext += kW; snext += (FLAGS & kSep) ? 64 : kS;
+      }
+    }
+    for (int s = 0; s < STAGES - 1; ++s) {
+      const uint32_t dst = sbase + s * kStage;
+      if (s < ng) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) cp_async16s(dst + xdst[c], xnext + (int64_t)4 * c * k);
+        xnext += 128;
+      }
+      cp_commit();
+    }
+    next = STAGES - 1;
+    slot = (STAGES - 1) % STAGES;
+  } else {
+    for (int s = 0; s < STAGES - 1; ++s) load();
+  }
   float acc[4][4] = {};
   const int lrow = (lane & 7) + ((lane >> 3) & 1) * 8;
   for (int s = 0; s < ng; ++s) {
@@ -852,6 +894,43 @@ __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* 
     mq_group(acc, wv, 32, sv, mv, [&](int ch) { return xs + lrow * 256 + ((ch ^ (lrow & 7)) << 4); });
   }
   cp_wait<0>();
+  if (EPI == 0 && PAIR == 0 && (FLAGS & (kTcws | kJws)) && ksplit > 1) {  // the register-layout workspaces
+    const int64_t per_split = (int64_t)(gridDim.x / ksplit) * 64 * 4;  // float4
+    auto at = [&](int sp, int j) {
+      return (FLAGS & kTcws) ? sp * per_split + (blk * 64 + threadIdx.x) * 4 + j
+                             : sp * per_split + ((int64_t)blk * 4 + j) * 64 + threadIdx.x;
+    };
+    float4* w4 = reinterpret_cast<float4*>(ws);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) __stcg(w4 + at(split, j), make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
+    __threadfence();
+    __syncthreads();
+    __shared__ int last;
+    if (threadIdx.x == 0) last = atomicAdd(counters + blk, 1) == ksplit - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    float r[4][4] = {};
+    for (int s0 = 0; s0 < ksplit; s0 += 4) {
+      float4 v[4][4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[u][j] = s0 + u < ksplit ? __ldcg(w4 + at(s0 + u, j)) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) { r[j][0] += v[u][j].x; r[j][1] += v[u][j].y; r[j][2] += v[u][j].z; r[j][3] += v[u][j].w; }
+    }
+    if (threadIdx.x == 0) counters[blk] = 0;
+    const int f0 = lt * 32 + 2 * t;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)g * n + f0 + 8 * j) = __floats2bfloat162_rn(r[j][0], r[j][1]);
+      *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)(g + 8) * n + f0 + 8 * j) = __floats2bfloat162_rn(r[j][2], r[j][3]);
+    }
+    return;
+  }
   if (EPI == 0 && PAIR == 0) {  // tiles 2 b and 2 b + 1: mq_store's 64-feature tile b
     mq_store<2>(acc, out, ws, counters, n, blk, split, ksplit);
     return;
@@ -1173,16 +1252,25 @@ int main(int argc, char** argv) {
       packed_wn = wn;
     };
     // mq16g: the package's per-warp tiles; EPI 1 checked against silu(ref[:, :n/2]) * ref[:, n/2:] (bf16 roundings)
-    auto run_g = [&](const char* name, auto kernel, int epi, int ksplit) {
+    std::vector<uint4*> sep_s(copies, nullptr), sep_m(copies, nullptr);  // mq16g SEP: split_sm's arrays
+    auto run_g = [&](const char* name, auto kernel, int epi, int ksplit, int sep = 0) {
       if (variant && strncmp(variant, name, strlen(variant))) return;
       if (n % 64 || ksplit > k / 128) return;
       ensure_packed(1);
+      if (sep && !sep_s[0])
+        for (int c = 0; c < copies; ++c) {
+          const int64_t chunks = (int64_t)hs.size() * 4 / 16;
+          CK(cudaMalloc(&sep_s[c], hs.size() * 2)); CK(cudaMalloc(&sep_m[c], hs.size() * 2));
+          split_sm<<<(unsigned)((chunks + 255) / 256), 256>>>(sep_s[c], sep_m[c], reinterpret_cast<const uint4*>(ps[c]), chunks);
+          CK(cudaDeviceSynchronize());
+        }
       const size_t smem = (size_t)4 * (2 * (2048 + 128) + 4096);
       CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
       auto launch = [&](int i) {
-        kernel<<<n / 64 * ksplit, 64, smem, g_stream>>>(out, x, reinterpret_cast<const uint4*>(pw[i % copies]),
-                                                         reinterpret_cast<const uint4*>(ps[i % copies]), ws, counters, n,
-                                                         k, ksplit);
+        kernel<<<n / 64 * ksplit, 64, smem, g_stream>>>(
+            out, x, reinterpret_cast<const uint4*>(pw[i % copies]),
+            sep ? sep_s[i % copies] : reinterpret_cast<const uint4*>(ps[i % copies]), ws, counters, n, k, ksplit,
+            sep ? sep_m[i % copies] : nullptr);
       };
       auto [t, max_err, max_ref] = check_and_time(launch);
       if (epi) {  // the gated output: the first rows x n / 2 values
@@ -1257,9 +1345,21 @@ int main(int argc, char** argv) {
     for (const char* s = ks_env ? ks_env : "1,2,4,8"; *s;) { kss.push_back(atoi(s)); while (*s && *s != ',') ++s; if (*s) ++s; }
     for (int ks : kss) {
       run_g("G00 plain pairs, own stores", mq16g<0, 0>, 0, ks);
+      run_g("GS00 + separate scale/min arrays", mq16g<0, 0, 4, kSep>, 0, ks, 1);
+      run_g("GP00 + package prologue", mq16g<0, 0, 4, kPro>, 0, ks);
+      run_g("GSP00 + both", mq16g<0, 0, 4, kSep | kPro>, 0, ks, 1);
+      if (ks > 1) {
+        run_g("GT00 thread-contiguous workspace", mq16g<0, 0, 4, kTcws>, 0, ks);
+        run_g("GJ00 [j][thread] workspace", mq16g<0, 0, 4, kJws>, 0, ks);
+        run_g("GSPT00 package: sep, prologue, tc ws", mq16g<0, 0, 4, kSep | kPro | kTcws>, 0, ks, 1);
+        run_g("GSPJ00 sep, prologue, [j][thread] ws", mq16g<0, 0, 4, kSep | kPro | kJws>, 0, ks, 1);
+      }
       if (ks == 1) {
         run_g("G10 gate/up pairs, own stores", mq16g<1, 0>, 0, 1);
         run_g("G11 gate/up pairs, gated epilogue", mq16g<1, 1>, 1, 1);
+        run_g("GS11 + separate scale/min arrays", mq16g<1, 1, 4, kSep>, 1, 1, 1);
+        run_g("GP11 + package prologue", mq16g<1, 1, 4, kPro>, 1, 1);
+        run_g("GSP11 + both", mq16g<1, 1, 4, kSep | kPro>, 1, 1, 1);
         run_g("G01 plain pairs, gated epilogue", mq16g<0, 1>, 1, 1);
       }
       run_mq("M4 wn4 st4", mq16<4, 4>, 4, 4, ks);

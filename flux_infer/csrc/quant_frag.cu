@@ -25,9 +25,10 @@ struct FragArgs {
   const uint16_t* scales;
   const uint16_t* mins;
   const at::BFloat16* bias;
-  float* ws;  // ksplit > 1: [ksplit][blocks per split][threads][16] partial sums, each thread's contiguous
+  float* ws;  // ksplit > 1: [ksplit][blocks per split][4][threads] float4 partial sums (the register layout)
   int* counters;  // one per block index, zero between launches
   int rows, n, k, ksplit, act;
+  bool pdl;  // launched programmatically: the first stages' weights stream before pdl_wait, their x after it
   bool early;  // signal dependents at the start (pdl_trigger) instead of after the main loop
   NormArgs<at::BFloat16> scale_norm;  // partials non-null: the norm scale, row_norm_scale (quant_mma.cuh)
   const at::BFloat16* residual;  // kAddNormE: out = h = residual + layer, normed = h * norm_weight,
@@ -122,16 +123,23 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
     ++next;
     cp_commit();
   };
-  // the weights of the first stages stream while the kernel before this one finishes; x after it has
-  for (int s = 0; s < STAGES - 1; ++s) {
-    load_weights();
-    slot = slot == STAGES - 1 ? 0 : slot + 1;
-    ++next;
+  if (a.pdl) {  // the weights of the first stages stream while the kernel before this one finishes; x after it has
+    for (int s = 0; s < STAGES - 1; ++s) {
+      load_weights();
+      slot = slot == STAGES - 1 ? 0 : slot + 1;
+      ++next;
+    }
+    pdl_wait();
+    if (a.early) pdl_trigger();
+    next = slot = 0;
+    for (int s = 0; s < STAGES - 1; ++s) load_x();
+  } else {  // a stage per commit group: the first waits for one stage, not three stages' weights (16 rows: down
+            // 16.8 -> 16.2 us, gated gate/up 26.1 -> 25.7 in benchmarks/lab/q16.cu's mq16g, fifteenth session)
+    for (int s = 0; s < STAGES - 1; ++s) {
+      load_weights();
+      load_x();
+    }
   }
-  pdl_wait();
-  if (a.early) pdl_trigger();
-  next = slot = 0;
-  for (int s = 0; s < STAGES - 1; ++s) load_x();
   // the norm scale of each row (the layer after an RMSNorm), read while the first stages stream; the main loop's
   // first barrier publishes it
   __shared__ float row_scale[16];
@@ -193,12 +201,14 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
   // (g, t) of a warp holds rows g and g + 8 (acc[j][0..1] and acc[j][2..3]) of columns 8 j + 2 t and + 1 of the
   // warp's fragment tile.
   if (a.ksplit > 1) {  // partials out; the last block of the tile adds them in split order
-    // workspace [ksplit][blocks per split][THREADS][16]: each thread's 16 sums contiguous (four 16-byte stores and
-    // loads per split; the reduction keeps four splits' loads in flight)
+    // workspace [ksplit][blocks per split][4][THREADS] float4: acc[j] of consecutive threads adjacent, so each store
+    // and load instruction covers 512 contiguous bytes (with each thread's 16 sums contiguous instead, every
+    // instruction touched twice the sectors: 16-row down 19.1 against 16.1 us in the lab, fifteenth session); the
+    // reduction keeps four splits' loads in flight
     const int64_t per_split = (int64_t)(gridDim.x / a.ksplit) * THREADS * 4;  // in float4
-    float4* part = reinterpret_cast<float4*>(a.ws) + (int64_t)split * per_split + (blk * THREADS + threadIdx.x) * 4;
+    float4* part = reinterpret_cast<float4*>(a.ws) + (int64_t)split * per_split + blk * THREADS * 4 + threadIdx.x;
 #pragma unroll
-    for (int j = 0; j < 4; ++j) __stcg(part + j, make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
+    for (int j = 0; j < 4; ++j) __stcg(part + j * THREADS, make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]));
     __threadfence();
     __syncthreads();
     __shared__ int last;
@@ -206,7 +216,7 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
     __syncthreads();
     if (!last) return;
     __threadfence();
-    const float4* mine = reinterpret_cast<const float4*>(a.ws) + (blk * THREADS + threadIdx.x) * 4;
+    const float4* mine = reinterpret_cast<const float4*>(a.ws) + blk * THREADS * 4 + threadIdx.x;
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.f;
     for (int s0 = 0; s0 < a.ksplit; s0 += 4) {
@@ -215,7 +225,8 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
       for (int u = 0; u < 4; ++u)
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          v[u][j] = s0 + u < a.ksplit ? __ldcg(mine + (s0 + u) * per_split + j) : make_float4(0.f, 0.f, 0.f, 0.f);
+          v[u][j] = s0 + u < a.ksplit ? __ldcg(mine + (s0 + u) * per_split + j * THREADS)
+                                      : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
       for (int u = 0; u < 4; ++u)
 #pragma unroll
@@ -349,13 +360,17 @@ void launch_frag(const FragArgs& args, int blocks, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     configured = true;
   }
-  // Programmatic launch for single rows only (their early trigger lets this kernel stream its first weights during
-  // the previous kernel). Above, a plain launch: on an H100 the programmatic one made back-to-back 16-row calls
-  // about 2 us slower each (gate/up 30.8 vs 28.9 us, down 21.3 vs 19.5) and batch-16 decode 1% slower
-  // (docs/benchmarks.md, fourteenth session). FLUX_INFER_FRAG_PDL=1: programmatic at every row count (A/B runs).
-  static const bool always_pdl = std::getenv("FLUX_INFER_FRAG_PDL") != nullptr;
-  if (args.rows == 1 || always_pdl) launch(kernel, blocks, WN * 32, smem, stream, args);
+  if (args.pdl) launch(kernel, blocks, WN * 32, smem, stream, args);
   else kernel<<<blocks, WN * 32, smem, stream>>>(args);
+}
+
+// Programmatic launch for single rows only (their early trigger lets this kernel stream its first weights during
+// the previous kernel). Above, a plain launch: on an H100 the programmatic one made back-to-back 16-row calls
+// about 2 us slower each (gate/up 30.8 vs 28.9 us, down 21.3 vs 19.5) and batch-16 decode 1% slower
+// (docs/benchmarks.md, fourteenth session). FLUX_INFER_FRAG_PDL=1: programmatic at every row count (A/B runs).
+bool frag_pdl(int rows) {
+  static const bool always = std::getenv("FLUX_INFER_FRAG_PDL") != nullptr;
+  return rows == 1 || always;
 }
 
 template <int E>
@@ -437,6 +452,7 @@ std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, to
     args.k = static_cast<int>(k);
     args.ksplit = plan.ksplit;
     args.act = static_cast<int>(activation);
+    args.pdl = flux::frag_pdl(args.rows);
     args.early = flux::trigger_early(rows);
     if (scale_partials) {
       args.scale_norm.slots = static_cast<int>(scale_partials->size(1));
