@@ -2,15 +2,15 @@
 
 At decode batch sizes (about 8 rows and more) the checkpoint layout's tensor-core kernel runs the fused gate/up
 layer at about half of the memory bandwidth; ``csrc/quant_frag.cu`` streams the fragment layout
-(``kernels/quant_frag.py``) at about 80% (H100, docs/benchmarks.md, fourteenth session: gate/up 26.5 vs 37.7 us at
-16 rows, lm_head 101.7 vs 137.7). Both layouts at once would cost the memory INT4 saves, so the chosen layers switch
-for every batch size: the fused gate/up projection, down and a quantized lm_head (``ROLES``); q/k/v and o keep the
-checkpoint layout (on fragments they measured slower). Llama-3-8B shape on an H100, same process: batch-16 decode
-5,721 tok/s against 4,922 without it (bf16: 2,492), batch 1 384.1 against 454.8 tok/s: a choice for serving batches,
-hence opt-in: ``InferenceConfig(plugins=["int4_fragments"])``. In place: codes, scales and mins are reordered in
-their own storage (a fused projection's members are views of it and follow), the ``state_dict`` still gives the
-checkpoint layout, and ``revert`` reorders them back. CUDA only (the layout is for that kernel), bf16, INT4 with
-group 128.
+(``kernels/quant_frag.py``) at about 80% (H100, docs/benchmarks.md, fifteenth session: gate/up 26.3 vs 37.7 us at 16
+rows, down 17.0 vs 20.6, lm_head 102.7 vs 137.4). Both layouts at once would cost the memory INT4 saves, so the
+chosen layers switch for every batch size: the fused gate/up projection, down and a quantized lm_head (``ROLES``);
+q/k/v and o keep the checkpoint layout (on fragments they measured slower). Llama-3-8B shape on an H100, same
+process: batch-16 decode 5,930 tok/s against 4,942 without it (bf16: 2,466), batch 1 399.4 against 453.9 tok/s: a
+choice for serving batches, hence opt-in: ``InferenceConfig(plugins=["int4_fragments"])``. In place: codes, scales
+and mins are reordered in their own storage (a fused projection's members are views of it and follow), the
+``state_dict`` still gives the checkpoint layout, and ``revert`` reorders them back. CUDA only (the layout is for
+that kernel), bf16, INT4 with group 128.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from flux_infer.quantization.modules import QuantizedLinear
 from flux_infer.support import Support
 
 ROLES = ("gate_up", "down", "lm_head")  # the layers that switch (an A/B knob of benchmarks/decode.py; q/k/v and o
-# as well measured slower end to end at batch 16: fourteenth session in docs/benchmarks.md, commit c24345a)
+# as well measured slower end to end at batch 16: fourteenth and fifteenth sessions in docs/benchmarks.md; the code
+# for those roles is at commit c24345a)
 
 
 def _targets(model: torch.nn.Module, ctx: PlanContext) -> list[tuple[str, QuantizedLinear, list[QuantizedLinear]]]:
