@@ -815,8 +815,10 @@ __global__ void __launch_bounds__(WN * 32) mq16(bf16* __restrict__ out, const bf
 // arrays (the package's layout; wsm then holds the scales, wsm2 the mins, 64 bytes per tile and group in each);
 // 2 PRO: the package's prologue (the first STAGES - 1 stages' weights, then their x, in one commit group);
 // 4 TCWS: the package's K-split workspace [split][block][thread][16] (each thread's partials contiguous);
-// 8 JWS: a workspace [split][block][j][thread] of float4 (the register layout, coalesced).
-constexpr int kSep = 1, kPro = 2, kTcws = 4, kJws = 8;
+// 8 JWS: a workspace [split][block][j][thread] of float4 (the register layout, coalesced); 16 PKGEPI: the package's
+// gated epilogue code (activation kind, norm scale and bias as run-time options; expf, not __expf).
+// With it, 32 SILUONLY: the activation kind known at compile time (silu); 64 FASTEXP: __expf.
+constexpr int kSep = 1, kPro = 2, kTcws = 4, kJws = 8, kPkgEpi = 16, kSiluOnly = 32, kFastExp = 64;
 template <int PAIR, int EPI, int STAGES = 4, int FLAGS = 0>
 __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* __restrict__ x,
                                             const uint4* __restrict__ wq, const uint4* __restrict__ wsm,
@@ -959,6 +961,20 @@ __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* 
     float o[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
+      if (FLAGS & kPkgEpi) {  // the package's: run-time activation (expf, or gelu's tanhf), scale and bias options
+        const int kind = (FLAGS & kSiluOnly) ? 0 : ksplit - 1;  // 0 (silu) here, unknown to the compiler
+        const bf16* bias = n < 0 ? x : nullptr;  // null here
+        const bool scaled = n < 0;
+        const float scale = scaled ? 0.5f : 1.f;
+        const int f = f0 + 8 * j + (e & 1);
+        float gv = acc[j][e] * scale, up = ups[e] * scale;
+        if (bias != nullptr) { gv += __bfloat162float(bias[f]); up += __bfloat162float(bias[half + f]); }
+        const float gate = __bfloat162float(__float2bfloat16(gv));
+        const float a = kind == 0 ? gate / (1.f + ((FLAGS & kFastExp) ? __expf(-gate) : expf(-gate)))
+                                  : 0.5f * gate * (1.f + tanhf(0.7978845608028654f * (gate + 0.044715f * gate * gate * gate)));
+        o[e] = __bfloat162float(__float2bfloat16(a)) * __bfloat162float(__float2bfloat16(up));
+        continue;
+      }
       const float gate = __bfloat162float(__float2bfloat16(acc[j][e]));
       const float act = __bfloat162float(__float2bfloat16(gate / (1.f + __expf(-gate))));
       o[e] = act * __bfloat162float(__float2bfloat16(ups[e]));
@@ -1360,6 +1376,11 @@ int main(int argc, char** argv) {
         run_g("GS11 + separate scale/min arrays", mq16g<1, 1, 4, kSep>, 1, 1, 1);
         run_g("GP11 + package prologue", mq16g<1, 1, 4, kPro>, 1, 1);
         run_g("GSP11 + both", mq16g<1, 1, 4, kSep | kPro>, 1, 1, 1);
+        run_g("GE11 package's gated epilogue code", mq16g<1, 1, 4, kPkgEpi>, 1, 1);
+        run_g("GSPE11 sep, prologue, package epilogue", mq16g<1, 1, 4, kSep | kPro | kPkgEpi>, 1, 1, 1);
+        run_g("GEs11 package epilogue, silu at compile time", mq16g<1, 1, 4, kPkgEpi | kSiluOnly>, 1, 1);
+        run_g("GEf11 package epilogue, __expf", mq16g<1, 1, 4, kPkgEpi | kFastExp>, 1, 1);
+        run_g("GEsf11 package epilogue, silu, __expf", mq16g<1, 1, 4, kPkgEpi | kSiluOnly | kFastExp>, 1, 1);
         run_g("G01 plain pairs, gated epilogue", mq16g<0, 1>, 1, 1);
       }
       run_mq("M4 wn4 st4", mq16<4, 4>, 4, 4, ks);
