@@ -1,4 +1,4 @@
-// Standalone lab for 16-row INT4 kernels (issue #4, twelfth to fourteenth sessions; findings in docs/benchmarks.md).
+// Standalone lab for 16-row INT4 kernels (issue #4, twelfth to fifteenth sessions; findings in docs/benchmarks.md).
 // No torch: it builds in seconds, so a kernel idea costs one short device call instead of an extension build.
 //   nvcc -O3 -arch=sm_90 -lineinfo benchmarks/lab/q16.cu -lcublas -lcuda -o /tmp/q16
 //   /tmp/q16 [shape [variant-prefix]]      (ITERS=n: timed calls per case, default 200; GRAPH=1: CUDA-graph timing
