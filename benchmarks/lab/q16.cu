@@ -539,6 +539,8 @@ static CUtensorMap make_map(void* base, CUtensorMapDataType dtype, int elem, uin
 // Packed layout, per (feature tile of NB, group): [pair p < 4][warp w][lane (g, t)][word j < 4]; word j holds the
 // codes of feature 32 w + 8 j + g at inputs 32 p + {2t, 2t+1, 2t+8, 2t+9} (nibbles 0, 4, 1, 5) and the same + 16
 // (nibbles 2, 6, 3, 7). Scales: [w][t][j][2 bf16: features 8j + 2t, 8j + 2t + 1] then the mins the same way.
+__device__ __forceinline__ void grid_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void grid_trigger() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
 __device__ __forceinline__ void cp_async16s(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
@@ -818,7 +820,14 @@ __global__ void __launch_bounds__(WN * 32) mq16(bf16* __restrict__ out, const bf
 // 8 JWS: a workspace [split][block][j][thread] of float4 (the register layout, coalesced); 16 PKGEPI: the package's
 // gated epilogue code (activation kind, norm scale and bias as run-time options; expf, not __expf).
 // With it, 32 SILUONLY: the activation kind known at compile time (silu); 64 FASTEXP: __expf.
-constexpr int kSep = 1, kPro = 2, kTcws = 4, kJws = 8, kPkgEpi = 16, kSiluOnly = 32, kFastExp = 64;
+// Programmatic launches (the question left by the fourteenth session: back-to-back 16-row calls ran about 2 us
+// slower each launched programmatically, so the package launches them plainly and q/k/v cannot take fragments
+// without losing the overlap the checkpoint kernel gets): 128 PDL: launched with programmatic stream
+// serialization, the first STAGES - 1 stages' weights before griddepcontrol.wait and their x after it (kPro's
+// order), dependents released after the main loop; 256 EARLY: released right after the wait; 512 W1: only the
+// first stage's weights before the wait, then one stage per commit group.
+constexpr int kSep = 1, kPro = 2, kTcws = 4, kJws = 8, kPkgEpi = 16, kSiluOnly = 32, kFastExp = 64, kPdl = 128,
+              kPdlEarly = 256, kPdlW1 = 512;
 template <int PAIR, int EPI, int STAGES = 4, int FLAGS = 0>
 __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* __restrict__ x,
                                             const uint4* __restrict__ wq, const uint4* __restrict__ wsm,
@@ -858,7 +867,24 @@ __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* 
     ++next;
     cp_commit();
   };
-  if (FLAGS & kPro) {  // weights of the first stages, then their x; one commit group
+  if (FLAGS & kPdlW1) {  // stage 0's weights, the wait, its x; then a stage per commit group
+    if (ng > 0) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) cp_async16s(sbase + warp * kWarp + lane * 16 + i * 512, wnext + i * 512);
+      if (lane < 8) cp_async16s(sbase + warp * kWarp + kW + lane * 16, snext);
+      wnext += kW; snext += (FLAGS & kSep) ? 64 : kS;
+    }
+    grid_wait();
+    if (FLAGS & kPdlEarly) grid_trigger();
+    if (ng > 0) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) cp_async16s(sbase + xdst[c], xnext + (int64_t)4 * c * k);
+      xnext += 128;
+    }
+    cp_commit();
+    next = slot = 1;
+    for (int s = 1; s < STAGES - 1; ++s) load();
+  } else if (FLAGS & (kPro | kPdl)) {  // weights of the first stages, then their x; one commit group
     for (int s = 0; s < STAGES - 1; ++s) {
       const uint32_t dst = sbase + s * kStage;
       if (s < ng) {
@@ -867,6 +893,10 @@ __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* 
         if (lane < 8) cp_async16s(dst + warp * kWarp + kW + lane * 16, snext);
         wnext += kW; snext += (FLAGS & kSep) ? 64 : kS;
       }
+    }
+    if (FLAGS & kPdl) {
+      grid_wait();
+      if (FLAGS & kPdlEarly) grid_trigger();
     }
     for (int s = 0; s < STAGES - 1; ++s) {
       const uint32_t dst = sbase + s * kStage;
@@ -896,6 +926,7 @@ __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* 
     mq_group(acc, wv, 32, sv, mv, [&](int ch) { return xs + lrow * 256 + ((ch ^ (lrow & 7)) << 4); });
   }
   cp_wait<0>();
+  if ((FLAGS & (kPdl | kPdlW1)) && !(FLAGS & kPdlEarly)) grid_trigger();
   if (EPI == 0 && PAIR == 0 && (FLAGS & (kTcws | kJws)) && ksplit > 1) {  // the register-layout workspaces
     const int64_t per_split = (int64_t)(gridDim.x / ksplit) * 64 * 4;  // float4
     auto at = [&](int sp, int j) {
@@ -1269,7 +1300,7 @@ int main(int argc, char** argv) {
     };
     // mq16g: the package's per-warp tiles; EPI 1 checked against silu(ref[:, :n/2]) * ref[:, n/2:] (bf16 roundings)
     std::vector<uint4*> sep_s(copies, nullptr), sep_m(copies, nullptr);  // mq16g SEP: split_sm's arrays
-    auto run_g = [&](const char* name, auto kernel, int epi, int ksplit, int sep = 0) {
+    auto run_g = [&](const char* name, auto kernel, int epi, int ksplit, int sep = 0, int pdl = 0) {
       if (variant && strncmp(variant, name, strlen(variant))) return;
       if (n % 64 || ksplit > k / 128) return;
       ensure_packed(1);
@@ -1283,10 +1314,21 @@ int main(int argc, char** argv) {
       const size_t smem = (size_t)4 * (2 * (2048 + 128) + 4096);
       CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
       auto launch = [&](int i) {
-        kernel<<<n / 64 * ksplit, 64, smem, g_stream>>>(
-            out, x, reinterpret_cast<const uint4*>(pw[i % copies]),
-            sep ? sep_s[i % copies] : reinterpret_cast<const uint4*>(ps[i % copies]), ws, counters, n, k, ksplit,
-            sep ? sep_m[i % copies] : nullptr);
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(n / 64 * ksplit);
+        cfg.blockDim = dim3(64);
+        cfg.dynamicSmemBytes = smem;
+        cfg.stream = g_stream;
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[0].val.programmaticStreamSerializationAllowed = 1;
+        cfg.attrs = attr;
+        cfg.numAttrs = pdl ? 1 : 0;  // pdl: programmatic (the kernel's griddepcontrol.wait orders it)
+        CK(cudaLaunchKernelEx(&cfg, kernel, out, static_cast<const bf16*>(x),
+                              reinterpret_cast<const uint4*>(pw[i % copies]),
+                              sep ? static_cast<const uint4*>(sep_s[i % copies])
+                                  : reinterpret_cast<const uint4*>(ps[i % copies]),
+                              ws, counters, n, k, ksplit, sep ? static_cast<const uint4*>(sep_m[i % copies]) : nullptr));
       };
       auto [t, max_err, max_ref] = check_and_time(launch);
       if (epi) {  // the gated output: the first rows x n / 2 values
@@ -1364,6 +1406,10 @@ int main(int argc, char** argv) {
       run_g("GS00 + separate scale/min arrays", mq16g<0, 0, 4, kSep>, 0, ks, 1);
       run_g("GP00 + package prologue", mq16g<0, 0, 4, kPro>, 0, ks);
       run_g("GSP00 + both", mq16g<0, 0, 4, kSep | kPro>, 0, ks, 1);
+      run_g("GQ00 plain launch (kPro order)", mq16g<0, 0, 4, kPro>, 0, ks, 0, 0);
+      run_g("GQP00 programmatic, release after the loop", mq16g<0, 0, 4, kPdl>, 0, ks, 0, 1);
+      run_g("GQPE00 programmatic, early release", mq16g<0, 0, 4, kPdl | kPdlEarly>, 0, ks, 0, 1);
+      run_g("GQW00 programmatic, one stage's weights first", mq16g<0, 0, 4, kPdlW1>, 0, ks, 0, 1);
       if (ks > 1) {
         run_g("GT00 thread-contiguous workspace", mq16g<0, 0, 4, kTcws>, 0, ks);
         run_g("GJ00 [j][thread] workspace", mq16g<0, 0, 4, kJws>, 0, ks);
@@ -1381,6 +1427,12 @@ int main(int argc, char** argv) {
         run_g("GEs11 package epilogue, silu at compile time", mq16g<1, 1, 4, kPkgEpi | kSiluOnly>, 1, 1);
         run_g("GEf11 package epilogue, __expf", mq16g<1, 1, 4, kPkgEpi | kFastExp>, 1, 1);
         run_g("GEsf11 package epilogue, silu, __expf", mq16g<1, 1, 4, kPkgEpi | kSiluOnly | kFastExp>, 1, 1);
+        // programmatic launches, back to back (GQ: plain launch of the same code for the baseline)
+        run_g("GQ11 plain launch (kPro order)", mq16g<1, 1, 4, kPro>, 1, 1, 0, 0);
+        run_g("GQP11 programmatic, release after the loop", mq16g<1, 1, 4, kPdl>, 1, 1, 0, 1);
+        run_g("GQPE11 programmatic, early release", mq16g<1, 1, 4, kPdl | kPdlEarly>, 1, 1, 0, 1);
+        run_g("GQW11 programmatic, one stage's weights first", mq16g<1, 1, 4, kPdlW1>, 1, 1, 0, 1);
+        run_g("GQWE11 programmatic, one stage first, early", mq16g<1, 1, 4, kPdlW1 | kPdlEarly>, 1, 1, 0, 1);
         run_g("G01 plain pairs, gated epilogue", mq16g<0, 1>, 1, 1);
       }
       run_mq("M4 wn4 st4", mq16<4, 4>, 4, 4, ks);
