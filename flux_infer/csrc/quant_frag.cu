@@ -241,8 +241,9 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
   }
   const bool scaled = a.scale_norm.partials != nullptr;
   const float scale[2] = {scaled && g < a.rows ? row_scale[g] : 1.f, scaled && g + 8 < a.rows ? row_scale[g + 8] : 1.f};
-  auto value = [&](int j, int e, int feature) {  // element e of acc[j]: row g + 8 (e / 2), column 8 j + 2 t + e % 2
-    float v = acc[j][e] * scale[e >> 1];
+  // the layer's output from a sum of element e (row g + 8 (e / 2); in acc[j]: column 8 j + 2 t + e % 2)
+  auto value = [&](float sum, int e, int feature) {
+    float v = sum * scale[e >> 1];
     if (a.bias != nullptr) v += static_cast<float>(a.bias[feature]);
     return v;
   };
@@ -264,9 +265,7 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int f = f0 + 8 * j + (e & 1);
-        const float gate = rnd<at::BFloat16>(value(j, e, f));
-        float up = ups[e] * scale[e >> 1];
-        if (a.bias != nullptr) up += static_cast<float>(a.bias[n_out + f]);
+        const float gate = rnd<at::BFloat16>(value(acc[j][e], e, f)), up = value(ups[e], e, n_out + f);
         o[e] = rnd<at::BFloat16>(activation(gate, a.act)) * rnd<at::BFloat16>(up);
       }
       store_rows(a.out, n_out, f0 + 8 * j, o, g, a.rows);
@@ -278,7 +277,7 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
     for (int j = 0; j < 4; ++j) {
       float o[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) o[e] = value(j, e, f0 + 8 * j + (e & 1));
+      for (int e = 0; e < 4; ++e) o[e] = value(acc[j][e], e, f0 + 8 * j + (e & 1));
       if constexpr (E == kAddNormE) {
         float normed[4];
 #pragma unroll
