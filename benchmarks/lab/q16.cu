@@ -852,59 +852,44 @@ __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* 
     const int row = xrow + 4 * c;
     xdst[c] = 2 * kWarp + row * 256 + ((xch ^ (row & 7)) << 4);
   }
+  auto copy_weights = [&](uint32_t dst) {  // the next stage's codes and (scale, min) runs
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cp_async16s(dst + warp * kWarp + lane * 16 + i * 512, wnext + i * 512);
+    if (lane < 8) cp_async16s(dst + warp * kWarp + kW + lane * 16, snext);
+    wnext += kW; snext += (FLAGS & kSep) ? 64 : kS;
+  };
+  auto copy_x = [&](uint32_t dst) {  // the next stage's x
+#pragma unroll
+    for (int c = 0; c < 4; ++c) cp_async16s(dst + xdst[c], xnext + (int64_t)4 * c * k);
+    xnext += 128;
+  };
   int next = 0, slot = 0;
-  auto load = [&]() {
+  auto load = [&]() {  // stage `next` into `slot`, one commit group
     if (next < ng) {
-      const uint32_t dst = sbase + slot * kStage;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) cp_async16s(dst + warp * kWarp + lane * 16 + i * 512, wnext + i * 512);
-      if (lane < 8) cp_async16s(dst + warp * kWarp + kW + lane * 16, snext);
-#pragma unroll
-      for (int c = 0; c < 4; ++c) cp_async16s(dst + xdst[c], xnext + (int64_t)4 * c * k);
-      wnext += kW; snext += (FLAGS & kSep) ? 64 : kS; xnext += 128;
+      copy_weights(sbase + slot * kStage);
+      copy_x(sbase + slot * kStage);
       slot = slot == STAGES - 1 ? 0 : slot + 1;
     }
     ++next;
     cp_commit();
   };
   if (FLAGS & kPdlW1) {  // stage 0's weights, the wait, its x; then a stage per commit group
-    if (ng > 0) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) cp_async16s(sbase + warp * kWarp + lane * 16 + i * 512, wnext + i * 512);
-      if (lane < 8) cp_async16s(sbase + warp * kWarp + kW + lane * 16, snext);
-      wnext += kW; snext += (FLAGS & kSep) ? 64 : kS;
-    }
+    if (ng > 0) copy_weights(sbase);
     grid_wait();
     if (FLAGS & kPdlEarly) grid_trigger();
-    if (ng > 0) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) cp_async16s(sbase + xdst[c], xnext + (int64_t)4 * c * k);
-      xnext += 128;
-    }
+    if (ng > 0) copy_x(sbase);
     cp_commit();
     next = slot = 1;
     for (int s = 1; s < STAGES - 1; ++s) load();
   } else if (FLAGS & (kPro | kPdl)) {  // weights of the first stages, then their x; one commit group
-    for (int s = 0; s < STAGES - 1; ++s) {
-      const uint32_t dst = sbase + s * kStage;
-      if (s < ng) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) cp_async16s(dst + warp * kWarp + lane * 16 + i * 512, wnext + i * 512);
-        if (lane < 8) cp_async16s(dst + warp * kWarp + kW + lane * 16, snext);
-        wnext += kW; snext += (FLAGS & kSep) ? 64 : kS;
-      }
-    }
+    for (int s = 0; s < STAGES - 1; ++s)
+      if (s < ng) copy_weights(sbase + s * kStage);
     if (FLAGS & kPdl) {
       grid_wait();
       if (FLAGS & kPdlEarly) grid_trigger();
     }
     for (int s = 0; s < STAGES - 1; ++s) {
-      const uint32_t dst = sbase + s * kStage;
-      if (s < ng) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) cp_async16s(dst + xdst[c], xnext + (int64_t)4 * c * k);
-        xnext += 128;
-      }
+      if (s < ng) copy_x(sbase + s * kStage);
       cp_commit();
     }
     next = STAGES - 1;
@@ -927,6 +912,14 @@ __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* 
   }
   cp_wait<0>();
   if ((FLAGS & (kPdl | kPdlW1)) && !(FLAGS & kPdlEarly)) grid_trigger();
+  auto store_tile = [&](const float (&r)[4][4]) {  // this warp's 16 x 32 tile from registers, bf16 pairs
+    const int f0 = lt * 32 + 2 * t;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)g * n + f0 + 8 * j) = __floats2bfloat162_rn(r[j][0], r[j][1]);
+      *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)(g + 8) * n + f0 + 8 * j) = __floats2bfloat162_rn(r[j][2], r[j][3]);
+    }
+  };
   if (EPI == 0 && PAIR == 0 && (FLAGS & (kTcws | kJws)) && ksplit > 1) {  // the register-layout workspaces
     const int64_t per_split = (int64_t)(gridDim.x / ksplit) * 64 * 4;  // float4
     auto at = [&](int sp, int j) {
@@ -956,12 +949,7 @@ __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* 
         for (int j = 0; j < 4; ++j) { r[j][0] += v[u][j].x; r[j][1] += v[u][j].y; r[j][2] += v[u][j].z; r[j][3] += v[u][j].w; }
     }
     if (threadIdx.x == 0) counters[blk] = 0;
-    const int f0 = lt * 32 + 2 * t;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)g * n + f0 + 8 * j) = __floats2bfloat162_rn(r[j][0], r[j][1]);
-      *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)(g + 8) * n + f0 + 8 * j) = __floats2bfloat162_rn(r[j][2], r[j][3]);
-    }
+    store_tile(r);
     return;
   }
   if (EPI == 0 && PAIR == 0) {  // tiles 2 b and 2 b + 1: mq_store's 64-feature tile b
@@ -969,12 +957,7 @@ __global__ void __launch_bounds__(64) mq16g(bf16* __restrict__ out, const bf16* 
     return;
   }
   if (EPI == 0) {
-    const int f0 = lt * 32 + 2 * t;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)g * n + f0 + 8 * j) = __floats2bfloat162_rn(acc[j][0], acc[j][1]);
-      *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)(g + 8) * n + f0 + 8 * j) = __floats2bfloat162_rn(acc[j][2], acc[j][3]);
-    }
+    store_tile(acc);
     return;
   }
   float4* xchg = reinterpret_cast<float4*>(smem);
