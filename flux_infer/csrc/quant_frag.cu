@@ -27,7 +27,7 @@ struct FragArgs {
   const at::BFloat16* bias;
   float* ws;  // ksplit > 1: [ksplit][blocks per split][4][threads] float4 partial sums (the register layout)
   int* counters;  // one per block index, zero between launches
-  int rows, n, k, ksplit, act;
+  int rows, n, k, ksplit;
   bool pdl;  // launched programmatically: the first stages' weights stream before pdl_wait, their x after it
   bool early;  // signal dependents at the start (pdl_trigger) instead of after the main loop
   NormArgs<at::BFloat16> scale_norm;  // partials non-null: the norm scale, row_norm_scale (quant_mma.cuh)
@@ -69,7 +69,10 @@ __device__ __forceinline__ void store_rows(at::BFloat16* out, int stride, int f,
     *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)(g + 8) * stride + f) = __floats2bfloat162_rn(o[2], o[3]);
 }
 
-template <int WN, int STAGES, int E>
+// ACT: a gated layer's activation (0 silu, 1 gelu_tanh) fixed at compile time: with the kind a run-time argument
+// both activations were compiled in and the 16-row gated gate/up call took 0.7-0.9 us longer (benchmarks/lab/q16.cu
+// mq16g kPkgEpi against kPkgEpi | kSiluOnly, fifteenth session)
+template <int WN, int STAGES, int E, int ACT = 0>
 __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
   constexpr int NB = 32 * WN, THREADS = 32 * WN, kCodes = 2048, kScales = 64, kX = 4096;
   constexpr int kStage = WN * (kCodes + 2 * kScales) + kX, kXC = 256 / THREADS;
@@ -266,7 +269,7 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
       for (int e = 0; e < 4; ++e) {
         const int f = f0 + 8 * j + (e & 1);
         const float gate = rnd<at::BFloat16>(value(acc[j][e], e, f)), up = value(ups[e], e, n_out + f);
-        o[e] = rnd<at::BFloat16>(activation(gate, a.act)) * rnd<at::BFloat16>(up);
+        o[e] = rnd<at::BFloat16>(activation(gate, ACT)) * rnd<at::BFloat16>(up);
       }
       store_rows(a.out, n_out, f0 + 8 * j, o, g, a.rows);
     }
@@ -348,12 +351,12 @@ FragPlan choose_frag_plan(int n, int k, bool gated) {
   return {2, ksplit};
 }
 
-template <int WN, int STAGES, int E>
+template <int WN, int STAGES, int E, int ACT>
 void launch_frag(const FragArgs& args, int blocks, cudaStream_t stream) {
   constexpr int kStage = WN * (2048 + 128) + 4096;
   const size_t smem = static_cast<size_t>(STAGES) * kStage;
   static_assert(STAGES * kStage >= 16 * 32 * WN * 4, "the tile reuses the stage slots");
-  auto kernel = quant_frag_kernel<WN, STAGES, E>;
+  auto kernel = quant_frag_kernel<WN, STAGES, E, ACT>;
   static bool configured = false;  // per instantiation
   if (!configured) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
@@ -372,11 +375,12 @@ bool frag_pdl(int rows) {
   return rows == 1 || always;
 }
 
-template <int E>
+template <int E, int ACT = 0>
 void dispatch_frag(const FragArgs& args, const FragPlan& plan, cudaStream_t stream) {
   const int blocks = args.n / (32 * plan.warps) * plan.ksplit;
-  if (plan.warps == 8) launch_frag<8, 3, E>(args, blocks, stream);
-  else launch_frag<2, 4, E>(args, blocks, stream);
+  if constexpr (E == kGatedE) launch_frag<2, 4, E, ACT>(args, blocks, stream);  // gated: 2 warps (checked)
+  else if (plan.warps == 8) launch_frag<8, 3, E, ACT>(args, blocks, stream);
+  else launch_frag<2, 4, E, ACT>(args, blocks, stream);
 }
 
 }  // namespace
@@ -450,7 +454,6 @@ std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, to
     args.n = static_cast<int>(n);
     args.k = static_cast<int>(k);
     args.ksplit = plan.ksplit;
-    args.act = static_cast<int>(activation);
     args.pdl = flux::frag_pdl(args.rows);
     args.early = flux::trigger_early(rows);
     if (scale_partials) {
@@ -466,7 +469,8 @@ std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, to
       args.normed = reinterpret_cast<at::BFloat16*>(normed.data_ptr()) + r0 * n;
       args.norm_partials = partials.data_ptr<float>() + r0 * (n / 32);
     }
-    if (gated) flux::dispatch_frag<flux::kGatedE>(args, plan, stream);
+    if (gated && activation == 0) flux::dispatch_frag<flux::kGatedE, 0>(args, plan, stream);
+    else if (gated) flux::dispatch_frag<flux::kGatedE, 1>(args, plan, stream);
     else if (add_norm) flux::dispatch_frag<flux::kAddNormE>(args, plan, stream);
     else flux::dispatch_frag<flux::kPlainE>(args, plan, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
