@@ -18,13 +18,13 @@ def layer(n=64, k=256, bias=True, seed=0):
 
 
 def test_to_fragments_round_trips_and_places_each_code_where_the_kernel_reads_it():
-    module = layer(96, 384)
+    module = layer(96, 512)
     q, s, m = quant_frag.to_fragments(module.qweight, module.scales, module.mins)
     assert q.shape == module.qweight.shape and s.shape == module.scales.shape and q.dtype == torch.int32
     for got, want in zip(quant_frag.from_fragments(q, s, m), (module.qweight, module.scales, module.mins),
                          strict=True):
         assert torch.equal(got, want)
-    codes, words, groups = quant.unpack_int4(module.qweight), q.flatten(), 384 // 128
+    codes, words, groups = quant.unpack_int4(module.qweight), q.flatten(), 512 // 128
     rng = random.Random(0)
     for _ in range(300):  # word (p, g, t, j) of tile lt, group grp: feature 32 lt + 8 j + g, nibble a + 4 b
         lt, grp, p, g, t, j = (rng.randrange(3), rng.randrange(groups), rng.randrange(4), rng.randrange(8),
@@ -34,10 +34,13 @@ def test_to_fragments_round_trips_and_places_each_code_where_the_kernel_reads_it
             for b in range(2):
                 code = codes[32 * lt + 8 * j + g, grp * 128 + 32 * p + 8 * a + 2 * t + b]
                 assert (word >> (4 * (a + 4 * b))) & 15 == code
-    flat = s.flatten()
-    for _ in range(100):  # the tile's scales run (t, j, e): feature 32 lt + 8 j + 2 t + e
+    half = groups // 2
+    for _ in range(200):  # the pair (c, t, j, e) of group grp: the first half of the groups in scales, then in mins
         lt, grp, t, j, e = rng.randrange(3), rng.randrange(groups), rng.randrange(4), rng.randrange(4), rng.randrange(2)
-        assert flat[(lt * groups + grp) * 32 + t * 8 + j * 2 + e] == module.scales[32 * lt + 8 * j + 2 * t + e, grp]
+        flat = (s if grp < half else m).flatten()
+        at = lt * groups * 32 + (grp % half) * 64 + t * 8 + j * 2 + e
+        feature = 32 * lt + 8 * j + 2 * t + e
+        assert flat[at] == module.scales[feature, grp] and flat[at + 32] == module.mins[feature, grp]
 
 
 def test_a_tile_keeps_its_rows_so_row_slices_of_32_convert_alone():
@@ -52,7 +55,7 @@ def test_a_tile_keeps_its_rows_so_row_slices_of_32_convert_alone():
 
 
 @pytest.mark.parametrize("n, k, group, dtype", [(48, 256, 128, torch.bfloat16), (64, 256, 64, torch.bfloat16),
-                                                (64, 256, 128, torch.float16)])
+                                                (64, 256, 128, torch.float16), (64, 384, 128, torch.bfloat16)])
 def test_layers_the_layout_cannot_take_are_refused_with_the_reason(n, k, group, dtype):
     torch.manual_seed(0)
     module = QuantizedLinear.from_weight(torch.randn(n, k).to(dtype), None, bits=4, group_size=group)

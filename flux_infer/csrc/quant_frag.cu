@@ -6,7 +6,7 @@
 //
 // x is the MMA's A operand (16 rows = M), 8 output features its N. A block of WN warps owns WN fragment tiles of 32
 // features (gated: WN / 2 gate tiles and the matching up tiles); a stage is one 128-input group: each warp's tile
-// codes (a contiguous 2 KB run), scales and mins (64 bytes each) and x[16][128] (4 KB), copied by cp.async into
+// codes (a contiguous 2 KB run), scales and mins (one 128-byte pair) and x[16][128] (4 KB), copied by cp.async into
 // STAGES slots, one __syncthreads per stage. Per warp and stage: 32 MMAs on biased codes (0x4300 | q = 128 + q in
 // bf16, two lop3 per four codes) into per-group accumulators, finished in fp32 as acc += s acc_g + (m - 128 s)
 // sum(x), with sum(x) per row from 8 MMAs against ones. Layers with few tiles split K over ksplit blocks: fp32
@@ -86,7 +86,13 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
                               : blk * WN + warp;
   const unsigned char* wnext = reinterpret_cast<const unsigned char*>(a.codes) +
                                ((int64_t)lt * groups + g0) * kCodes + lane * 16;
-  const uint16_t* snext = (lane < 4 ? a.scales : a.mins) + ((int64_t)lt * groups + g0) * 32 + (lane & 3) * 8;
+  // the tile's (scale, min) pairs, 64 values a group: groups below half in the tile's rows of scales, the rest in
+  // those of mins (kernels/quant_frag.py); lanes 0-3 copy a pair's scales, 4-7 its mins
+  const int half = groups / 2;
+  const uint16_t* pairs_hi = a.mins + (int64_t)lt * groups * 32 + lane * 8;
+  const uint16_t* snext = g0 < half ? a.scales + (int64_t)lt * groups * 32 + g0 * 64 + lane * 8
+                                    : pairs_hi + (g0 - half) * 64;
+  int sgroup = g0;
   const uint32_t sbase = smem_addr(smem);
   const uint32_t wdst = warp * kCodes + lane * 16, sdst = WN * kCodes + (lane < 4 ? 0 : WN * kScales) +
                                                           warp * kScales + (lane & 3) * 16;
@@ -112,7 +118,7 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
       for (int i = 0; i < 4; ++i) cp_async16(dst + wdst + i * 512, wnext + i * 512);
       if (lane < 8) cp_async16(dst + sdst, snext);
       wnext += kCodes;
-      snext += 32;
+      snext = ++sgroup == half ? pairs_hi : snext + 64;
     }
   };
   auto load_x = [&]() {  // and its x; then the stage's commit group
@@ -323,8 +329,10 @@ __global__ void frag_dequantize_kernel(at::BFloat16* __restrict__ out, const uin
     const int j = (feature >> 3) & 3, g = feature & 7;
     const int64_t tg = tile * groups + grp;
     const uint32_t* words = codes + tg * 512 + p * 128 + g * 16 + j;  // word (p, g, t, j) = + 4 t
-    const int64_t at = tg * 32 + (g >> 1) * 8 + j * 2 + (g & 1);  // the feature's scale in the tile's run
-    const float s = static_cast<float>(scales[at]), m = static_cast<float>(mins[at]);
+    const int half = groups / 2;  // the group's (scale, min) pair: in scales below half, else in mins
+    const at::BFloat16* pair = (grp < half ? scales : mins) + tile * groups * 32 + (grp % half) * 64;
+    const int at = (g >> 1) * 8 + j * 2 + (g & 1);  // the feature's place in the pair's scales and mins
+    const float s = static_cast<float>(pair[at]), m = static_cast<float>(pair[32 + at]);
     uint4 v;
     at::BFloat16* o = reinterpret_cast<at::BFloat16*>(&v);
 #pragma unroll
@@ -404,11 +412,12 @@ std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, to
                   flux::aligned16(x),
               "quant_frag: x must be contiguous bf16 [rows, K], 16-byte aligned");
   TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.is_contiguous() && qweight.size(1) * 8 == k &&
-                  k % 128 == 0 && n % 64 == 0 && flux::aligned16(qweight) && scales.is_contiguous() &&
+                  k % 256 == 0 && n % 64 == 0 && flux::aligned16(qweight) && scales.is_contiguous() &&
                   mins.is_contiguous() && scales.scalar_type() == at::kBFloat16 &&
                   mins.scalar_type() == at::kBFloat16 && scales.numel() == n * (k / 128) &&
                   mins.numel() == scales.numel() && flux::aligned16(scales) && flux::aligned16(mins),
-              "quant_frag: fragment-layout INT4 weights, group 128, N a multiple of 64, bf16 scales and mins");
+              "quant_frag: fragment-layout INT4 weights, group 128 (an even number of groups), N a multiple of 64, "
+              "bf16 scales and mins");
   TORCH_CHECK(!bias || (bias->is_contiguous() && bias->scalar_type() == at::kBFloat16 && bias->numel() == n),
               "quant_frag: bias must be bf16 [N]");
   TORCH_CHECK(activation >= -1 && activation <= 1 && !(gated && add_norm),
@@ -483,11 +492,12 @@ std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, to
 torch::Tensor frag_dequantize(torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins) {
   flux::check_cuda(qweight, "qweight");
   const int64_t n = qweight.size(0), k = qweight.size(1) * 8;
-  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.is_contiguous() && k % 128 == 0 && n % 32 == 0 &&
+  TORCH_CHECK(qweight.scalar_type() == at::kInt && qweight.is_contiguous() && k % 256 == 0 && n % 32 == 0 &&
                   scales.is_contiguous() && mins.is_contiguous() && scales.scalar_type() == at::kBFloat16 &&
                   mins.scalar_type() == at::kBFloat16 && scales.numel() == n * (k / 128) &&
                   mins.numel() == scales.numel(),
-              "frag_dequantize: fragment-layout INT4 weights, group 128, bf16 scales and mins");
+              "frag_dequantize: fragment-layout INT4 weights, group 128 (an even number of groups), bf16 scales and "
+              "mins");
   const c10::cuda::CUDAGuard guard(qweight.device());
   auto out = torch::empty({n, k}, scales.options());
   const int64_t chunks = n * k / 8;

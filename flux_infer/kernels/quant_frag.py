@@ -4,15 +4,19 @@
 The checkpoint layout (``kernels/quant.py``) stores each output feature's codes in input order. The fragment
 layout reorders them, inside each tile of 32 features and each group of 128 inputs, so that one 16-byte shared
 memory read per GPU lane holds the operands of eight ``m16n8k16`` tensor-core MMAs with the activations as the
-other operand (Marlin's idea): the tile's codes for a group are one contiguous 2 KB run, read by one warp. Scales
-and mins are reordered the same way. Shapes and dtypes do not change, and a tile occupies the same 32 rows of
-``qweight``/``scales``/``mins`` in both layouts, so row slices in multiples of 32 (a fused gate/up layer's
-halves) stay self-contained.
+other operand (Marlin's idea): the tile's codes for a group are one contiguous 2 KB run, read by one warp. A
+group's 32 scales and 32 mins are one contiguous 128-byte pair (one request per warp and stage: as two 64-byte runs
+in two tensors the 16-row gate/up and down calls took 0.2-0.5 us longer, docs/benchmarks.md, fifteenth session),
+so the layout needs an even number of groups: the pairs of the first half of a tile's groups fill the tile's rows
+of ``scales``, those of the second half its rows of ``mins``. Shapes and dtypes do not change, and a tile occupies
+the same 32 rows of ``qweight``/``scales``/``mins`` in both layouts, so row slices in multiples of 32 (a fused
+gate/up layer's halves) stay self-contained.
 
 Within a tile ``lt`` (features ``32 lt ..``) and group ``grp``: word ``(p, g, t, j)`` (p, t, j < 4, g < 8) holds
 feature ``32 lt + 8 j + g`` at inputs ``128 grp + 32 p + 8 a + 2 t + b`` in nibble ``a + 4 b`` (a < 4, b < 2); the
-tile's scales run ``(t, j, e)``: feature ``32 lt + 8 j + 2 t + e``. Both directions are permutations of a view,
-so they are also the references' first step.
+group's pair runs ``(c, t, j, e)``: the scale (c = 0) or min (c = 1) of feature ``32 lt + 8 j + 2 t + e``, at
+element ``64 (grp mod G / 2)`` of the tile's ``32 G`` elements in ``scales`` (grp < G / 2) or ``mins``. Both
+directions are permutations of a view, so they are also the references' first step.
 
 The ops take what ``QuantizedLinear`` holds in that layout (group 128): ``int4f_linear`` is the plain layer, a
 gated ``[gate; up]`` layer's ``act(gate) * up`` (``activation`` non-empty) and the layer after an RMSNorm
@@ -50,8 +54,8 @@ def counters(device: torch.device) -> torch.Tensor:
 
 
 def fits(out_features: int, in_features: int, group_size: int | None) -> bool:
-    """Whether an INT4 layer of this shape can take the fragment layout."""
-    return group_size == GROUP and out_features % TILE == 0 and in_features % GROUP == 0
+    """Whether an INT4 layer of this shape can take the fragment layout (an even number of 128-input groups)."""
+    return group_size == GROUP and out_features % TILE == 0 and in_features % (2 * GROUP) == 0
 
 
 def _codes_view(codes: torch.Tensor, n: int, k: int) -> torch.Tensor:
@@ -97,9 +101,11 @@ def _to_fragments(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tenso
     # destination order (lt, grp, p, g, t, j, b, a): nibble a + 4 b of word (p, g, t, j)
     frag = _codes_view(codes, n, k).permute(0, 3, 4, 2, 6, 1, 7, 5).reshape(n, k)
     groups = k // GROUP
-    return (pack_int4(frag),
-            _scales_view(scales, n, groups).permute(0, 4, 2, 1, 3).reshape(n, groups),
-            _scales_view(mins, n, groups).permute(0, 4, 2, 1, 3).reshape(n, groups))
+    # per tile and group the pair (c, t, j, e): c = 0 the scales, 1 the mins
+    pairs = torch.stack([_scales_view(v, n, groups).permute(0, 4, 2, 1, 3).reshape(n // TILE, groups, TILE)
+                         for v in (scales, mins)], dim=2)
+    half = groups // 2
+    return pack_int4(frag), pairs[:, :half].reshape(n, groups), pairs[:, half:].reshape(n, groups)
 
 
 def _from_fragments(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor
@@ -108,16 +114,17 @@ def _from_fragments(qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
     groups = k // GROUP
     frag = unpack_int4(qweight).to(torch.uint8).view(n // TILE, groups, 4, 8, 4, 4, 2, 4)  # lt grp p g t j b a
     codes = frag.permute(0, 5, 3, 1, 2, 7, 4, 6).reshape(n, k)
+    pairs = torch.cat([v.view(n // TILE, groups // 2, 2, TILE) for v in (scales, mins)], dim=1)  # lt grp c (t j e)
     back = (0, 3, 2, 4, 1)  # (lt, grp, t, j, e) -> (lt, j, t, e, grp)
     return (pack_int4(codes),
-            scales.view(n // TILE, groups, 4, 4, 2).permute(*back).reshape(n, groups),
-            mins.view(n // TILE, groups, 4, 4, 2).permute(*back).reshape(n, groups))
+            pairs[:, :, 0].reshape(n // TILE, groups, 4, 4, 2).permute(*back).reshape(n, groups),
+            pairs[:, :, 1].reshape(n // TILE, groups, 4, 4, 2).permute(*back).reshape(n, groups))
 
 
 def _check(n: int, k: int, scales: torch.Tensor) -> None:
     if not fits(n, k, k // scales.shape[1] if scales.shape[1] else None) or scales.shape[0] != n:
-        raise ValueError(f"the fragment layout needs out_features % {TILE} == 0 and groups of {GROUP} inputs; got "
-                         f"codes [{n}, {k // 8}] and scales {list(scales.shape)}")
+        raise ValueError(f"the fragment layout needs out_features % {TILE} == 0 and an even number of groups of "
+                         f"{GROUP} inputs; got codes [{n}, {k // 8}] and scales {list(scales.shape)}")
 
 
 # ---- the ops ----------------------------------------------------------------------------------------------------
