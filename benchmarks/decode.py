@@ -65,11 +65,16 @@ FLUX_MODES["flux_int4_normapart"] = FLUX_MODES["flux_int4"]
 # quantized, with every prefill matmul on the Triton dequantize-in-the-loop kernel (an A/B of
 # flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS: cuBLAS on the dequantized weight)
 FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
-# INT4 with the wide layers in the fragment layout (the opt-in int4_fragments plugin), and the same with down kept
-# in the checkpoint layout (an A/B of flux_infer.plugins.int4_fragments.ROLES)
+# INT4 with the wide layers in the fragment layout (the opt-in int4_fragments plugin); A/Bs of its layers
+# (flux_infer.plugins.int4_fragments.ROLES: _nodown keeps down in the checkpoint layout, _qkv and _qkvo add q/k/v and
+# o) and of the fragment calls' launches (flux_infer.kernels.cuda.set_frag_launch: _fragplain launches every call
+# above one row plainly, _fragpdl every call programmatically)
 FLUX_MODES["flux_int4_frag"] = flux_infer.InferenceConfig(optimization_level="O1", quantization="int4",
                                                           quantize_lm_head=True, plugins=["int4_fragments"])
-FLUX_MODES["flux_int4_frag_nodown"] = FLUX_MODES["flux_int4_frag"]
+FRAGMENT_ROLE_MODES = {"_nodown": ("gate_up", "lm_head"), "_qkv": ("qkv", "gate_up", "down", "lm_head"),
+                       "_qkvo": ("qkv", "o", "gate_up", "down", "lm_head")}
+FLUX_MODES.update({f"flux_int4_frag{roles}{launch}": FLUX_MODES["flux_int4_frag"] for roles in FRAGMENT_ROLE_MODES
+                   for launch in ("", "_fragplain", "_fragpdl")})
 
 
 default_add_norm = kernels.add_rms_norm
@@ -226,7 +231,10 @@ def main() -> int:
                                                     if mode.endswith("_triton_prefill") else dict(default_dequant_rows))
             if mode.endswith("_nonorm"):
                 kernels.add_rms_norm = _pass_through_add_norm
-            int4_fragments.ROLES = ("gate_up", "lm_head") if mode.endswith("_nodown") else default_fragment_roles
+            roles_suffix = mode.removeprefix("flux_int4_frag").removesuffix("_fragplain").removesuffix("_fragpdl")
+            int4_fragments.ROLES = FRAGMENT_ROLE_MODES.get(roles_suffix, default_fragment_roles)
+            cuda_kernels.set_frag_launch(0 if mode.endswith("_fragplain") else cuda_kernels.FRAG_PROGRAMMATIC_BYTES,
+                                         all_programmatic=mode.endswith("_fragpdl"))
             flux_infer.optimize(model, config=FLUX_MODES[mode])
             print(model.flux_report, flush=True)
             info[f"{mode}_model_gb"] = model.flux_report.memory_after.model_bytes / 1e9
@@ -260,6 +268,7 @@ def main() -> int:
             cuda_kernels.QUANT_MMA_PLANS = {}
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = dict(default_dequant_rows)
             int4_fragments.ROLES = default_fragment_roles
+            cuda_kernels.set_frag_launch()
             torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}
     for r in results:  # greedy on random weights: report agreement with eager, do not assert it

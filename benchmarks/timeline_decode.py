@@ -87,7 +87,13 @@ def main() -> int:
     parser.add_argument("--fuse-norms", action=argparse.BooleanOptionalAction, default=True,
                         help="INT4 decode steps with the norms inside the quantized layers (DecoderRunner.fuse_norms)")
     parser.add_argument("--plugins", default="", help="opt-in plugins by name, comma-separated (int4_fragments)")
+    parser.add_argument("--fragment-roles", default=None,
+                        help="int4_fragments' layers, comma-separated (flux_infer.plugins.int4_fragments.ROLES)")
     args = parser.parse_args()
+    if args.fragment_roles is not None:
+        from flux_infer.plugins import int4_fragments
+
+        int4_fragments.ROLES = tuple(r for r in args.fragment_roles.split(",") if r)
     if not args.fuse_norms:
         from flux_infer.generation.runner import DecoderRunner
 

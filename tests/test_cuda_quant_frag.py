@@ -11,6 +11,7 @@ import flux_infer
 from flux_infer import InferenceConfig, kernels
 from flux_infer.kernels import cuda as cuda_kernels
 from flux_infer.kernels import quant_frag
+from flux_infer.plugins import int4_fragments
 from flux_infer.quantization.modules import QuantizedLinear
 
 pytestmark = pytest.mark.cuda
@@ -119,6 +120,24 @@ def test_add_norm_is_the_layer_and_the_add_bit_for_bit(rows, n, k):
     torch.testing.assert_close(partials, h.float().pow(2).view(rows, n // 32, 32).sum(-1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 16, 40])
+@pytest.mark.parametrize("activation", [-1, 0])
+def test_every_launch_form_gives_the_same_sums_bit_for_bit(rows, activation):
+    """Plain, programmatic with an early trigger (the default for small layers above one row) and programmatic with
+    a late one (set_frag_launch): only the overlap with the kernels around a call changes, never its sums."""
+    _, layer = fragment_case(512, 14336)  # a K split: the counters and the workspace are used
+    x = torch.randn(rows, 14336, device="cuda").bfloat16()
+    outs = []
+    try:
+        for programmatic_bytes, all_programmatic in [(0, False), (1 << 30, False), (0, True)]:
+            cuda_kernels.set_frag_launch(programmatic_bytes, all_programmatic)
+            outs.append(kernel(layer, x, activation)[0])
+    finally:
+        cuda_kernels.set_frag_launch()
+    assert all(torch.equal(out, outs[0]) for out in outs[1:])
+    assert not quant_frag.counters(x.device).any()
+
+
 def test_dequantize_is_the_checkpoint_layouts_bit_for_bit():
     checkpoint, layer = fragment_case(1024, 2048)
     dense = cuda_kernels._state["module"].frag_dequantize(layer.qweight, layer.scales, layer.mins)
@@ -149,9 +168,10 @@ def test_a_decode_step_in_a_cuda_graph_leaves_the_counters_at_zero():
     assert not quant_frag.counters(x.device).any()
 
 
-def test_int4_decode_with_the_wide_layers_in_the_fragment_layout():
-    """A small random Llama at INT4 group 128 with lm_head quantized: gate/up, down and lm_head switch to the
-    fragment layout, the state_dict stays the checkpoint layout's, and greedy decoding (4 rows: the norm pieces;
+@pytest.mark.parametrize("roles", [int4_fragments.ROLES, ("qkv", "o", "gate_up", "down", "lm_head")])
+def test_int4_decode_with_the_wide_layers_in_the_fragment_layout(roles, monkeypatch):
+    """A small random Llama at INT4 group 128 with lm_head quantized: the plugin's layers (by default gate/up, down
+    and lm_head; q/k/v and o as well when asked) switch to the fragment layout, the state_dict stays the checkpoint layout's, and greedy decoding (4 rows: the norm pieces;
     16 rows by batching the prompts 4 times) matches the same model without the switch within twice what bf16
     changes in the unquantized model's logits (against float32), up to the first near tie; revert restores it."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -168,9 +188,12 @@ def test_int4_decode_with_the_wide_layers_in_the_fragment_layout():
                          copy.deepcopy(model).float()(input_ids=prompts).logits)
     settings = dict(optimization_level="O1", quantization="int4", quantization_group_size=128, quantize_lm_head=True)
     plain = copy.deepcopy(model)
+    monkeypatch.setattr(int4_fragments, "ROLES", roles)
     flux_infer.optimize(model, config=InferenceConfig(**settings, plugins=["int4_fragments"]))
     switched = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.fragments]
-    assert len(switched) == 2 * 3 + 1  # gate_proj, up_proj (views of the fused layer), down; lm_head
+    # per layer gate_proj and up_proj (views of the fused layer), down, q_proj, k_proj, v_proj (views too), o_proj
+    per_layer = {"gate_up": 2, "down": 1, "qkv": 3, "o": 1}
+    assert len(switched) == 2 * sum(per_layer.get(role, 0) for role in roles) + ("lm_head" in roles)
     flux_infer.optimize(plain, config=InferenceConfig(**settings))  # opt-in: not without being named
     assert not any(isinstance(m, QuantizedLinear) and m.fragments for m in plain.modules())
     state, plain_state = model.state_dict(), plain.state_dict()

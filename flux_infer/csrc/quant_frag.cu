@@ -374,13 +374,19 @@ void launch_frag(const FragArgs& args, int blocks, cudaStream_t stream) {
   else kernel<<<blocks, WN * 32, smem, stream>>>(args);
 }
 
-// Programmatic launch for single rows only (their early trigger lets this kernel stream its first weights during
-// the previous kernel). Above, a plain launch: on an H100 the programmatic one made back-to-back 16-row calls
-// about 2 us slower each (gate/up 30.8 vs 28.9 us, down 21.3 vs 19.5) and batch-16 decode 1% slower
-// (docs/benchmarks.md, fourteenth session). FLUX_INFER_FRAG_PDL=1: programmatic at every row count (A/B runs).
-bool frag_pdl(int rows) {
-  static const bool always = std::getenv("FLUX_INFER_FRAG_PDL") != nullptr;
-  return rows == 1 || always;
+// How a call launches. Single rows: programmatically, triggering early (the next kernel streams its first weights
+// during this one). Above, layers of at most frag_programmatic_bytes() weight bytes do the same (short calls: their
+// launch and ramp are a large part of them; the lab's 16-row q/k/v 10.2 -> 9.3 us, o 9.2 -> 7.8 back to back on an
+// H100, sixteenth session), larger ones a plain launch: the programmatic one made back-to-back 16-row gate/up and down
+// calls slower (fourteenth and sixteenth sessions in docs/benchmarks.md). set_frag_launch switches both at run time
+// (A/B runs; read when a call is launched or captured).
+struct FragLaunch {
+  int64_t programmatic_bytes = int64_t{16} << 20;  // 16 MiB: Llama-3-8B's q/k/v (12 MiB) and o (8 MiB), not its MLP
+  bool all_programmatic = false;  // every call programmatic (late trigger above one row): A/B runs
+};
+FragLaunch& frag_launch() {
+  static FragLaunch launch;
+  return launch;
 }
 
 template <int E, int ACT = 0>
@@ -393,6 +399,11 @@ void dispatch_frag(const FragArgs& args, const FragPlan& plan, cudaStream_t stre
 
 }  // namespace
 }  // namespace flux
+
+// the launch policy above (flux_infer.kernels.cuda.set_frag_launch)
+void set_frag_launch(int64_t programmatic_bytes, bool all_programmatic) {
+  flux::frag_launch() = {programmatic_bytes, all_programmatic};
+}
 
 // x @ W.T (+ bias) for a fragment-layout INT4 layer (qweight int32 [N, K / 8], scales/mins bf16 [N, K / 128], both
 // reordered by fragments.to_fragments), 1..16 rows of bf16 x per launch (more: launches of 16). activation >= 0:
@@ -463,8 +474,9 @@ std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, to
     args.n = static_cast<int>(n);
     args.k = static_cast<int>(k);
     args.ksplit = plan.ksplit;
-    args.pdl = flux::frag_pdl(args.rows);
-    args.early = flux::trigger_early(rows);
+    const bool small = n * k / 2 <= flux::frag_launch().programmatic_bytes;
+    args.pdl = args.rows == 1 || small || flux::frag_launch().all_programmatic;
+    args.early = flux::trigger_early(rows) || (small && flux::early_trigger());
     if (scale_partials) {
       args.scale_norm.slots = static_cast<int>(scale_partials->size(1));
       args.scale_norm.partials = scale_partials->data_ptr<float>() + r0 * args.scale_norm.slots;

@@ -150,6 +150,17 @@ def set_early_trigger(enabled: bool) -> None:
         _state["module"].set_early_trigger(enabled)
 
 
+FRAG_PROGRAMMATIC_BYTES = 16 << 20  # the fragment kernel's default (csrc/quant_frag.cu, FragLaunch)
+
+
+def set_frag_launch(programmatic_bytes: int = FRAG_PROGRAMMATIC_BYTES, all_programmatic: bool = False) -> None:
+    """How fragment-layout INT4 calls above one row launch: programmatically with an early trigger for layers of at
+    most ``programmatic_bytes`` weight bytes, plainly above (``all_programmatic``: every call programmatic, its
+    trigger after the main loop). For A/B runs (benchmarks/decode.py); the defaults are the measured choice."""
+    if load():
+        _state["module"].set_frag_launch(programmatic_bytes, all_programmatic)
+
+
 def _token_heads(t: torch.Tensor) -> torch.Tensor | None:
     """``t [..., heads, head_dim]`` as a ``[tokens, heads, head_dim]`` view with a unit stride in head_dim (q and k
     may be views into a fused q/k/v projection's output), or None when no such view exists."""

@@ -22,13 +22,12 @@ import torch
 from flux_infer.config import Quantization
 from flux_infer.kernels import cuda, quant_frag
 from flux_infer.plugins.base import ApplyContext, PlanContext, Plugin
-from flux_infer.plugins.fuse_projections import GATE_UP
+from flux_infer.plugins.fuse_projections import GATE_UP, QKV
 from flux_infer.quantization.modules import QuantizedLinear
 from flux_infer.support import Support
 
-ROLES = ("gate_up", "down", "lm_head")  # the layers that switch (an A/B knob of benchmarks/decode.py; q/k/v and o
-# as well measured slower end to end at batch 16: fourteenth and fifteenth sessions in docs/benchmarks.md; the code
-# for those roles is at commit c24345a)
+ROLES = ("gate_up", "down", "lm_head")  # the layers that switch (an A/B knob of benchmarks/decode.py, which knows
+# "qkv" and "o" too)
 
 
 def _targets(model: torch.nn.Module, ctx: PlanContext) -> list[tuple[str, QuantizedLinear, list[QuantizedLinear]]]:
@@ -46,6 +45,16 @@ def _targets(model: torch.nn.Module, ctx: PlanContext) -> list[tuple[str, Quanti
         down = getattr(mlp, "down_proj", None)
         if isinstance(down, QuantizedLinear):
             found.append(("down", down, []))
+    for layer in adapter.get_layers(model):
+        attention = getattr(layer, adapter.attention, None)
+        fused = getattr(attention, "flux_fused_qkv", None)
+        members = [getattr(attention, n, None) for n in QKV]
+        if (fused is not None and isinstance(fused.quantized, QuantizedLinear)
+                and all(isinstance(m, QuantizedLinear) for m in members) and all(s % 64 == 0 for s in fused.sizes)):
+            found.append(("qkv", fused.quantized, members))
+        o_proj = getattr(attention, adapter.attention_projections[-1], None)
+        if isinstance(o_proj, QuantizedLinear):
+            found.append(("o", o_proj, []))
     head = model.get_submodule(adapter.lm_head) if adapter.lm_head else None
     if isinstance(head, QuantizedLinear):
         found.append(("lm_head", head, []))
