@@ -68,13 +68,14 @@ FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux
 # INT4 with the wide layers in the fragment layout (the opt-in int4_fragments plugin); A/Bs of its layers
 # (flux_infer.plugins.int4_fragments.ROLES: _nodown keeps down in the checkpoint layout, _qkv and _qkvo add q/k/v and
 # o) and of the fragment calls' launches (flux_infer.kernels.cuda.set_frag_launch: _fragplain launches every call
-# above one row plainly, _fragpdl every call programmatically)
+# above one row plainly, _fragpdl every call programmatically, _fraglate triggers the small layers' dependents after
+# their main loop)
 FLUX_MODES["flux_int4_frag"] = flux_infer.InferenceConfig(optimization_level="O1", quantization="int4",
                                                           quantize_lm_head=True, plugins=["int4_fragments"])
 FRAGMENT_ROLE_MODES = {"_nodown": ("gate_up", "lm_head"), "_qkv": ("qkv", "gate_up", "down", "lm_head"),
                        "_qkvo": ("qkv", "o", "gate_up", "down", "lm_head")}
 FLUX_MODES.update({f"flux_int4_frag{roles}{launch}": FLUX_MODES["flux_int4_frag"] for roles in FRAGMENT_ROLE_MODES
-                   for launch in ("", "_fragplain", "_fragpdl")})
+                   for launch in ("", "_fragplain", "_fragpdl", "_fraglate")})
 
 
 default_add_norm = kernels.add_rms_norm
@@ -231,10 +232,13 @@ def main() -> int:
                                                     if mode.endswith("_triton_prefill") else dict(default_dequant_rows))
             if mode.endswith("_nonorm"):
                 kernels.add_rms_norm = _pass_through_add_norm
-            roles_suffix = mode.removeprefix("flux_int4_frag").removesuffix("_fragplain").removesuffix("_fragpdl")
+            roles_suffix = mode.removeprefix("flux_int4_frag")
+            for launch_suffix in ("_fragplain", "_fragpdl", "_fraglate"):
+                roles_suffix = roles_suffix.removesuffix(launch_suffix)
             int4_fragments.ROLES = FRAGMENT_ROLE_MODES.get(roles_suffix, default_fragment_roles)
             cuda_kernels.set_frag_launch(0 if mode.endswith("_fragplain") else cuda_kernels.FRAG_PROGRAMMATIC_BYTES,
-                                         all_programmatic=mode.endswith("_fragpdl"))
+                                         all_programmatic=mode.endswith("_fragpdl"),
+                                         early=not mode.endswith("_fraglate"))
             flux_infer.optimize(model, config=FLUX_MODES[mode])
             print(model.flux_report, flush=True)
             info[f"{mode}_model_gb"] = model.flux_report.memory_after.model_bytes / 1e9

@@ -89,7 +89,16 @@ def main() -> int:
     parser.add_argument("--plugins", default="", help="opt-in plugins by name, comma-separated (int4_fragments)")
     parser.add_argument("--fragment-roles", default=None,
                         help="int4_fragments' layers, comma-separated (flux_infer.plugins.int4_fragments.ROLES)")
+    parser.add_argument("--frag-launch", choices=["default", "plain", "late", "programmatic"], default="default",
+                        help="fragment-layout calls above one row (flux_infer.kernels.cuda.set_frag_launch): the "
+                             "default, all plain, small layers triggering late, all programmatic")
     args = parser.parse_args()
+    if args.frag_launch != "default":
+        from flux_infer.kernels import cuda
+
+        cuda.load()
+        cuda.set_frag_launch(0 if args.frag_launch == "plain" else cuda.FRAG_PROGRAMMATIC_BYTES,
+                             all_programmatic=args.frag_launch == "programmatic", early=args.frag_launch != "late")
     if args.fragment_roles is not None:
         from flux_infer.plugins import int4_fragments
 

@@ -124,13 +124,13 @@ def test_add_norm_is_the_layer_and_the_add_bit_for_bit(rows, n, k):
 @pytest.mark.parametrize("activation", [-1, 0])
 def test_every_launch_form_gives_the_same_sums_bit_for_bit(rows, activation):
     """Plain, programmatic with an early trigger (the default for small layers above one row) and programmatic with
-    a late one (set_frag_launch): only the overlap with the kernels around a call changes, never its sums."""
+    a late one (set_frag_launch's forms): only the overlap with the kernels around a call changes, never its sums."""
     _, layer = fragment_case(512, 14336)  # a K split: the counters and the workspace are used
     x = torch.randn(rows, 14336, device="cuda").bfloat16()
     outs = []
     try:
-        for programmatic_bytes, all_programmatic in [(0, False), (1 << 30, False), (0, True)]:
-            cuda_kernels.set_frag_launch(programmatic_bytes, all_programmatic)
+        for launch in [(0, False, True), (1 << 30, False, True), (1 << 30, False, False), (0, True, True)]:
+            cuda_kernels.set_frag_launch(*launch)
             outs.append(kernel(layer, x, activation)[0])
     finally:
         cuda_kernels.set_frag_launch()

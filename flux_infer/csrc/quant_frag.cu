@@ -383,6 +383,7 @@ void launch_frag(const FragArgs& args, int blocks, cudaStream_t stream) {
 struct FragLaunch {
   int64_t programmatic_bytes = int64_t{16} << 20;  // 16 MiB: Llama-3-8B's q/k/v (12 MiB) and o (8 MiB), not its MLP
   bool all_programmatic = false;  // every call programmatic (late trigger above one row): A/B runs
+  bool early = true;  // the small layers' trigger at the start (else after the main loop): A/B runs
 };
 FragLaunch& frag_launch() {
   static FragLaunch launch;
@@ -401,8 +402,8 @@ void dispatch_frag(const FragArgs& args, const FragPlan& plan, cudaStream_t stre
 }  // namespace flux
 
 // the launch policy above (flux_infer.kernels.cuda.set_frag_launch)
-void set_frag_launch(int64_t programmatic_bytes, bool all_programmatic) {
-  flux::frag_launch() = {programmatic_bytes, all_programmatic};
+void set_frag_launch(int64_t programmatic_bytes, bool all_programmatic, bool early) {
+  flux::frag_launch() = {programmatic_bytes, all_programmatic, early};
 }
 
 // x @ W.T (+ bias) for a fragment-layout INT4 layer (qweight int32 [N, K / 8], scales/mins bf16 [N, K / 128], both
@@ -476,7 +477,7 @@ std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, to
     args.ksplit = plan.ksplit;
     const bool small = n * k / 2 <= flux::frag_launch().programmatic_bytes;
     args.pdl = args.rows == 1 || small || flux::frag_launch().all_programmatic;
-    args.early = flux::trigger_early(rows) || (small && flux::early_trigger());
+    args.early = flux::trigger_early(rows) || (small && flux::frag_launch().early && flux::early_trigger());
     if (scale_partials) {
       args.scale_norm.slots = static_cast<int>(scale_partials->size(1));
       args.scale_norm.partials = scale_partials->data_ptr<float>() + r0 * args.scale_norm.slots;

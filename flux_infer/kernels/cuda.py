@@ -153,12 +153,14 @@ def set_early_trigger(enabled: bool) -> None:
 FRAG_PROGRAMMATIC_BYTES = 16 << 20  # the fragment kernel's default (csrc/quant_frag.cu, FragLaunch)
 
 
-def set_frag_launch(programmatic_bytes: int = FRAG_PROGRAMMATIC_BYTES, all_programmatic: bool = False) -> None:
-    """How fragment-layout INT4 calls above one row launch: programmatically with an early trigger for layers of at
-    most ``programmatic_bytes`` weight bytes, plainly above (``all_programmatic``: every call programmatic, its
-    trigger after the main loop). For A/B runs (benchmarks/decode.py); the defaults are the measured choice."""
+def set_frag_launch(programmatic_bytes: int = FRAG_PROGRAMMATIC_BYTES, all_programmatic: bool = False,
+                    early: bool = True) -> None:
+    """How fragment-layout INT4 calls above one row launch: programmatically for layers of at most
+    ``programmatic_bytes`` weight bytes (triggering their dependents at their start, or with ``early=False`` after
+    their main loop), plainly above (``all_programmatic``: every call programmatic, the larger ones triggering
+    after their main loop). For A/B runs (benchmarks/decode.py); the defaults are the measured choice."""
     if load():
-        _state["module"].set_frag_launch(programmatic_bytes, all_programmatic)
+        _state["module"].set_frag_launch(programmatic_bytes, all_programmatic, early)
 
 
 def _token_heads(t: torch.Tensor) -> torch.Tensor | None:
