@@ -25,6 +25,7 @@ import flux_infer  # noqa: E402
 from flux_infer import kernels  # noqa: E402
 from flux_infer.generation import cache as cache_module  # noqa: E402
 from flux_infer.generation import generate as generate_module  # noqa: E402
+from flux_infer.generation import norm_fusion  # noqa: E402
 from flux_infer.generation.runner import DecoderRunner  # noqa: E402
 from flux_infer.kernels import cuda as cuda_kernels  # noqa: E402
 from flux_infer.kernels import matmul as linear_module  # noqa: E402
@@ -76,10 +77,14 @@ FRAGMENT_ROLE_MODES = {"_nodown": ("gate_up", "lm_head"), "_qkv": ("qkv", "gate_
                        "_qkvo": ("qkv", "o", "gate_up", "down", "lm_head")}
 FLUX_MODES.update({f"flux_int4_frag{roles}{launch}": FLUX_MODES["flux_int4_frag"] for roles in FRAGMENT_ROLE_MODES
                    for launch in ("", "_fragplain", "_fragpdl", "_fraglate")})
+# every layer around a norm on fragments, whose kernel has the norm epilogues at 16 rows: steps of up to 16 tokens
+# without norm kernels (an A/B of flux_infer.generation.norm_fusion.MAX_ROWS)
+FLUX_MODES["flux_int4_frag_qkvo_norm16"] = FLUX_MODES["flux_int4_frag"]
 
 
 default_add_norm = kernels.add_rms_norm
 default_fragment_roles = int4_fragments.ROLES
+default_norm_rows = norm_fusion.MAX_ROWS
 
 
 def _pass_through_add_norm(x, residual, weight, eps, weight_offset):  # the *_nonorm modes' stand-in (wrong values)
@@ -233,7 +238,8 @@ def main() -> int:
             if mode.endswith("_nonorm"):
                 kernels.add_rms_norm = _pass_through_add_norm
             roles_suffix = mode.removeprefix("flux_int4_frag")
-            for launch_suffix in ("_fragplain", "_fragpdl", "_fraglate"):
+            norm_fusion.MAX_ROWS = 16 if mode.endswith("_norm16") else default_norm_rows
+            for launch_suffix in ("_fragplain", "_fragpdl", "_fraglate", "_norm16"):
                 roles_suffix = roles_suffix.removesuffix(launch_suffix)
             int4_fragments.ROLES = FRAGMENT_ROLE_MODES.get(roles_suffix, default_fragment_roles)
             cuda_kernels.set_frag_launch(0 if mode.endswith("_fragplain") else cuda_kernels.FRAG_PROGRAMMATIC_BYTES,
@@ -273,6 +279,7 @@ def main() -> int:
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = dict(default_dequant_rows)
             int4_fragments.ROLES = default_fragment_roles
             cuda_kernels.set_frag_launch()
+            norm_fusion.MAX_ROWS = default_norm_rows
             torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}
     for r in results:  # greedy on random weights: report agreement with eager, do not assert it

@@ -92,7 +92,14 @@ def main() -> int:
     parser.add_argument("--frag-launch", choices=["default", "plain", "late", "programmatic"], default="default",
                         help="fragment-layout calls above one row (flux_infer.kernels.cuda.set_frag_launch): the "
                              "default, all plain, small layers triggering late, all programmatic")
+    parser.add_argument("--norm-rows", type=int, default=None,
+                        help="steps of up to this many tokens run the norms inside the INT4 layers "
+                             "(flux_infer.generation.norm_fusion.MAX_ROWS)")
     args = parser.parse_args()
+    if args.norm_rows is not None:
+        from flux_infer.generation import norm_fusion
+
+        norm_fusion.MAX_ROWS = args.norm_rows
     if args.frag_launch != "default":
         from flux_infer.kernels import cuda
 
