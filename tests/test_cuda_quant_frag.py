@@ -86,13 +86,14 @@ def test_gated_is_the_plain_layers_halves_through_act_mul_bit_for_bit(rows, acti
     assert torch.equal(layer.gated(x, activation), kernels.act_mul(gate, up, activation))
 
 
-@pytest.mark.parametrize("rows", [1, 4, 8])
+@pytest.mark.parametrize("rows", [1, 4, 8, 16, 40])
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("n, k", [(1024, 1024), (4096, 512)])
-def test_norm_scaled_against_float64(rows, activation, n, k):
+@pytest.mark.parametrize("slots", [37, 600])  # staged in shared memory up to 512, read at the end above
+def test_norm_scaled_against_float64(rows, activation, n, k, slots):
     checkpoint, layer = fragment_case(n, k, bias=rows % 2 == 0)
     x = torch.randn(rows, k, device="cuda").bfloat16()
-    partials, eps = torch.rand(rows, 37, device="cuda") * k / 20, 1e-5
+    partials, eps = torch.rand(rows, slots, device="cuda") * k / 20 * 37 / slots, 1e-5
     out = layer.norm_scaled(x, partials, eps, activation)
     scale = torch.rsqrt(partials.double().sum(-1, keepdim=True) / k + eps)
     full = torch.nn.functional.linear(x.double(), checkpoint.dequantize().double()) * scale
@@ -107,12 +108,15 @@ def test_norm_scaled_against_float64(rows, activation, n, k):
         assert torch.equal(out, kernels.act_mul(gate, up, activation))
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 16, 40])
 @pytest.mark.parametrize("n, k", [(1024, 1024), (576, 1536), (4096, 14336)])
-def test_add_norm_is_the_layer_and_the_add_bit_for_bit(rows, n, k):
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "odd"])  # odd: the kernel's bf16 pairs need a copy
+def test_add_norm_is_the_layer_and_the_add_bit_for_bit(rows, n, k, layout):
     _, layer = fragment_case(n, k, bias=rows % 2 == 1)
-    x, residual = torch.randn(rows, k, device="cuda").bfloat16(), torch.randn(rows, n, device="cuda").bfloat16()
-    weight = (torch.rand(n, device="cuda") + 0.5).bfloat16()
+    x = torch.randn(rows, k, device="cuda").bfloat16()
+    pad = {"contiguous": 0, "strided": 8, "odd": 1}[layout]
+    residual = torch.randn(rows, n + pad, device="cuda").bfloat16()[:, pad:]
+    weight = (torch.rand(n + pad, device="cuda") + 0.5).bfloat16()[pad:]
     normed, h, partials = layer.add_norm(x, residual, weight)
     assert torch.equal(h, layer(x) + residual)
     assert torch.equal(normed, (h.float() * weight.float()).bfloat16())

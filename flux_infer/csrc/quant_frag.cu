@@ -11,7 +11,7 @@
 // bf16, two lop3 per four codes) into per-group accumulators, finished in fp32 as acc += s acc_g + (m - 128 s)
 // sum(x), with sum(x) per row from 8 MMAs against ones. Layers with few tiles split K over ksplit blocks: fp32
 // partials, the last block of a tile (an arrival counter it resets) adds them in split order and runs the epilogue.
-#include "quant_mma.cuh"  // and_or / int4_biased, bits_to_float, NormArgs and row_norm_scale
+#include "quant_mma.cuh"  // and_or / int4_biased, bits_to_float, NormArgs
 
 namespace flux {
 namespace {
@@ -30,7 +30,8 @@ struct FragArgs {
   int rows, n, k, ksplit;
   bool pdl;  // launched programmatically: the first stages' weights stream before pdl_wait, their x after it
   bool early;  // signal dependents at the start (pdl_trigger) instead of after the main loop
-  NormArgs<at::BFloat16> scale_norm;  // partials non-null: the norm scale, row_norm_scale (quant_mma.cuh)
+  NormArgs<at::BFloat16> scale_norm;  // partials non-null: the rows' norm scales from these sums of squares
+  bool stage_partials;  // scale_norm's partials copied into shared memory with the first stage (else read at the end)
   const at::BFloat16* residual;  // kAddNormE: out = h = residual + layer, normed = h * norm_weight,
   int64_t residual_stride;  // norm_partials[row][tile] = sum of h^2 over the 32 features of a fragment tile
   const at::BFloat16* norm_weight;
@@ -43,6 +44,9 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 }
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async4(uint32_t dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 template <int N> __device__ __forceinline__ void cp_wait() {
@@ -132,6 +136,26 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
     ++next;
     cp_commit();
   };
+  // What the epilogue reads from earlier kernels, copied with the first stage behind the stages' slots (read when
+  // the epilogue needed them, each was a round trip to memory the block waited for: norm-scaled 16-row calls took
+  // 3-4 us longer than plain ones, sixteenth session): the rows' partial sums of squares [rows][slots] (norm-scaled)
+  // or the block's residual tile [rows][NB] and norm weights [NB] (add-norm)
+  const uint32_t extra = sbase + STAGES * kStage;
+  const int slots = a.scale_norm.slots;
+  const uint32_t res_smem = extra + (a.stage_partials ? (a.rows * slots * 4 + 15) / 16 * 16 : 0);
+  const uint32_t nw_smem = res_smem + a.rows * NB * 2;
+  auto load_epilogue_inputs = [&]() {
+    if (a.stage_partials)
+      for (int i = threadIdx.x; i < a.rows * slots; i += THREADS) cp_async4(extra + i * 4, a.scale_norm.partials + i);
+    if constexpr (E == kAddNormE) {
+      const int f_base = blk * NB;
+      for (int i = threadIdx.x; i < a.rows * (NB / 2); i += THREADS) {
+        const int m = i / (NB / 2), c = i % (NB / 2);
+        cp_async4(res_smem + i * 4, a.residual + m * a.residual_stride + f_base + 2 * c);
+      }
+      for (int i = threadIdx.x; i < NB / 2; i += THREADS) cp_async4(nw_smem + i * 4, a.norm_weight + f_base + 2 * i);
+    }
+  };
   if (a.pdl) {  // the weights of the first stages stream while the kernel before this one finishes; x after it has
     for (int s = 0; s < STAGES - 1; ++s) {
       load_weights();
@@ -141,23 +165,16 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
     pdl_wait();
     if (a.early) pdl_trigger();
     next = slot = 0;
+    load_epilogue_inputs();
     for (int s = 0; s < STAGES - 1; ++s) load_x();
   } else {  // a stage per commit group: the first waits for one stage, not three stages' weights (16 rows: down
             // 16.8 -> 16.2 us, gated gate/up 26.1 -> 25.7 in benchmarks/lab/q16.cu's mq16g, fifteenth session)
+    load_epilogue_inputs();
     for (int s = 0; s < STAGES - 1; ++s) {
       load_weights();
       load_x();
     }
   }
-  // the norm scale of each row (the layer after an RMSNorm), read while the first stages stream; the main loop's
-  // first barrier publishes it
-  __shared__ float row_scale[16];
-  if (a.scale_norm.partials != nullptr)
-    for (int m = warp; m < a.rows; m += WN) {
-      const float scale = row_norm_scale(a.scale_norm, m, lane);
-      if (lane == 0) row_scale[m] = scale;
-    }
-
   float acc[4][4] = {};
   const uint32_t ones = 0x3F803F80u;
   const int lrow = (lane & 7) + ((lane >> 3) & 1) * 8, lhalf = lane >> 4;
@@ -249,6 +266,21 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
     if (threadIdx.x == 0) a.counters[blk] = 0;
   }
   const bool scaled = a.scale_norm.partials != nullptr;
+  if ((scaled || E == kAddNormE) && a.ksplit == 1) __syncthreads();  // every thread's epilogue copies have landed
+  __shared__ float row_scale[16];
+  if (scaled) {  // the norm scale of each row (the layer after an RMSNorm): THREADS / 16 threads a row
+    constexpr int kPerRow = THREADS / 16;
+    const int m = threadIdx.x / kPerRow, q = threadIdx.x % kPerRow;
+    const float* staged = reinterpret_cast<const float*>(smem + STAGES * kStage) + m * slots;
+    const float* global = a.scale_norm.partials + m * static_cast<int64_t>(slots);
+    float sum = 0.f;
+    if (m < a.rows)
+      for (int i = q; i < slots; i += kPerRow) sum += a.stage_partials ? staged[i] : load_coherent(global + i);
+#pragma unroll
+    for (int o = kPerRow / 2; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (q == 0 && m < a.rows) row_scale[m] = rsqrtf(fmaf(sum, a.scale_norm.inv_k, a.scale_norm.eps));
+    __syncthreads();
+  }
   const float scale[2] = {scaled && g < a.rows ? row_scale[g] : 1.f, scaled && g + 8 < a.rows ? row_scale[g + 8] : 1.f};
   // the layer's output from a sum of element e (row g + 8 (e / 2); in acc[j]: column 8 j + 2 t + e % 2)
   auto value = [&](float sum, int e, int feature) {
@@ -287,14 +319,18 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
       float o[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[e] = value(acc[j][e], e, f0 + 8 * j + (e & 1));
-      if constexpr (E == kAddNormE) {
+      if constexpr (E == kAddNormE) {  // from the residual tile and norm weights in shared memory
+        const __nv_bfloat162* res = reinterpret_cast<const __nv_bfloat162*>(smem + (res_smem - sbase));
+        const float2 nw = __bfloat1622float2(
+            reinterpret_cast<const __nv_bfloat162*>(smem + (nw_smem - sbase))[(warp * 32 + 2 * t + 8 * j) / 2]);
         float normed[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int m = g + 8 * (e >> 1), f = f0 + 8 * j + (e & 1);
-          const float res = m < a.rows ? static_cast<float>(a.residual[m * a.residual_stride + f]) : 0.f;
-          o[e] = rnd<at::BFloat16>(rnd<at::BFloat16>(o[e]) + res);
-          normed[e] = o[e] * static_cast<float>(a.norm_weight[f]);
+          const int m = g + 8 * (e >> 1);
+          const float2 r = m < a.rows ? __bfloat1622float2(res[m * (NB / 2) + (warp * 32 + 2 * t + 8 * j) / 2])
+                                      : make_float2(0.f, 0.f);
+          o[e] = rnd<at::BFloat16>(rnd<at::BFloat16>(o[e]) + (e & 1 ? r.y : r.x));
+          normed[e] = o[e] * (e & 1 ? nw.y : nw.x);
           squares[e >> 1] += o[e] * o[e];
         }
         store_rows(a.normed, a.n, f0 + 8 * j, normed, g, a.rows);
@@ -359,15 +395,22 @@ FragPlan choose_frag_plan(int n, int k, bool gated) {
   return {2, ksplit};
 }
 
+constexpr int kMaxStagedSlots = 512;  // norm-scaled layers of norms up to 16384 wide stage their partial sums
+
 template <int WN, int STAGES, int E, int ACT>
 void launch_frag(const FragArgs& args, int blocks, cudaStream_t stream) {
-  constexpr int kStage = WN * (2048 + 128) + 4096;
-  const size_t smem = static_cast<size_t>(STAGES) * kStage;
+  constexpr int kStage = WN * (2048 + 128) + 4096, NB = 32 * WN;
+  constexpr size_t kStages = static_cast<size_t>(STAGES) * kStage;
+  constexpr size_t kMaxExtra = 16 * kMaxStagedSlots * 4 + (E == kAddNormE ? 16 * NB * 2 + NB * 2 : 0);
   static_assert(STAGES * kStage >= 16 * 32 * WN * 4, "the tile reuses the stage slots");
+  // behind the stages: the epilogue's inputs (the kernel's load_epilogue_inputs)
+  size_t smem = kStages + (args.stage_partials ? (args.rows * args.scale_norm.slots * 4 + 15) / 16 * 16 : 0);
+  if constexpr (E == kAddNormE) smem += args.rows * NB * 2 + NB * 2;
   auto kernel = quant_frag_kernel<WN, STAGES, E, ACT>;
   static bool configured = false;  // per instantiation
   if (!configured) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(kStages + kMaxExtra)));
     configured = true;
   }
   if (args.pdl) launch(kernel, blocks, WN * 32, smem, stream, args);
@@ -444,6 +487,14 @@ std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, to
                             residual->scalar_type() == at::kBFloat16 && norm_weight->is_contiguous() &&
                             norm_weight->numel() == n && norm_weight->scalar_type() == at::kBFloat16),
               "quant_frag: residual must be bf16 [rows, N] with a contiguous last dim, norm_weight bf16 [N]");
+  // the kernel copies the residual and norm weight as bf16 pairs (4 bytes): other alignments are copied first
+  torch::Tensor residual_pairs, norm_weight_pairs;
+  if (add_norm) {
+    const bool pairs = residual->stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(residual->data_ptr()) % 4 == 0;
+    residual_pairs = pairs ? *residual : residual->clone(at::MemoryFormat::Contiguous);
+    norm_weight_pairs = reinterpret_cast<uintptr_t>(norm_weight->data_ptr()) % 4 == 0
+                            ? *norm_weight : norm_weight->clone(at::MemoryFormat::Contiguous);
+  }
   flux::FragPlan plan = flux::choose_frag_plan(static_cast<int>(n), static_cast<int>(k), gated);
   if (warps > 0) plan.warps = static_cast<int>(warps);
   if (ksplit > 0) plan.ksplit = static_cast<int>(ksplit);
@@ -483,11 +534,12 @@ std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, to
       args.scale_norm.partials = scale_partials->data_ptr<float>() + r0 * args.scale_norm.slots;
       args.scale_norm.inv_k = 1.f / static_cast<float>(k);
       args.scale_norm.eps = static_cast<float>(eps);
+      args.stage_partials = args.scale_norm.slots <= flux::kMaxStagedSlots;
     }
     if (add_norm) {
-      args.residual = reinterpret_cast<const at::BFloat16*>(residual->data_ptr()) + r0 * residual->stride(0);
-      args.residual_stride = residual->stride(0);
-      args.norm_weight = reinterpret_cast<const at::BFloat16*>(norm_weight->data_ptr());
+      args.residual = reinterpret_cast<const at::BFloat16*>(residual_pairs.data_ptr()) + r0 * residual_pairs.stride(0);
+      args.residual_stride = residual_pairs.stride(0);
+      args.norm_weight = reinterpret_cast<const at::BFloat16*>(norm_weight_pairs.data_ptr());
       args.normed = reinterpret_cast<at::BFloat16*>(normed.data_ptr()) + r0 * n;
       args.norm_partials = partials.data_ptr<float>() + r0 * (n / 32);
     }
