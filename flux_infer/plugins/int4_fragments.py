@@ -2,12 +2,13 @@
 
 At decode batch sizes (about 8 rows and more) the checkpoint layout's tensor-core kernel runs the fused gate/up
 layer at about half of the memory bandwidth; ``csrc/quant_frag.cu`` streams the fragment layout
-(``kernels/quant_frag.py``) at about 80% (H100, docs/benchmarks.md, fifteenth session: gate/up 26.3 vs 37.7 us at 16
-rows, down 17.0 vs 20.6, lm_head 102.7 vs 137.4). Both layouts at once would cost the memory INT4 saves, so the
+(``kernels/quant_frag.py``) at about 80% (H100, docs/benchmarks.md, sixteenth session: gate/up 26.1 vs 37.9 us at 16
+rows, down 16.4 vs 20.6, lm_head 101.4 vs 141.8). Both layouts at once would cost the memory INT4 saves, so the
 chosen layers switch for every batch size: the fused gate/up projection, down and a quantized lm_head (``ROLES``);
-q/k/v and o keep the checkpoint layout (on fragments they measured slower). Llama-3-8B shape on an H100, same
-process: batch-16 decode 5,930 tok/s against 4,942 without it (bf16: 2,466), batch 1 399.4 against 453.9 tok/s: a
-choice for serving batches, hence opt-in: ``InferenceConfig(plugins=["int4_fragments"])``. In place: codes, scales
+q/k/v and o keep the checkpoint layout (on fragments they measured no faster end to end, fourteenth to sixteenth
+sessions). Llama-3-8B shape on an H100, same process: batch-16 decode 5,911 tok/s against 4,900 without it (bf16:
+2,485), batch 1 384.0 against 453.4 tok/s: a choice for serving batches, hence opt-in:
+``InferenceConfig(plugins=["int4_fragments"])``. In place: codes, scales
 and mins are reordered in their own storage (a fused projection's members are views of it and follow), the
 ``state_dict`` still gives the checkpoint layout, and ``revert`` reorders them back. CUDA only (the layout is for
 that kernel), bf16, INT4 with group 128.
