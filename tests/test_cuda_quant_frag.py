@@ -175,9 +175,10 @@ def test_a_decode_step_in_a_cuda_graph_leaves_the_counters_at_zero():
 @pytest.mark.parametrize("roles", [int4_fragments.ROLES, ("qkv", "o", "gate_up", "down", "lm_head")])
 def test_int4_decode_with_the_wide_layers_in_the_fragment_layout(roles, monkeypatch):
     """A small random Llama at INT4 group 128 with lm_head quantized: the plugin's layers (by default gate/up, down
-    and lm_head; q/k/v and o as well when asked) switch to the fragment layout, the state_dict stays the checkpoint layout's, and greedy decoding (4 rows: the norm pieces;
-    16 rows by batching the prompts 4 times) matches the same model without the switch within twice what bf16
-    changes in the unquantized model's logits (against float32), up to the first near tie; revert restores it."""
+    and lm_head; q/k/v and o as well when asked) switch to the fragment layout, the state_dict stays the checkpoint
+    layout's, and greedy decoding (4 rows: the norm pieces; 16 rows by batching the prompts 4 times) matches the
+    same model without the switch within twice what bf16 changes in the unquantized model's logits (against
+    float32), up to the first near tie; revert restores it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
