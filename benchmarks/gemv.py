@@ -79,11 +79,12 @@ def mma_time(layers: list, x: torch.Tensor, plan: tuple[int, int, int, int], act
 
 
 def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
-              shapes: tuple[int, ...] = (0, 1, 2), names: tuple[str, ...] = tuple(SHAPES), gated: bool = False, frag: bool = False) -> None:
+              shapes: tuple[int, ...] = (0, 1, 2), names: tuple[str, ...] = tuple(SHAPES), gated: bool = False,
+              frag: bool = False, epilogue: str = "plain") -> None:
     """Weight-only INT8 / INT4 (group 128) linear layers against bf16 cuBLAS, same shapes. With ``sweep``, every
     warp count / row tiling of the tensor-core kernel too (the launcher's heuristic picks one of them). ``gated``:
     the quantized layers as decode runs a fused gate/up layer, SiLU(gate) * up in the epilogue (half as wide).
-    ``frag``: INT4 in the fragment layout too (``fragment_times``)."""
+    ``frag``: INT4 in the fragment layout too (``fragment_times``, with ``epilogue``)."""
     from flux_infer.quantization.modules import QuantizedLinear
 
     act = 0 if gated else -1
@@ -118,34 +119,42 @@ def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
                 print(f"{label:>14} {rows:>4} {'':>8} {t8 * 1e6:>8.1f} {pct(nbytes8, t8):>5.1f} "
                       f"{t4 * 1e6:>8.1f} {pct(nbytes4, t4):>5.1f}", flush=True)
         if frag:
-            fragment_times(int4, k, rows_measured, act, sweep, lambda t: pct(nbytes4, t))
+            fragment_times(int4, k, rows_measured, act, sweep, lambda t: pct(nbytes4, t), epilogue)
         del dense, int8, int4
         torch.cuda.empty_cache()
 
 
-def fragment_times(layers: list, k: int, rows_measured: tuple[int, ...], act: int, sweep: bool, pct) -> None:
+def fragment_times(layers: list, k: int, rows_measured: tuple[int, ...], act: int, sweep: bool, pct,
+                   epilogue: str = "plain") -> None:
     """The same INT4 layers reordered into the fragment layout (int4_fragments) on ``csrc/quant_frag.cu``: the
-    launcher's own plan, and with ``sweep`` every (warps, K split) it takes."""
+    launcher's own plan, and with ``sweep`` every (warps, K split) it takes. ``epilogue``: "norm-scaled" (the
+    layer after an RMSNorm as wide as K, its sums scaled per row) or "add-norm" (the layer before one: residual
+    add, normed output and sums of squares), as norm-fused decode steps run them."""
     from flux_infer.kernels import quant_frag
 
     module = cuda._state["module"]
     for layer in layers:
         layer.set_fragments(True)
     counters = quant_frag.counters(layers[0].qweight.device)
+    n = layers[0].qweight.shape[0]
     plans = [(0, 0)] + ([(w, s) for w in (2, 8) for s in (1, 2, 4, 8, 16)] if sweep else [])
     for rows in rows_measured:
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        partials = torch.rand(rows, k // 32, device="cuda") * 20 if epilogue == "norm-scaled" else None
+        residual = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16) if epilogue == "add-norm" else None
+        norm_weight = torch.rand(n, device="cuda").bfloat16() + 0.5 if epilogue == "add-norm" else None
         for warps, split in plans:
             if (split and (k // 128) < split) or (warps == 8 and act >= 0):
                 continue
 
             def call(i: int, warps=warps, split=split) -> torch.Tensor:
                 layer = layers[i % len(layers)]
-                return module.quant_frag(x, layer.qweight, layer.scales, layer.mins, None, act, None, 0.0, None,
-                                         None, counters, warps, split)[0]
+                return module.quant_frag(x, layer.qweight, layer.scales, layer.mins, None, act, partials, 1e-5,
+                                         residual, norm_weight, counters, warps, split)[0]
 
             t = graph_time(call)
-            label = "int4f auto" if not warps else f"int4f w{warps} s{split}"
+            label = ("int4f auto" if not warps else f"int4f w{warps} s{split}") + {"plain": "", "norm-scaled": " ns",
+                                                                                   "add-norm": " an"}[epilogue]
             print(f"{label:>14} {rows:>4} {'':>8} {'':>8} {'':>5} {t * 1e6:>8.1f} {pct(t):>5.1f}", flush=True)
 
 
@@ -164,6 +173,9 @@ def main() -> int:
                              "the fused gate/up layer")
     parser.add_argument("--frag", action="store_true",
                         help="with --quant: INT4 in the fragment layout (int4_fragments) too, csrc/quant_frag.cu")
+    parser.add_argument("--epilogue", choices=["plain", "norm-scaled", "add-norm"], default="plain",
+                        help="with --frag: the fragment kernel's epilogue (norm-scaled: after an RMSNorm; add-norm: "
+                             "before one; labels ns / an)")
     parser.add_argument("--shapes", type=lambda text: tuple(text.split(",")), default=tuple(SHAPES),
                         help=f"with --quant: a comma-separated subset of {', '.join(SHAPES)}")
     args = parser.parse_args()
@@ -171,12 +183,14 @@ def main() -> int:
         parser.error("launch shapes are 0, 1 or 2 and rows 1 to 32")
     if not set(args.shapes) <= set(SHAPES):
         parser.error(f"shapes are among: {', '.join(SHAPES)}")
+    if args.epilogue == "add-norm" and args.gated:
+        parser.error("--epilogue add-norm is for plain layers (a gated layer does not feed a norm)")
     assert cuda.load(), cuda.status()
     bandwidth = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  copy {bandwidth:.0f} GB/s")
     if args.quant:
         quantized(bandwidth, sweep=args.sweep, rows_measured=args.rows, shapes=args.launch_shapes, names=args.shapes,
-                  gated=args.gated, frag=args.frag)
+                  gated=args.gated, frag=args.frag, epilogue=args.epilogue)
         return 0
     print(f"{'shape':>14} {'rows':>4} {'cuBLAS us':>10} {'%bw':>5} {'flux us':>9} {'%bw':>5} {'speedup':>7}")
     for name, (n, k) in SHAPES.items():
