@@ -79,7 +79,8 @@ FLUX_MODES.update({f"flux_int4_frag{roles}{launch}": FLUX_MODES["flux_int4_frag"
                    for launch in ("", "_fragplain", "_fragpdl", "_fraglate")})
 # every layer around a norm on fragments, whose kernel has the norm epilogues at 16 rows: steps of up to 16 tokens
 # without norm kernels (an A/B of flux_infer.generation.norm_fusion.MAX_ROWS)
-FLUX_MODES["flux_int4_frag_qkvo_norm16"] = FLUX_MODES["flux_int4_frag"]
+FLUX_MODES.update({f"flux_int4_frag_qkvo_norm16{launch}": FLUX_MODES["flux_int4_frag"]
+                   for launch in ("", "_fragplain", "_fragpdl", "_fraglate")})
 
 
 default_add_norm = kernels.add_rms_norm
@@ -238,7 +239,7 @@ def main() -> int:
             if mode.endswith("_nonorm"):
                 kernels.add_rms_norm = _pass_through_add_norm
             roles_suffix = mode.removeprefix("flux_int4_frag")
-            norm_fusion.MAX_ROWS = 16 if mode.endswith("_norm16") else default_norm_rows
+            norm_fusion.MAX_ROWS = 16 if "_norm16" in mode else default_norm_rows
             for launch_suffix in ("_fragplain", "_fragpdl", "_fraglate", "_norm16"):
                 roles_suffix = roles_suffix.removesuffix(launch_suffix)
             int4_fragments.ROLES = FRAGMENT_ROLE_MODES.get(roles_suffix, default_fragment_roles)
