@@ -418,10 +418,10 @@ void launch_frag(const FragArgs& args, int blocks, cudaStream_t stream) {
 }
 
 // How a call launches. Single rows: programmatically, triggering early (the next kernel streams its first weights
-// during this one). Above, layers of at most frag_programmatic_bytes() weight bytes do the same (short calls: their
-// launch and ramp are a large part of them; the lab's 16-row q/k/v 10.2 -> 9.3 us, o 9.2 -> 7.8 back to back on an
-// H100, sixteenth session), larger ones a plain launch: the programmatic one made back-to-back 16-row gate/up and down
-// calls slower (fourteenth and sixteenth sessions in docs/benchmarks.md). set_frag_launch switches both at run time
+// during this one). Above, layers of at most programmatic_bytes of weights do the same (short calls: their launch
+// and ramp are a large part of them; the lab's 16-row q/k/v 10.2 -> 9.3 us, o 9.2 -> 7.8 back to back on an H100,
+// sixteenth session), larger ones a plain launch: the programmatic one made back-to-back 16-row gate/up and down
+// calls slower (fourteenth and sixteenth sessions in docs/benchmarks.md). set_frag_launch switches it at run time
 // (A/B runs; read when a call is launched or captured).
 struct FragLaunch {
   int64_t programmatic_bytes = int64_t{16} << 20;  // 16 MiB: Llama-3-8B's q/k/v (12 MiB) and o (8 MiB), not its MLP
