@@ -663,8 +663,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("frag_dequantize", &frag_dequantize, "the dense weight of fragment-layout INT4 codes (long prefills)");
   m.def("set_frag_launch", &set_frag_launch,
         "fragment-layout calls above one row: programmatic with an early trigger for layers of at most "
-        "programmatic_bytes weight bytes (early: else after the main loop), else a plain launch (all_programmatic: every "
-        "call programmatic)");
+        "programmatic_bytes weight bytes (early: else after the main loop), else a plain launch (all_programmatic: "
+        "every call programmatic)");
   m.def("programmatic_launch", [] { return flux::pdl_enabled() && flux::pdl_supported(c10::cuda::current_device()); },
         "whether flux kernels launch with programmatic dependent launch on the current device");
   m.def("set_programmatic_launch", [](bool enabled) { flux::pdl_enabled() = enabled; },
