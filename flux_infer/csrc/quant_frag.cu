@@ -39,6 +39,13 @@ struct FragArgs {
   float* norm_partials;
 };
 
+// Shared memory behind the stage slots for the epilogue's inputs (the kernel's load_epilogue_inputs): the staged
+// partial sums (16-byte aligned), then for add-norm the residual tile [rows][nb] and norm weights [nb], bf16
+__host__ __device__ inline int staged_partials_bytes(const FragArgs& a) {
+  return a.stage_partials ? (a.rows * a.scale_norm.slots * 4 + 15) / 16 * 16 : 0;
+}
+__host__ __device__ constexpr int residual_tile_bytes(int rows, int nb) { return rows * nb * 2; }
+
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -142,8 +149,8 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
   // or the block's residual tile [rows][NB] and norm weights [NB] (add-norm)
   const uint32_t extra = sbase + STAGES * kStage;
   const int slots = a.scale_norm.slots;
-  const uint32_t res_smem = extra + (a.stage_partials ? (a.rows * slots * 4 + 15) / 16 * 16 : 0);
-  const uint32_t nw_smem = res_smem + a.rows * NB * 2;
+  const uint32_t res_smem = extra + staged_partials_bytes(a);
+  const uint32_t nw_smem = res_smem + residual_tile_bytes(a.rows, NB);
   auto load_epilogue_inputs = [&]() {
     if (a.stage_partials)
       for (int i = threadIdx.x; i < a.rows * slots; i += THREADS) cp_async4(extra + i * 4, a.scale_norm.partials + i);
@@ -401,11 +408,11 @@ template <int WN, int STAGES, int E, int ACT>
 void launch_frag(const FragArgs& args, int blocks, cudaStream_t stream) {
   constexpr int kStage = WN * (2048 + 128) + 4096, NB = 32 * WN;
   constexpr size_t kStages = static_cast<size_t>(STAGES) * kStage;
-  constexpr size_t kMaxExtra = 16 * kMaxStagedSlots * 4 + (E == kAddNormE ? 16 * NB * 2 + NB * 2 : 0);
+  constexpr size_t kMaxExtra = 16 * kMaxStagedSlots * 4 + (E == kAddNormE ? residual_tile_bytes(16, NB) + NB * 2 : 0);
   static_assert(STAGES * kStage >= 16 * 32 * WN * 4, "the tile reuses the stage slots");
   // behind the stages: the epilogue's inputs (the kernel's load_epilogue_inputs)
-  size_t smem = kStages + (args.stage_partials ? (args.rows * args.scale_norm.slots * 4 + 15) / 16 * 16 : 0);
-  if constexpr (E == kAddNormE) smem += args.rows * NB * 2 + NB * 2;
+  size_t smem = kStages + staged_partials_bytes(args);
+  if constexpr (E == kAddNormE) smem += residual_tile_bytes(args.rows, NB) + NB * 2;  // and the norm weights
   auto kernel = quant_frag_kernel<WN, STAGES, E, ACT>;
   static bool configured = false;  // per instantiation
   if (!configured) {
