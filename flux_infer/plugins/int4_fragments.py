@@ -16,6 +16,7 @@ that kernel), bf16, INT4 with group 128.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,28 +32,35 @@ ROLES = ("gate_up", "down", "lm_head")  # the layers that switch (an A/B knob of
 # "qkv" and "o" too)
 
 
+def _fused(parent: Any, attribute: str, names: tuple[str, ...], widths_fit: Callable[[tuple[int, ...]], bool]
+           ) -> tuple[QuantizedLinear, list[QuantizedLinear]] | None:
+    """A fused projection's INT4 layer and its members (views of its storage) when all of them are quantized and
+    its widths fit the layout, else None."""
+    fused = getattr(parent, attribute, None)
+    members = [getattr(parent, n, None) for n in names]
+    if (fused is None or not isinstance(fused.quantized, QuantizedLinear)
+            or not all(isinstance(m, QuantizedLinear) for m in members) or not widths_fit(fused.sizes)):
+        return None
+    return fused.quantized, members
+
+
 def _targets(model: torch.nn.Module, ctx: PlanContext) -> list[tuple[str, QuantizedLinear, list[QuantizedLinear]]]:
     """(role, layer to reorder, modules that share its storage) of every layer this plugin would switch."""
     adapter = ctx.adapter
     assert adapter is not None
     found: list[tuple[str, QuantizedLinear, list[QuantizedLinear]]] = []
     for _, _, _, mlp in adapter.dense_mlps(model):
-        fused = getattr(mlp, "flux_fused_gate_up", None)
-        members = [getattr(mlp, n, None) for n in GATE_UP]
-        if (fused is not None and isinstance(fused.quantized, QuantizedLinear)
-                and all(isinstance(m, QuantizedLinear) for m in members) and len(set(fused.sizes)) == 1
-                and fused.sizes[0] % 64 == 0):
-            found.append(("gate_up", fused.quantized, members))
+        gate_up = _fused(mlp, "flux_fused_gate_up", GATE_UP, lambda sizes: len(set(sizes)) == 1 and sizes[0] % 64 == 0)
+        if gate_up is not None:
+            found.append(("gate_up", *gate_up))
         down = getattr(mlp, "down_proj", None)
         if isinstance(down, QuantizedLinear):
             found.append(("down", down, []))
     for layer in adapter.get_layers(model):
         attention = getattr(layer, adapter.attention, None)
-        fused = getattr(attention, "flux_fused_qkv", None)
-        members = [getattr(attention, n, None) for n in QKV]
-        if (fused is not None and isinstance(fused.quantized, QuantizedLinear)
-                and all(isinstance(m, QuantizedLinear) for m in members) and all(s % 64 == 0 for s in fused.sizes)):
-            found.append(("qkv", fused.quantized, members))
+        qkv = _fused(attention, "flux_fused_qkv", QKV, lambda sizes: all(s % 64 == 0 for s in sizes))
+        if qkv is not None:
+            found.append(("qkv", *qkv))
         o_proj = getattr(attention, adapter.attention_projections[-1], None)
         if isinstance(o_proj, QuantizedLinear):
             found.append(("o", o_proj, []))
