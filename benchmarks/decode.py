@@ -75,17 +75,26 @@ FLUX_MODES["flux_int4_frag"] = flux_infer.InferenceConfig(optimization_level="O1
                                                           quantize_lm_head=True, plugins=["int4_fragments"])
 FRAGMENT_ROLE_MODES = {"_nodown": ("gate_up", "lm_head"), "_qkv": ("qkv", "gate_up", "down", "lm_head"),
                        "_qkvo": ("qkv", "o", "gate_up", "down", "lm_head")}
+# set_frag_launch's arguments by form (also timeline_decode.py --frag-launch), and the mode suffix of each form
+FRAG_LAUNCH_FORMS = {"default": {}, "plain": {"programmatic_bytes": 0}, "late": {"early": False},
+                     "programmatic": {"all_programmatic": True}}
+FRAG_LAUNCH_SUFFIXES = {"_fragplain": "plain", "_fragpdl": "programmatic", "_fraglate": "late"}
 FLUX_MODES.update({f"flux_int4_frag{roles}{launch}": FLUX_MODES["flux_int4_frag"] for roles in FRAGMENT_ROLE_MODES
-                   for launch in ("", "_fragplain", "_fragpdl", "_fraglate")})
+                   for launch in ("", *FRAG_LAUNCH_SUFFIXES)})
 # every layer around a norm on fragments, whose kernel has the norm epilogues at 16 rows: steps of up to 16 tokens
 # without norm kernels (an A/B of flux_infer.generation.norm_fusion.MAX_ROWS)
 FLUX_MODES.update({f"flux_int4_frag_qkvo_norm16{launch}": FLUX_MODES["flux_int4_frag"]
-                   for launch in ("", "_fragplain", "_fragpdl", "_fraglate")})
+                   for launch in ("", *FRAG_LAUNCH_SUFFIXES)})
 
 
 default_add_norm = kernels.add_rms_norm
 default_fragment_roles = int4_fragments.ROLES
 default_norm_rows = norm_fusion.MAX_ROWS
+
+
+def set_frag_launch_form(form: str) -> None:
+    """The fragment kernel's launches above one row in one of ``FRAG_LAUNCH_FORMS``."""
+    cuda_kernels.set_frag_launch(**FRAG_LAUNCH_FORMS[form])
 
 
 def _pass_through_add_norm(x, residual, weight, eps, weight_offset):  # the *_nonorm modes' stand-in (wrong values)
@@ -238,14 +247,11 @@ def main() -> int:
                                                     if mode.endswith("_triton_prefill") else dict(default_dequant_rows))
             if mode.endswith("_nonorm"):
                 kernels.add_rms_norm = _pass_through_add_norm
-            roles_suffix = mode.removeprefix("flux_int4_frag")
             norm_fusion.MAX_ROWS = 16 if "_norm16" in mode else default_norm_rows
-            for launch_suffix in ("_fragplain", "_fragpdl", "_fraglate", "_norm16"):
-                roles_suffix = roles_suffix.removesuffix(launch_suffix)
+            launch_suffix = next((suffix for suffix in FRAG_LAUNCH_SUFFIXES if mode.endswith(suffix)), "")
+            set_frag_launch_form(FRAG_LAUNCH_SUFFIXES.get(launch_suffix, "default"))
+            roles_suffix = mode.removeprefix("flux_int4_frag").removesuffix(launch_suffix).removesuffix("_norm16")
             int4_fragments.ROLES = FRAGMENT_ROLE_MODES.get(roles_suffix, default_fragment_roles)
-            cuda_kernels.set_frag_launch(0 if mode.endswith("_fragplain") else cuda_kernels.FRAG_PROGRAMMATIC_BYTES,
-                                         all_programmatic=mode.endswith("_fragpdl"),
-                                         early=not mode.endswith("_fraglate"))
             flux_infer.optimize(model, config=FLUX_MODES[mode])
             print(model.flux_report, flush=True)
             info[f"{mode}_model_gb"] = model.flux_report.memory_after.model_bytes / 1e9
@@ -279,7 +285,7 @@ def main() -> int:
             cuda_kernels.QUANT_MMA_PLANS = {}
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = dict(default_dequant_rows)
             int4_fragments.ROLES = default_fragment_roles
-            cuda_kernels.set_frag_launch()
+            set_frag_launch_form("default")
             norm_fusion.MAX_ROWS = default_norm_rows
             torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}

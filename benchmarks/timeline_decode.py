@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.decode import FRAG_LAUNCH_FORMS, set_frag_launch_form  # noqa: E402
 from benchmarks.profile_decode import profiled_generate  # noqa: E402
 
 
@@ -89,7 +90,7 @@ def main() -> int:
     parser.add_argument("--plugins", default="", help="opt-in plugins by name, comma-separated (int4_fragments)")
     parser.add_argument("--fragment-roles", default=None,
                         help="int4_fragments' layers, comma-separated (flux_infer.plugins.int4_fragments.ROLES)")
-    parser.add_argument("--frag-launch", choices=["default", "plain", "late", "programmatic"], default="default",
+    parser.add_argument("--frag-launch", choices=list(FRAG_LAUNCH_FORMS), default="default",
                         help="fragment-layout calls above one row (flux_infer.kernels.cuda.set_frag_launch): the "
                              "default, all plain, small layers triggering late, all programmatic")
     parser.add_argument("--norm-rows", type=int, default=None,
@@ -100,12 +101,7 @@ def main() -> int:
         from flux_infer.generation import norm_fusion
 
         norm_fusion.MAX_ROWS = args.norm_rows
-    if args.frag_launch != "default":
-        from flux_infer.kernels import cuda
-
-        cuda.load()
-        cuda.set_frag_launch(0 if args.frag_launch == "plain" else cuda.FRAG_PROGRAMMATIC_BYTES,
-                             all_programmatic=args.frag_launch == "programmatic", early=args.frag_launch != "late")
+    set_frag_launch_form(args.frag_launch)
     if args.fragment_roles is not None:
         from flux_infer.plugins import int4_fragments
 
