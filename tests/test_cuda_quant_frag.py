@@ -89,7 +89,7 @@ def test_gated_is_the_plain_layers_halves_through_act_mul_bit_for_bit(rows, acti
 @pytest.mark.parametrize("rows", [1, 4, 8, 16, 40])
 @pytest.mark.parametrize("activation", [None, "silu"])
 @pytest.mark.parametrize("n, k", [(1024, 1024), (4096, 512)])
-@pytest.mark.parametrize("slots", [37, 600])  # staged in shared memory up to 512, read at the end above
+@pytest.mark.parametrize("slots", [37, 128, 600])  # staged (4- or 16-byte copies) up to 512, read at the end above
 def test_norm_scaled_against_float64(rows, activation, n, k, slots):
     checkpoint, layer = fragment_case(n, k, bias=rows % 2 == 0)
     x = torch.randn(rows, k, device="cuda").bfloat16()
@@ -106,6 +106,19 @@ def test_norm_scaled_against_float64(rows, activation, n, k, slots):
     if activation:
         gate, up = layer.norm_scaled(x, partials, eps).chunk(2, dim=-1)
         assert torch.equal(out, kernels.act_mul(gate, up, activation))
+
+
+@pytest.mark.parametrize("rows", [1, 16, 40])
+def test_norm_scaled_partials_at_any_alignment(rows):
+    """Partial sums that do not start on 16 bytes (the kernel's copies need it: the host copies them first) give
+    the same results bit for bit."""
+    _, layer = fragment_case(1024, 1024)
+    x = torch.randn(rows, 1024, device="cuda").bfloat16()
+    storage = torch.rand(rows * 128 + 1, device="cuda") * 50
+    aligned, shifted = storage[:-1].view(rows, 128), storage[1:].view(rows, 128)
+    assert shifted.data_ptr() % 16 != 0
+    assert torch.equal(layer.norm_scaled(x, shifted, 1e-5, "silu"), layer.norm_scaled(x, shifted.clone(), 1e-5, "silu"))
+    assert torch.equal(layer.norm_scaled(x, aligned, 1e-5), layer.norm_scaled(x, aligned.clone(), 1e-5))
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 16, 40])

@@ -151,16 +151,20 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
   const int slots = a.scale_norm.slots;
   const uint32_t res_smem = extra + staged_partials_bytes(a);
   const uint32_t nw_smem = res_smem + residual_tile_bytes(a.rows, NB);
+  // 16-byte copies (4-byte ones for partial sums not in 16-byte runs: as many requests as the block's weights)
   auto load_epilogue_inputs = [&]() {
-    if (a.stage_partials)
+    if (a.stage_partials && slots % 4 == 0)
+      for (int i = threadIdx.x; i < a.rows * slots / 4; i += THREADS)
+        cp_async16(extra + i * 16, a.scale_norm.partials + 4 * i);
+    else if (a.stage_partials)
       for (int i = threadIdx.x; i < a.rows * slots; i += THREADS) cp_async4(extra + i * 4, a.scale_norm.partials + i);
-    if constexpr (E == kAddNormE) {
+    if constexpr (E == kAddNormE) {  // residual rows and norm weights 16-byte aligned (the host copies them if not)
       const int f_base = blk * NB;
-      for (int i = threadIdx.x; i < a.rows * (NB / 2); i += THREADS) {
-        const int m = i / (NB / 2), c = i % (NB / 2);
-        cp_async4(res_smem + i * 4, a.residual + m * a.residual_stride + f_base + 2 * c);
+      for (int i = threadIdx.x; i < a.rows * (NB / 8); i += THREADS) {
+        const int m = i / (NB / 8), c = i % (NB / 8);
+        cp_async16(res_smem + i * 16, a.residual + m * a.residual_stride + f_base + 8 * c);
       }
-      for (int i = threadIdx.x; i < NB / 2; i += THREADS) cp_async4(nw_smem + i * 4, a.norm_weight + f_base + 2 * i);
+      for (int i = threadIdx.x; i < NB / 8; i += THREADS) cp_async16(nw_smem + i * 16, a.norm_weight + f_base + 8 * i);
     }
   };
   if (a.pdl) {  // the weights of the first stages stream while the kernel before this one finishes; x after it has
@@ -494,14 +498,17 @@ std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, to
                             residual->scalar_type() == at::kBFloat16 && norm_weight->is_contiguous() &&
                             norm_weight->numel() == n && norm_weight->scalar_type() == at::kBFloat16),
               "quant_frag: residual must be bf16 [rows, N] with a contiguous last dim, norm_weight bf16 [N]");
-  // the kernel copies the residual and norm weight as bf16 pairs (4 bytes): other alignments are copied first
+  // the kernel copies the residual's rows and the norm weight in 16-byte runs: other alignments are copied first
   torch::Tensor residual_pairs, norm_weight_pairs;
   if (add_norm) {
-    const bool pairs = residual->stride(0) % 2 == 0 && reinterpret_cast<uintptr_t>(residual->data_ptr()) % 4 == 0;
-    residual_pairs = pairs ? *residual : residual->clone(at::MemoryFormat::Contiguous);
-    norm_weight_pairs = reinterpret_cast<uintptr_t>(norm_weight->data_ptr()) % 4 == 0
-                            ? *norm_weight : norm_weight->clone(at::MemoryFormat::Contiguous);
+    const bool runs = residual->stride(0) % 8 == 0 && flux::aligned16(*residual);
+    residual_pairs = runs ? *residual : residual->clone(at::MemoryFormat::Contiguous);
+    norm_weight_pairs = flux::aligned16(*norm_weight) ? *norm_weight : norm_weight->clone(at::MemoryFormat::Contiguous);
   }
+  // and the norm-scaled rows' partial sums in 16-byte runs where a row's are (slots a multiple of 4)
+  torch::Tensor partials_runs;
+  if (scale_partials)
+    partials_runs = flux::aligned16(*scale_partials) ? *scale_partials : scale_partials->clone();
   flux::FragPlan plan = flux::choose_frag_plan(static_cast<int>(n), static_cast<int>(k), gated);
   if (warps > 0) plan.warps = static_cast<int>(warps);
   if (ksplit > 0) plan.ksplit = static_cast<int>(ksplit);
@@ -537,8 +544,8 @@ std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, to
     args.pdl = args.rows == 1 || small || flux::frag_launch().all_programmatic;
     args.early = flux::trigger_early(rows) || (small && flux::frag_launch().early && flux::early_trigger());
     if (scale_partials) {
-      args.scale_norm.slots = static_cast<int>(scale_partials->size(1));
-      args.scale_norm.partials = scale_partials->data_ptr<float>() + r0 * args.scale_norm.slots;
+      args.scale_norm.slots = static_cast<int>(partials_runs.size(1));
+      args.scale_norm.partials = partials_runs.data_ptr<float>() + r0 * args.scale_norm.slots;
       args.scale_norm.inv_k = 1.f / static_cast<float>(k);
       args.scale_norm.eps = static_cast<float>(eps);
       args.stage_partials = args.scale_norm.slots <= flux::kMaxStagedSlots;
