@@ -186,6 +186,41 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
       load_x();
     }
   }
+  // The rows' norm scales (the layer after an RMSNorm), THREADS / 16 threads a row: staged partial sums are added up
+  // when the first stage has landed (they land with it), while the next stages stream; others after the main loop
+  const bool scaled = a.scale_norm.partials != nullptr;
+  __shared__ float row_scale[16];
+  auto sum_row_scales = [&]() {
+    constexpr int kPerRow = THREADS / 16;
+    const int m = threadIdx.x / kPerRow, q = threadIdx.x % kPerRow;
+    float sum = 0.f;
+    if (m < a.rows && a.stage_partials && slots % 4 == 0) {  // 16-byte reads, four sums in flight
+      const float4* staged = reinterpret_cast<const float4*>(smem + STAGES * kStage) + m * (slots / 4);
+      float4 s4 = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int i = q; i < slots / 4; i += kPerRow) {
+        const float4 v = staged[i];
+        s4.x += v.x;
+        s4.y += v.y;
+        s4.z += v.z;
+        s4.w += v.w;
+      }
+      sum = (s4.x + s4.y) + (s4.z + s4.w);
+    } else if (m < a.rows && a.stage_partials) {
+      const float* staged = reinterpret_cast<const float*>(smem + STAGES * kStage) + m * slots;
+      for (int i = q; i < slots; i += kPerRow) sum += staged[i];
+    } else if (m < a.rows) {
+      const float* global = a.scale_norm.partials + m * static_cast<int64_t>(slots);
+      for (int i = q; i < slots; i += kPerRow) sum += load_coherent(global + i);
+    }
+#pragma unroll
+    for (int o = kPerRow / 2; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if (q == 0 && m < a.rows) row_scale[m] = rsqrtf(fmaf(sum, a.scale_norm.inv_k, a.scale_norm.eps));
+  };
+  if (scaled && a.stage_partials) {  // outside the main loop: inside it, its registers spilled
+    cp_wait<STAGES - 2>();
+    __syncthreads();
+    sum_row_scales();  // visible to the epilogue after the first stage's __syncthreads
+  }
   float acc[4][4] = {};
   const uint32_t ones = 0x3F803F80u;
   const int lrow = (lane & 7) + ((lane >> 3) & 1) * 8, lhalf = lane >> 4;
@@ -276,20 +311,9 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
     }
     if (threadIdx.x == 0) a.counters[blk] = 0;
   }
-  const bool scaled = a.scale_norm.partials != nullptr;
-  if ((scaled || E == kAddNormE) && a.ksplit == 1) __syncthreads();  // every thread's epilogue copies have landed
-  __shared__ float row_scale[16];
-  if (scaled) {  // the norm scale of each row (the layer after an RMSNorm): THREADS / 16 threads a row
-    constexpr int kPerRow = THREADS / 16;
-    const int m = threadIdx.x / kPerRow, q = threadIdx.x % kPerRow;
-    const float* staged = reinterpret_cast<const float*>(smem + STAGES * kStage) + m * slots;
-    const float* global = a.scale_norm.partials + m * static_cast<int64_t>(slots);
-    float sum = 0.f;
-    if (m < a.rows)
-      for (int i = q; i < slots; i += kPerRow) sum += a.stage_partials ? staged[i] : load_coherent(global + i);
-#pragma unroll
-    for (int o = kPerRow / 2; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (q == 0 && m < a.rows) row_scale[m] = rsqrtf(fmaf(sum, a.scale_norm.inv_k, a.scale_norm.eps));
+  if (E == kAddNormE && a.ksplit == 1) __syncthreads();  // every thread's epilogue copies have landed
+  if (scaled && !a.stage_partials) {
+    sum_row_scales();
     __syncthreads();
   }
   const float scale[2] = {scaled && g < a.rows ? row_scale[g] : 1.f, scaled && g + 8 < a.rows ? row_scale[g + 8] : 1.f};
