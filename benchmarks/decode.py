@@ -74,7 +74,7 @@ FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux
 FLUX_MODES["flux_int4_frag"] = flux_infer.InferenceConfig(optimization_level="O1", quantization="int4",
                                                           quantize_lm_head=True, plugins=["int4_fragments"])
 FRAGMENT_ROLE_MODES = {"_nodown": ("gate_up", "lm_head"), "_qkv": ("qkv", "gate_up", "down", "lm_head"),
-                       "_qkvo": ("qkv", "o", "gate_up", "down", "lm_head")}
+                       "_qkvo": ("qkv", "o", "gate_up", "down", "lm_head"), "_mlp": ("gate_up", "down", "lm_head")}
 # set_frag_launch's arguments by form (also timeline_decode.py --frag-launch), and the mode suffix of each form
 FRAG_LAUNCH_FORMS = {"default": {}, "plain": {"programmatic_bytes": 0}, "late": {"early": False},
                      "programmatic": {"all_programmatic": True}}
@@ -85,11 +85,18 @@ FLUX_MODES.update({f"flux_int4_frag{roles}{launch}": FLUX_MODES["flux_int4_frag"
 # without norm kernels (an A/B of flux_infer.generation.norm_fusion.MAX_ROWS)
 FLUX_MODES.update({f"flux_int4_frag_qkvo_norm16{launch}": FLUX_MODES["flux_int4_frag"]
                    for launch in ("", *FRAG_LAUNCH_SUFFIXES)})
+# the fragment layers' norm epilogues only up to 8 rows, as on the checkpoint layout (an A/B of
+# flux_infer.generation.norm_fusion.FRAGMENT_MAX_ROWS: at 16 rows the norm kernels run)
+FLUX_MODES["flux_int4_frag_norm8"] = FLUX_MODES["flux_int4_frag"]
+# the same with --frag-plans' (warps, K splits) for the fragment calls (an A/B of flux_infer.kernels.cuda.FRAG_PLANS)
+FLUX_MODES.update({f"{mode}_fplans": FLUX_MODES["flux_int4_frag"] for mode in ("flux_int4_frag",
+                                                                               "flux_int4_frag_qkvo_norm16")})
 
 
 default_add_norm = kernels.add_rms_norm
 default_fragment_roles = int4_fragments.ROLES
 default_norm_rows = norm_fusion.MAX_ROWS
+default_fragment_norm_rows = norm_fusion.FRAGMENT_MAX_ROWS
 
 
 def set_frag_launch_form(form: str) -> None:
@@ -194,6 +201,21 @@ def parse_plans(text: str) -> dict[tuple[int, int], tuple[int, int, int, int]]:
     return plans
 
 
+def parse_frag_plans(text: str) -> dict[tuple[int, int, str], tuple[int, int]]:
+    """``"4096x4096/add_norm=2,4;..."`` as ``{(4096, 4096, "add_norm"): (2, 4), ...}`` (cuda.FRAG_PLANS)."""
+    plans = {}
+    for item in filter(None, text.split(";")):
+        key, _, plan = item.partition("=")
+        shape, _, epilogue = key.partition("/")
+        out_features, _, in_features = shape.partition("x")
+        values = tuple(int(v) for v in plan.split(","))
+        if len(values) != 2 or epilogue not in ("plain", "gated", "norm_scaled", "add_norm"):
+            raise argparse.ArgumentTypeError(f"{item!r}: OUTxIN/epilogue=warps,ksplit, epilogue plain, gated, "
+                                             "norm_scaled or add_norm")
+        plans[(int(out_features), int(in_features), epilogue)] = values
+    return plans
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", default="hf_eager,hf_static_compile,flux")
@@ -208,6 +230,9 @@ def main() -> int:
     parser.add_argument("--plans", type=parse_plans, default={},
                         help="launch plans of flux_int4_plans, e.g. '28672x4096=8,2,1,1;128256x4096=4,2,2,1': "
                              "(out x in) = warps, row tiles, INT4 form, launch shape (QUANT_MMA_PLANS, up to 8 rows)")
+    parser.add_argument("--frag-plans", type=parse_frag_plans, default={},
+                        help="fragment-layout calls' (warps, K splits) of the *_fplans modes, e.g. "
+                             "'4096x4096/add_norm=2,4;6144x4096/norm_scaled=2,2' (cuda.FRAG_PLANS)")
     args = parser.parse_args()
     modes = args.modes.split(",")
     default_gemv_rows = linear_module.GEMV_MAX_ROWS
@@ -248,9 +273,12 @@ def main() -> int:
             if mode.endswith("_nonorm"):
                 kernels.add_rms_norm = _pass_through_add_norm
             norm_fusion.MAX_ROWS = 16 if "_norm16" in mode else default_norm_rows
+            norm_fusion.FRAGMENT_MAX_ROWS = 8 if mode.endswith("_norm8") else default_fragment_norm_rows
+            cuda_kernels.FRAG_PLANS = dict(args.frag_plans) if mode.endswith("_fplans") else {}
             launch_suffix = next((suffix for suffix in FRAG_LAUNCH_SUFFIXES if mode.endswith(suffix)), "")
             set_frag_launch_form(FRAG_LAUNCH_SUFFIXES.get(launch_suffix, "default"))
-            roles_suffix = mode.removeprefix("flux_int4_frag").removesuffix(launch_suffix).removesuffix("_norm16")
+            roles_suffix = (mode.removeprefix("flux_int4_frag").removesuffix("_fplans").removesuffix(launch_suffix)
+                            .removesuffix("_norm16").removesuffix("_norm8"))
             int4_fragments.ROLES = FRAGMENT_ROLE_MODES.get(roles_suffix, default_fragment_roles)
             flux_infer.optimize(model, config=FLUX_MODES[mode])
             print(model.flux_report, flush=True)
@@ -285,8 +313,10 @@ def main() -> int:
             cuda_kernels.QUANT_MMA_PLANS = {}
             cuda_kernels.DEQUANT_MATMUL_MIN_ROWS = dict(default_dequant_rows)
             int4_fragments.ROLES = default_fragment_roles
+            cuda_kernels.FRAG_PLANS = {}
             set_frag_launch_form("default")
             norm_fusion.MAX_ROWS = default_norm_rows
+            norm_fusion.FRAGMENT_MAX_ROWS = default_fragment_norm_rows
             torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}
     for r in results:  # greedy on random weights: report agreement with eager, do not assert it

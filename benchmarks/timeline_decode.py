@@ -95,12 +95,12 @@ def main() -> int:
                              "default, all plain, small layers triggering late, all programmatic")
     parser.add_argument("--norm-rows", type=int, default=None,
                         help="steps of up to this many tokens run the norms inside the INT4 layers "
-                             "(flux_infer.generation.norm_fusion.MAX_ROWS)")
+                             "(flux_infer.generation.norm_fusion.MAX_ROWS and FRAGMENT_MAX_ROWS)")
     args = parser.parse_args()
     if args.norm_rows is not None:
         from flux_infer.generation import norm_fusion
 
-        norm_fusion.MAX_ROWS = args.norm_rows
+        norm_fusion.MAX_ROWS = norm_fusion.FRAGMENT_MAX_ROWS = args.norm_rows
     set_frag_launch_form(args.frag_launch)
     if args.fragment_roles is not None:
         from flux_infer.plugins import int4_fragments

@@ -185,13 +185,14 @@ def test_a_decode_step_in_a_cuda_graph_leaves_the_counters_at_zero():
     assert not quant_frag.counters(x.device).any()
 
 
-@pytest.mark.parametrize("roles", [int4_fragments.ROLES, ("qkv", "o", "gate_up", "down", "lm_head")])
+@pytest.mark.parametrize("roles", [int4_fragments.ROLES, ("gate_up", "down", "lm_head")])
 def test_int4_decode_with_the_wide_layers_in_the_fragment_layout(roles, monkeypatch):
-    """A small random Llama at INT4 group 128 with lm_head quantized: the plugin's layers (by default gate/up, down
-    and lm_head; q/k/v and o as well when asked) switch to the fragment layout, the state_dict stays the checkpoint
-    layout's, and greedy decoding (4 rows: the norm pieces; 16 rows by batching the prompts 4 times) matches the
-    same model without the switch within twice what bf16 changes in the unquantized model's logits (against
-    float32), up to the first near tie; revert restores it."""
+    """A small random Llama at INT4 group 128 with lm_head quantized: the plugin's layers (by default q/k/v, o,
+    gate/up, down and lm_head; or only some) switch to the fragment layout, the state_dict stays the checkpoint
+    layout's, and greedy decoding (4 rows: the norm pieces; 16 rows by batching the prompts 4 times: the norm
+    pieces too when every layer around a norm switched, else the norm kernels) matches the same model without the
+    switch within twice what bf16 changes in the unquantized model's logits (against float32), up to the first
+    near tie; revert restores it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -216,6 +217,9 @@ def test_int4_decode_with_the_wide_layers_in_the_fragment_layout(roles, monkeypa
     assert not any(isinstance(m, QuantizedLinear) and m.fragments for m in plain.modules())
     state, plain_state = model.state_dict(), plain.state_dict()
     assert all(torch.equal(state[k], v) for k, v in plain_state.items())
+    kernel, add_norm_rows = quant_frag.int4f_linear_add_norm._kernels["cuda"], []  # the fragment add-norm calls
+    monkeypatch.setitem(quant_frag.int4f_linear_add_norm._kernels, "cuda",
+                        (lambda x, *a: add_norm_rows.append(x.numel() // x.shape[-1]) or kernel[0](x, *a), kernel[1]))
     for copies in (1, 4):
         ids = prompts.repeat(copies, 1)
         runs = [m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
@@ -232,5 +236,7 @@ def test_int4_decode_with_the_wide_layers_in_the_fragment_layout(roles, monkeypa
                 same.append((a, b))
         got, want = (torch.stack(x) for x in zip(*same, strict=True))
         assert rel(got, want) <= 2 * bf16_error, (copies, rel(got, want), bf16_error)
+    assert 4 in add_norm_rows  # down's add-norm at 4 rows (o's too when it switched)
+    assert (16 in add_norm_rows) == all(role in roles for role in ("qkv", "o", "gate_up", "down", "lm_head"))
     flux_infer.revert(model)
     assert not any(isinstance(m, QuantizedLinear) and m.fragments for m in model.modules())

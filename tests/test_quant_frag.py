@@ -137,3 +137,40 @@ def test_the_plugin_is_opt_in_and_says_why_it_does_not_apply_on_the_cpu():
                                                       plugins=["int4_fragments"]))
     skipped = {s.name: s.reason for s in model.flux_report.skipped}
     assert "CUDA" in skipped["int4_fragments"]
+
+
+@pytest.mark.parametrize("roles", [("qkv", "o", "gate_up", "down", "lm_head"), ("gate_up", "down", "lm_head")])
+def test_decode_steps_keep_the_norms_in_the_layers_up_to_16_rows_only_when_every_layer_around_them_switched(
+        roles, monkeypatch):
+    """The norm-fused decode step (generation/norm_fusion.py) takes 16 rows when every INT4 layer around a norm is
+    in the fragment layout (its kernel's norm epilogues take 16 rows), else 8 (the checkpoint layout's): the
+    plugin applied on the CPU (its layout is for the CUDA kernel; the references compute it here)."""
+    import flux_infer
+    from flux_infer import InferenceConfig
+    from flux_infer.generation import norm_fusion
+    from flux_infer.generation.runner import DecoderRunner
+    from flux_infer.plugins import int4_fragments
+    from flux_infer.plugins.fuse_projections import FuseProjectionsPlugin
+    from flux_infer.plugins.manager import get_plugin_manager
+    from flux_infer.support import Support
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=512)
+    model = AutoModelForCausalLM.from_config(config).bfloat16().eval()
+    for plugin in (int4_fragments.Int4FragmentsPlugin, FuseProjectionsPlugin):  # both CUDA-only: here as there
+        monkeypatch.setattr(plugin, "supports", lambda self, model, ctx: Support.yes())
+    monkeypatch.setattr(int4_fragments, "ROLES", roles)
+    flux_infer.optimize(model, config=InferenceConfig(optimization_level="O1", quantization="int4",
+                                                      quantization_group_size=128, quantize_lm_head=True,
+                                                      plugins=["int4_fragments"]))
+    assert any(isinstance(m, QuantizedLinear) and m.fragments for m in model.modules())
+    fusion = DecoderRunner(model, get_plugin_manager().adapter_for(model)).norm_fusion
+    assert fusion is not None
+    everything = set(roles) == {"qkv", "o", "gate_up", "down", "lm_head"}
+    assert fusion.max_rows == (norm_fusion.FRAGMENT_MAX_ROWS if everything else norm_fusion.MAX_ROWS)
+    assert fusion.fits(torch.empty(16, 1, 256)) == everything and fusion.fits(torch.empty(8, 1, 256))
+    flux_infer.revert(model)
+    fusion = DecoderRunner(model, get_plugin_manager().adapter_for(model)).norm_fusion
+    assert fusion is None or fusion.max_rows == norm_fusion.MAX_ROWS

@@ -421,12 +421,15 @@ struct FragPlan {
 };
 
 // Measured on H100 (docs/benchmarks.md, thirteenth session): 2-warp blocks for most layers, K split until about
-// 384 blocks run; 8-warp blocks of 3 stages for the widest (lm_head).
-FragPlan choose_frag_plan(int n, int k, bool gated) {
+// 384 blocks run; 8-warp blocks of 3 stages for the widest (lm_head). The norm epilogues want fewer splits (every
+// block of a split stages their inputs, the last one runs them; seventeenth session, 16 rows): norm-scaled until
+// about 192 blocks (Llama-3-8B's q/k/v: 2 splits, 10.2 us against 12.1 with 4), add-norm until about 256 (o: 4
+// splits, 8.3 against 9.1 with 8; down 4 or 8 alike).
+FragPlan choose_frag_plan(int n, int k, bool gated, bool norm_scaled, bool add_norm) {
   if (n >= 65536 && n % 256 == 0 && !gated) return {8, 1};
-  const int blocks = n / 64, groups = k / 128;
+  const int blocks = n / 64, groups = k / 128, target = norm_scaled ? 192 : add_norm ? 256 : 384;
   int ksplit = 1;
-  while (blocks * ksplit < 384 && ksplit < 8 && groups / (2 * ksplit) >= 4) ksplit *= 2;
+  while (blocks * ksplit < target && ksplit < 8 && groups / (2 * ksplit) >= 4) ksplit *= 2;
   return {2, ksplit};
 }
 
@@ -533,7 +536,8 @@ std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, to
   torch::Tensor partials_runs;
   if (scale_partials)
     partials_runs = flux::aligned16(*scale_partials) ? *scale_partials : scale_partials->clone();
-  flux::FragPlan plan = flux::choose_frag_plan(static_cast<int>(n), static_cast<int>(k), gated);
+  flux::FragPlan plan = flux::choose_frag_plan(static_cast<int>(n), static_cast<int>(k), gated,
+                                               scale_partials.has_value(), add_norm);
   if (warps > 0) plan.warps = static_cast<int>(warps);
   if (ksplit > 0) plan.ksplit = static_cast<int>(ksplit);
   TORCH_CHECK((plan.warps == 2 || (plan.warps == 8 && !gated)) && n % (32 * plan.warps) == 0 && plan.ksplit >= 1 &&

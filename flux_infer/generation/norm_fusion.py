@@ -22,6 +22,9 @@ from flux_infer.quantization.modules import QuantizedLinear
 
 MAX_ROWS = 8  # tokens per step the fused path takes (the kernels' norm epilogues; more rows: the plain path,
 # measured faster at 16: docs/benchmarks.md)
+FRAGMENT_MAX_ROWS = 16  # the same when every layer around a norm is in the fragment layout (int4_fragments; its
+# kernel's norm epilogues take 16 rows a launch: at 16 rows 6,045 against 5,903 tok/s with the norm kernels,
+# Llama-3-8B shape on an H100, docs/benchmarks.md, seventeenth session)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,11 +47,11 @@ class NormFusion:
     final_weight: torch.Tensor
     final_eps: float
     lm_head: QuantizedLinear | None  # None: the last layer's down and the final norm run apart
+    max_rows: int  # tokens per step the fused path takes (MAX_ROWS, or FRAGMENT_MAX_ROWS)
 
-    @staticmethod
-    def fits(hidden: torch.Tensor) -> bool:
+    def fits(self, hidden: torch.Tensor) -> bool:
         rows = hidden.numel() // hidden.shape[-1]
-        return 0 < rows <= MAX_ROWS
+        return 0 < rows <= self.max_rows
 
 
 def as_int4(module: Any) -> QuantizedLinear | None:
@@ -72,7 +75,7 @@ def plan_norm_fusion(layers: Sequence[Any], final_norm: torch.nn.Module, lm_head
     ``layers``: the runner's ``LayerParts``; ``weight_style``: the adapter's norms are ``weight * norm(x)``."""
     if not weight_style or not layers:
         return None
-    fused = []
+    fused, around = [], []  # the layers and every INT4 layer around a norm
     for parts in layers:
         input_norm, post_norm = _weight_norm(parts.input_norm), _weight_norm(parts.post_attention_norm)
         qkv = (parts.fused_qkv,) if parts.fused_qkv is not None else parts.projections[:-1]
@@ -93,10 +96,14 @@ def plan_norm_fusion(layers: Sequence[Any], final_norm: torch.nn.Module, lm_head
         down = as_int4(getattr(mlp, "down_proj", None))
         if down is None or (gate_up is None and (gate is None or up is None)):
             return None
+        around += [*qkv_layers, o_proj, *(m for m in (gate_up, gate, up) if m is not None), down]
         fused.append(NormFusedLayer(input_weight=input_norm[0], input_eps=input_norm[1], o_proj=o_proj,
                                     post_weight=post_norm[0], post_eps=post_norm[1], gate_up=gate_up, gate=gate,
                                     up=up, down=down, activation=activation))
     final = _weight_norm(final_norm)
     if final is None:
         return None
-    return NormFusion(layers=tuple(fused), final_weight=final[0], final_eps=final[1], lm_head=as_int4(lm_head))
+    head = as_int4(lm_head)
+    on_fragments = all(m.fragments for m in (*around, head) if m is not None)
+    return NormFusion(layers=tuple(fused), final_weight=final[0], final_eps=final[1], lm_head=head,
+                      max_rows=FRAGMENT_MAX_ROWS if on_fragments else MAX_ROWS)

@@ -68,9 +68,9 @@ def runner_support(model: torch.nn.Module, adapter: ModelAdapter) -> Support:
 class DecoderRunner:
     """Forward over ``[batch, tokens]`` with a ``StaticKVCache``; returns logits of the last token of each row."""
 
-    # Steps of up to norm_fusion.MAX_ROWS tokens of an INT4 model run without RMSNorm kernels (generation/
-    # norm_fusion.py): None = on CUDA, True = on any device (the CPU runs the references: tests), False = never
-    # (benchmarks/decode.py's *_normapart modes).
+    # Steps of up to norm_fusion.MAX_ROWS tokens (FRAGMENT_MAX_ROWS on fragment-layout layers) of an INT4 model run
+    # without RMSNorm kernels (generation/norm_fusion.py): None = on CUDA, True = on any device (the CPU runs the
+    # references: tests), False = never (benchmarks/decode.py's *_normapart modes).
     fuse_norms: bool | None = None
 
     def __init__(self, model: torch.nn.Module, adapter: ModelAdapter) -> None:
@@ -159,14 +159,14 @@ class DecoderRunner:
         return logits
 
     def fuses_norms_on(self, device: torch.device) -> bool:
-        """Whether decode steps of up to ``norm_fusion.MAX_ROWS`` tokens on ``device`` run the norms inside the
+        """Whether decode steps of up to ``norm_fusion.max_rows`` tokens on ``device`` run the norms inside the
         INT4 layers around them (``fuse_norms``)."""
         if self.norm_fusion is None or self.fuse_norms is False:
             return False
         return self.fuse_norms is True or device.type == "cuda"
 
     def _fuses_norms(self, hidden: torch.Tensor) -> bool:
-        return self.fuses_norms_on(hidden.device) and NormFusion.fits(hidden)
+        return self.fuses_norms_on(hidden.device) and self.norm_fusion is not None and self.norm_fusion.fits(hidden)
 
     def _forward_norms_fused(self, hidden: torch.Tensor, cache: KVCache, meta: Any) -> torch.Tensor:
         """``forward``'s logits with every norm but the first inside the quantized layers around it

@@ -163,6 +163,15 @@ def set_frag_launch(programmatic_bytes: int = FRAG_PROGRAMMATIC_BYTES, all_progr
         _state["module"].set_frag_launch(programmatic_bytes, all_programmatic, early)
 
 
+# (out_features, in_features, epilogue) -> (warps, K splits) of fragment-layout calls, epilogue one of "plain",
+# "gated", "norm_scaled", "add_norm": for A/B runs (benchmarks/decode.py --frag-plans); absent: the launcher's plan
+FRAG_PLANS: dict[tuple[int, int, str], tuple[int, int]] = {}
+
+
+def _frag_plan(qweight: torch.Tensor, epilogue: str) -> tuple[int, int]:
+    return FRAG_PLANS.get((qweight.shape[0], qweight.shape[1] * 8, epilogue), (0, 0))
+
+
 def _token_heads(t: torch.Tensor) -> torch.Tensor | None:
     """``t [..., heads, head_dim]`` as a ``[tokens, heads, head_dim]`` view with a unit stride in head_dim (q and k
     may be views into a fused q/k/v projection's output), or None when no such view exists."""
@@ -367,8 +376,9 @@ def _register(module: Any) -> None:
             if rows <= FRAG_MAX_ROWS or partials is not None:
                 scale_rows = partials.reshape(rows, partials.shape[-1]).float().contiguous() if partials is not None \
                     else None
+                epilogue = "gated" if act >= 0 else "norm_scaled" if scale_rows is not None else "plain"
                 out = module.quant_frag(x2, qweight, scales, mins, bias, act, scale_rows, eps, None, None,
-                                        quant_frag.counters(x.device), 0, 0)[0]
+                                        quant_frag.counters(x.device), *_frag_plan(qweight, epilogue))[0]
             else:
                 out = torch.nn.functional.linear(x2, module.frag_dequantize(qweight, scales, mins), bias)
                 if act >= 0:
@@ -384,7 +394,7 @@ def _register(module: Any) -> None:
             lead = x.shape[:-1]
             normed, h, partials = module.quant_frag(_aligned_rows(x).contiguous(), qweight, scales, mins, bias, -1,
                                                     None, 0.0, _rows(residual), norm_weight.contiguous(),
-                                                    quant_frag.counters(x.device), 0, 0)
+                                                    quant_frag.counters(x.device), *_frag_plan(qweight, "add_norm"))
             return normed.view(*lead, n), h.view(*lead, n), partials.view(*lead, partials.shape[-1])
         return quant_frag.int4f_linear_add_norm_ref(x, qweight, scales, mins, bias, residual, norm_weight)
 

@@ -1,13 +1,15 @@
-"""``int4_fragments`` (opt-in by name): the wide INT4 layers in the fragment layout, for decode at batch sizes.
+"""``int4_fragments`` (opt-in by name): the INT4 decoder layers in the fragment layout, for decode at batch sizes.
 
 At decode batch sizes (about 8 rows and more) the checkpoint layout's tensor-core kernel runs the fused gate/up
 layer at about half of the memory bandwidth; ``csrc/quant_frag.cu`` streams the fragment layout
 (``kernels/quant_frag.py``) at about 80% (H100, docs/benchmarks.md, sixteenth session: gate/up 26.1 vs 37.9 us at 16
 rows, down 16.4 vs 20.6, lm_head 101.4 vs 141.8). Both layouts at once would cost the memory INT4 saves, so the
-chosen layers switch for every batch size: the fused gate/up projection, down and a quantized lm_head (``ROLES``);
-q/k/v and o keep the checkpoint layout (on fragments they measured no faster end to end, fourteenth to sixteenth
-sessions). Llama-3-8B shape on an H100, same process: batch-16 decode 5,911 tok/s against 4,900 without it (bf16:
-2,485), batch 1 384.0 against 453.4 tok/s: a choice for serving batches, hence opt-in:
+chosen layers switch for every batch size (``ROLES``): the fused q/k/v and gate/up projections, o, down and a
+quantized lm_head. With every layer around a norm switched, decode steps of up to 16 tokens run the norms inside
+those layers' kernels (``generation/norm_fusion.py``, ``FRAGMENT_MAX_ROWS``; the checkpoint layout's norm epilogues
+stop at 8). Llama-3-8B shape on an H100, same process (seventeenth session): batch-16 decode 6,045 tok/s with all
+five roles against 5,903 with gate/up, down and lm_head only and 4,898 without the plugin (bf16: 2,485); batch 1
+about 380 against 441 without it: a choice for serving batches, hence opt-in:
 ``InferenceConfig(plugins=["int4_fragments"])``. In place: codes, scales
 and mins are reordered in their own storage (a fused projection's members are views of it and follow), the
 ``state_dict`` still gives the checkpoint layout, and ``revert`` reorders them back. CUDA only (the layout is for
@@ -28,8 +30,7 @@ from flux_infer.plugins.fuse_projections import GATE_UP, QKV
 from flux_infer.quantization.modules import QuantizedLinear
 from flux_infer.support import Support
 
-ROLES = ("gate_up", "down", "lm_head")  # the layers that switch (an A/B knob of benchmarks/decode.py, which knows
-# "qkv" and "o" too)
+ROLES = ("qkv", "o", "gate_up", "down", "lm_head")  # the layers that switch (an A/B knob of benchmarks/decode.py)
 
 
 def _fused(parent: Any, attribute: str, names: tuple[str, ...], widths_fit: Callable[[tuple[int, ...]], bool]
@@ -72,8 +73,9 @@ def _targets(model: torch.nn.Module, ctx: PlanContext) -> list[tuple[str, Quanti
 
 class Int4FragmentsPlugin(Plugin):
     name = "int4_fragments"
-    description = ("opt-in by name: wide INT4 layers (gate/up, down, lm_head) in the fragment layout of their CUDA "
-                   "batch kernel (faster decode batches, slower single sequences)")
+    description = ("opt-in by name: INT4 layers (q/k/v, o, gate/up, down, lm_head) in the fragment layout of their "
+                   "CUDA batch kernel, norms inside them up to 16 rows (faster decode batches, slower single "
+                   "sequences)")
     provides = frozenset({"weights:int4_fragments"})
     after = ("weights:quantized", "weights:fused_projections")
     before = ("decoding",)
