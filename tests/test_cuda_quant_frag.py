@@ -124,14 +124,23 @@ def test_norm_scaled_partials_at_any_alignment(rows):
 @pytest.mark.parametrize("rows", [1, 3, 8, 16, 40])
 @pytest.mark.parametrize("n, k", [(1024, 1024), (576, 1536), (4096, 14336)])
 @pytest.mark.parametrize("layout", ["contiguous", "strided", "odd"])  # odd: the kernel's bf16 pairs need a copy
-def test_add_norm_is_the_layer_and_the_add_bit_for_bit(rows, n, k, layout):
+@pytest.mark.parametrize("ksplit", [0, 1, 4])
+def test_add_norm_is_the_layer_and_the_add_bit_for_bit(rows, n, k, layout, ksplit, monkeypatch):
+    """With the plain layer's K split (the same sums): h = layer(x) + residual bit for bit; with each call's own
+    plan (ksplit 0: add-norm splits K less than the plain layer where it has many) within their roundings."""
     _, layer = fragment_case(n, k, bias=rows % 2 == 1)
+    if ksplit:
+        for epilogue in ("plain", "add_norm"):
+            monkeypatch.setitem(cuda_kernels.FRAG_PLANS, (n, k, epilogue), (2, ksplit))
     x = torch.randn(rows, k, device="cuda").bfloat16()
     pad = {"contiguous": 0, "strided": 8, "odd": 1}[layout]
     residual = torch.randn(rows, n + pad, device="cuda").bfloat16()[:, pad:]
     weight = (torch.rand(n + pad, device="cuda") + 0.5).bfloat16()[pad:]
     normed, h, partials = layer.add_norm(x, residual, weight)
-    assert torch.equal(h, layer(x) + residual)
+    if ksplit:
+        assert torch.equal(h, layer(x) + residual)
+    else:  # one rounding of the layer's output apart, then the add's
+        torch.testing.assert_close(h, layer(x) + residual, rtol=2**-7, atol=2**-7)
     assert torch.equal(normed, (h.float() * weight.float()).bfloat16())
     assert partials.shape == (rows, n // 32) and partials.dtype == torch.float32
     torch.testing.assert_close(partials, h.float().pow(2).view(rows, n // 32, 32).sum(-1), rtol=1e-5, atol=1e-5)
