@@ -82,7 +82,8 @@ FRAG_LAUNCH_SUFFIXES = {"_fragplain": "plain", "_fragpdl": "programmatic", "_fra
 FLUX_MODES.update({f"flux_int4_frag{roles}{launch}": FLUX_MODES["flux_int4_frag"] for roles in FRAGMENT_ROLE_MODES
                    for launch in ("", *FRAG_LAUNCH_SUFFIXES)})
 # every layer around a norm on fragments, whose kernel has the norm epilogues at 16 rows: steps of up to 16 tokens
-# without norm kernels (an A/B of flux_infer.generation.norm_fusion.MAX_ROWS)
+# without norm kernels; the plugin's default since the seventeenth session (norm_fusion.FRAGMENT_MAX_ROWS), so these
+# names now run what flux_int4_frag runs (kept for the commands docs/benchmarks.md records)
 FLUX_MODES.update({f"flux_int4_frag_qkvo_norm16{launch}": FLUX_MODES["flux_int4_frag"]
                    for launch in ("", *FRAG_LAUNCH_SUFFIXES)})
 # the fragment layers' norm epilogues only up to 8 rows, as on the checkpoint layout (an A/B of
@@ -95,7 +96,6 @@ FLUX_MODES.update({f"{mode}_fplans": FLUX_MODES["flux_int4_frag"] for mode in ("
 
 default_add_norm = kernels.add_rms_norm
 default_fragment_roles = int4_fragments.ROLES
-default_norm_rows = norm_fusion.MAX_ROWS
 default_fragment_norm_rows = norm_fusion.FRAGMENT_MAX_ROWS
 
 
@@ -272,7 +272,6 @@ def main() -> int:
                                                     if mode.endswith("_triton_prefill") else dict(default_dequant_rows))
             if mode.endswith("_nonorm"):
                 kernels.add_rms_norm = _pass_through_add_norm
-            norm_fusion.MAX_ROWS = 16 if "_norm16" in mode else default_norm_rows
             norm_fusion.FRAGMENT_MAX_ROWS = 8 if mode.endswith("_norm8") else default_fragment_norm_rows
             cuda_kernels.FRAG_PLANS = dict(args.frag_plans) if mode.endswith("_fplans") else {}
             launch_suffix = next((suffix for suffix in FRAG_LAUNCH_SUFFIXES if mode.endswith(suffix)), "")
@@ -315,7 +314,6 @@ def main() -> int:
             int4_fragments.ROLES = default_fragment_roles
             cuda_kernels.FRAG_PLANS = {}
             set_frag_launch_form("default")
-            norm_fusion.MAX_ROWS = default_norm_rows
             norm_fusion.FRAGMENT_MAX_ROWS = default_fragment_norm_rows
             torch.cuda.empty_cache()
     base = {r["batch"]: r for r in results if r["mode"] == "hf_eager"}
