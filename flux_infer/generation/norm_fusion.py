@@ -23,7 +23,7 @@ from flux_infer.quantization.modules import QuantizedLinear
 MAX_ROWS = 8  # tokens per step the fused path takes (the kernels' norm epilogues; more rows: the plain path,
 # measured faster at 16: docs/benchmarks.md)
 FRAGMENT_MAX_ROWS = 16  # the same when every layer around a norm is in the fragment layout (int4_fragments; its
-# kernel's norm epilogues take 16 rows a launch: at 16 rows 6,045 against 5,903 tok/s with the norm kernels,
+# kernel's norm epilogues take 16 rows a launch: at 16 rows 6,049 against 5,878 tok/s with the norm kernels,
 # Llama-3-8B shape on an H100, docs/benchmarks.md, seventeenth session)
 
 

@@ -7,8 +7,8 @@ rows, down 16.4 vs 20.6, lm_head 101.4 vs 141.8). Both layouts at once would cos
 chosen layers switch for every batch size (``ROLES``): the fused q/k/v and gate/up projections, o, down and a
 quantized lm_head. With every layer around a norm switched, decode steps of up to 16 tokens run the norms inside
 those layers' kernels (``generation/norm_fusion.py``, ``FRAGMENT_MAX_ROWS``; the checkpoint layout's norm epilogues
-stop at 8). Llama-3-8B shape on an H100, same process (seventeenth session): batch-16 decode 6,045 tok/s with all
-five roles against 5,903 with gate/up, down and lm_head only and 4,898 without the plugin (bf16: 2,485); batch 1
+stop at 8). Llama-3-8B shape on an H100, same process (seventeenth session): batch-16 decode 6,049 tok/s with all
+five roles against 5,878 with gate/up, down and lm_head only and 4,900 without the plugin (bf16: 2,481); batch 1
 about 380 against 441 without it: a choice for serving batches, hence opt-in:
 ``InferenceConfig(plugins=["int4_fragments"])``. In place: codes, scales
 and mins are reordered in their own storage (a fused projection's members are views of it and follow), the
