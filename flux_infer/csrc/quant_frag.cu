@@ -11,7 +11,7 @@
 // bf16, two lop3 per four codes) into per-group accumulators, finished in fp32 as acc += s acc_g + (m - 128 s)
 // sum(x), with sum(x) per row from 8 MMAs against ones. Layers with few tiles split K over ksplit blocks: fp32
 // partials, the last block of a tile (an arrival counter it resets) adds them in split order and runs the epilogue.
-#include "quant_mma.cuh"  // and_or / int4_biased, bits_to_float, NormArgs
+#include "quant_mma.cuh"  // and_or / int4_biased, bits_to_float, NormArgs and norm_scale_of
 
 namespace flux {
 namespace {
@@ -208,13 +208,13 @@ __global__ void __launch_bounds__(WN * 32) quant_frag_kernel(const FragArgs a) {
     } else if (m < a.rows && a.stage_partials) {
       const float* staged = reinterpret_cast<const float*>(smem + STAGES * kStage) + m * slots;
       for (int i = q; i < slots; i += kPerRow) sum += staged[i];
-    } else if (m < a.rows) {
+    } else if (m < a.rows) {  // row_norm_scale's sum, THREADS / 16 threads a row (a warp a row spilled here)
       const float* global = a.scale_norm.partials + m * static_cast<int64_t>(slots);
       for (int i = q; i < slots; i += kPerRow) sum += load_coherent(global + i);
     }
 #pragma unroll
     for (int o = kPerRow / 2; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if (q == 0 && m < a.rows) row_scale[m] = rsqrtf(fmaf(sum, a.scale_norm.inv_k, a.scale_norm.eps));
+    if (q == 0 && m < a.rows) row_scale[m] = norm_scale_of(a.scale_norm, sum);
   };
   if (scaled && a.stage_partials) {  // outside the main loop: inside it, its registers spilled
     cp_wait<STAGES - 2>();

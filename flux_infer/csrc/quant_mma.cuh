@@ -246,12 +246,17 @@ __device__ __forceinline__ void element_of(int e, int n0, int n_out, int& n, int
   m = 8 * ((j >> 2) % MT) + 2 * (l & 3) + (c & 1);
 }
 
-// kScaleNorm: the norm's scale of activation row m, rsqrt(mean of h^2 + eps), from the row's partial sums of squares
-// (summed by one warp in the same order in every block, so every block scales a row alike)
+// The norm's scale rsqrt(mean of h^2 + eps) of a row whose partial sums of squares add up to `sum`
+template <typename T> __device__ __forceinline__ float norm_scale_of(const NormArgs<T>& na, float sum) {
+  return rsqrtf(fmaf(sum, na.inv_k, na.eps));
+}
+
+// kScaleNorm: the norm's scale of activation row m from the row's partial sums of squares in memory (summed by one
+// warp in the same order in every block, so every block scales a row alike)
 template <typename T> __device__ __forceinline__ float row_norm_scale(const NormArgs<T>& na, int m, int lane) {
   float sum = 0.f;
   for (int i = lane; i < na.slots; i += 32) sum += load_coherent(na.partials + m * static_cast<int64_t>(na.slots) + i);
-  return rsqrtf(fmaf(warp_sum(sum), na.inv_k, na.eps));
+  return norm_scale_of(na, warp_sum(sum));
 }
 
 // What a norm epilogue reads from earlier kernels, loaded right after pdl_wait so that its latency hides behind the
