@@ -209,9 +209,9 @@ def parse_frag_plans(text: str) -> dict[tuple[int, int, str], tuple[int, int]]:
         shape, _, epilogue = key.partition("/")
         out_features, _, in_features = shape.partition("x")
         values = tuple(int(v) for v in plan.split(","))
-        if len(values) != 2 or epilogue not in ("plain", "gated", "norm_scaled", "add_norm"):
-            raise argparse.ArgumentTypeError(f"{item!r}: OUTxIN/epilogue=warps,ksplit, epilogue plain, gated, "
-                                             "norm_scaled or add_norm")
+        if len(values) != 2 or epilogue not in cuda_kernels.FRAG_EPILOGUES:
+            raise argparse.ArgumentTypeError(f"{item!r}: OUTxIN/epilogue=warps,ksplit, epilogue one of "
+                                             f"{', '.join(cuda_kernels.FRAG_EPILOGUES)}")
         plans[(int(out_features), int(in_features), epilogue)] = values
     return plans
 

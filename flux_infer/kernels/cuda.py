@@ -163,8 +163,9 @@ def set_frag_launch(programmatic_bytes: int = FRAG_PROGRAMMATIC_BYTES, all_progr
         _state["module"].set_frag_launch(programmatic_bytes, all_programmatic, early)
 
 
-# (out_features, in_features, epilogue) -> (warps, K splits) of fragment-layout calls, epilogue one of "plain",
-# "gated", "norm_scaled", "add_norm": for A/B runs (benchmarks/decode.py --frag-plans); absent: the launcher's plan
+# (out_features, in_features, epilogue) -> (warps, K splits) of fragment-layout calls, epilogue one of
+# FRAG_EPILOGUES: for A/B runs (benchmarks/decode.py --frag-plans); absent: the launcher's plan
+FRAG_EPILOGUES = ("plain", "gated", "norm_scaled", "add_norm")
 FRAG_PLANS: dict[tuple[int, int, str], tuple[int, int]] = {}
 
 
