@@ -1,9 +1,11 @@
-// Standalone lab for 16-row INT4 kernels (issue #4, twelfth to fifteenth sessions; findings in docs/benchmarks.md).
+// Standalone lab for 16-row INT4 kernels (issue #4, twelfth to eighteenth sessions; findings in docs/benchmarks.md).
 // No torch: it builds in seconds, so a kernel idea costs one short device call instead of an extension build.
 //   nvcc -O3 -arch=sm_90 -lineinfo benchmarks/lab/q16.cu -lcublas -lcuda -o /tmp/q16
 //   /tmp/q16 [shape [variant-prefix]]      (ITERS=n: timed calls per case, default 200; GRAPH=1: CUDA-graph timing
 //                                            as benchmarks/gemv.py; KS=1,2,4,8: the K splits the mq16 forms try;
-//                                            ROTATE_MB=400: bf16 bytes the weight copies rotate through)
+//                                            ROTATE_MB=400: bf16 bytes the weight copies rotate through, 1: one
+//                                            copy, kept in L2; PF=1: the M forms with the next call's weights
+//                                            prefetched into L2 first)
 // For each Llama-3-8B shape at 16 rows it times the bf16 cuBLAS GEMM and each candidate in one process, weights
 // rotated through more memory than L2 holds, and checks each candidate against a float32 reference (max abs error;
 // the MINS = 0, PROBE and tma16 FORM 1 and 3 forms are wrong on purpose: they bound what the removed part costs).
@@ -18,6 +20,7 @@
 #include <cstring>
 #include <tuple>
 #include <algorithm>
+#include <functional>
 
 // the FORM 4 / PROBE 5 branches end their loop bodies early (continue), leaving the generic code unreachable there
 #pragma nv_diag_suppress 128
@@ -804,6 +807,141 @@ __global__ void __launch_bounds__(WN * 32) mq16(bf16* __restrict__ out, const bf
   mq_store<WN>(acc, out, ws, counters, n, tile, split, ksplit);
 }
 
+// ---- probe: an empty kernel (Z forms; wrong on purpose): what a dependent launch costs in a graph --------------
+__global__ void empty_kernel(bf16* __restrict__ out, int touch) {
+  if (touch && threadIdx.x == 0) out[blockIdx.x] = __float2bfloat16(0.f);
+}
+
+// ---- candidate: the warps of a block share one tile's K (mq16k) ----------------------------------------------
+// Eighteenth session (H200): the small layers (o, q/k/v, down) take 7-15 us at 16 rows against floors of 2-7 even
+// with their weights already in L2 (ROTATE_MB=1), so what bounds them is each warp's serial chain of stages (about
+// one warp per scheduler: a stage's ~340 instructions issue back to back with nothing to hide their latency), not
+// memory. Here the KW warps of a block all work on one 32-feature tile (weights packed with wn = 1) and a stage is
+// KW consecutive groups, one a warp: each warp's chain is KW times shorter for the same blocks, and the warps' sums
+// are added in shared memory at the end (warp order: deterministic) instead of through global partials. ksplit
+// still splits K over blocks (mq_store's partials, warp 0 storing).
+template <int KW, int STAGES>
+__global__ void __launch_bounds__(KW * 32) mq16k(bf16* __restrict__ out, const bf16* __restrict__ x,
+                                                 const uint4* __restrict__ wq, const uint4* __restrict__ wsm,
+                                                 float* __restrict__ ws, int* __restrict__ counters, int n, int k,
+                                                 int ksplit) {
+  constexpr int kW = 2048, kS = 128, kXRow = KW * 256, kStage = KW * (kW + kS) + 16 * kXRow, THREADS = KW * 32;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
+  const int groups = k / 128, tile = blockIdx.x / ksplit, split = blockIdx.x % ksplit;
+  const int g0 = split * groups / ksplit, g1 = (split + 1) * groups / ksplit, ng = g1 - g0;
+  const int nstages = (ng + KW - 1) / KW;
+  const unsigned char* wsrc = reinterpret_cast<const unsigned char*>(wq) + ((int64_t)tile * groups + g0) * kW;
+  const unsigned char* ssrc = reinterpret_cast<const unsigned char*>(wsm) + ((int64_t)tile * groups + g0) * kS;
+  const uint32_t sbase = smem_u32(smem);
+  int next = 0, slot = 0;
+  auto load = [&]() {  // stage `next`: groups KW next .. KW next + KW - 1 (those below ng)
+    if (next < nstages) {
+      const int gs = min(KW, ng - next * KW);
+      const uint32_t dst = sbase + slot * kStage;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {  // codes: gs contiguous 2 KB runs
+        const int i = threadIdx.x + c * THREADS;
+        if (i < gs * (kW / 16)) cp_async16s(dst + i * 16, wsrc + ((int64_t)next * KW) * kW + i * 16);
+      }
+      if (threadIdx.x < gs * (kS / 16))
+        cp_async16s(dst + KW * kW + threadIdx.x * 16, ssrc + ((int64_t)next * KW) * kS + threadIdx.x * 16);
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {  // x: 16 rows x gs groups x 16 chunks, each group's 256 bytes swizzled
+        const int i = threadIdx.x + c * THREADS, row = i / (16 * KW), grp = (i / 16) % KW, ch = i % 16;
+        if (grp < gs)
+          cp_async16s(dst + KW * (kW + kS) + row * kXRow + grp * 256 + ((ch ^ (row & 7)) << 4),
+                      x + (int64_t)row * k + (g0 + next * KW + grp) * 128 + ch * 8);
+      }
+      slot = slot == STAGES - 1 ? 0 : slot + 1;
+    }
+    ++next;
+    cp_commit();
+  };
+  for (int s = 0; s < STAGES - 1; ++s) load();
+  float acc[4][4] = {};
+  const int lrow = (lane & 7) + ((lane >> 3) & 1) * 8;
+  for (int s = 0; s < nstages; ++s) {
+    cp_wait<STAGES - 2>();
+    __syncthreads();
+    load();
+    if (s * KW + warp >= ng) continue;
+    const unsigned char* st = smem + (s % STAGES) * kStage;
+    const uint4* wv = reinterpret_cast<const uint4*>(st + warp * kW) + lane;
+    const uint4 sv = reinterpret_cast<const uint4*>(st + KW * kW + warp * kS)[t * 2];
+    const uint4 mv = reinterpret_cast<const uint4*>(st + KW * kW + warp * kS)[t * 2 + 1];
+    const unsigned char* xs = st + KW * (kW + kS) + warp * 256;
+    mq_group(acc, wv, 32, sv, mv, [&](int ch) { return xs + lrow * kXRow + ((ch ^ (lrow & 7)) << 4); });
+  }
+  cp_wait<0>();
+  __syncthreads();  // every warp is past its last read of the stage slots: they hold the warps' sums now
+  float* sums = reinterpret_cast<float*>(smem);
+  if (warp > 0)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      reinterpret_cast<float4*>(sums)[((warp - 1) * 4 + j) * 32 + lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+  __syncthreads();
+  if (warp == 0)
+    for (int w = 1; w < KW; ++w)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float4 v = reinterpret_cast<const float4*>(sums)[((w - 1) * 4 + j) * 32 + lane];
+        acc[j][0] += v.x; acc[j][1] += v.y; acc[j][2] += v.z; acc[j][3] += v.w;
+      }
+  // warp 0 stores (ksplit 1) or writes the block's partial; the K split's last block adds them (every warp passes
+  // the barriers, warp 0 alone loads and stores)
+  const int g = lane >> 2;
+  const int f0 = tile * 32 + 2 * t;
+  if (ksplit == 1) {
+    if (warp == 0)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)g * n + f0 + 8 * j) = __floats2bfloat162_rn(acc[j][0], acc[j][1]);
+        *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)(g + 8) * n + f0 + 8 * j) = __floats2bfloat162_rn(acc[j][2], acc[j][3]);
+      }
+    return;
+  }
+  if (warp == 0) {
+    float* part = ws + (int64_t)split * 16 * n;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      __stcg(reinterpret_cast<float2*>(part + (int64_t)g * n + f0 + 8 * j), make_float2(acc[j][0], acc[j][1]));
+      __stcg(reinterpret_cast<float2*>(part + (int64_t)(g + 8) * n + f0 + 8 * j), make_float2(acc[j][2], acc[j][3]));
+    }
+    __threadfence();
+  }
+  __syncthreads();
+  __shared__ int last;
+  if (threadIdx.x == 0) last = atomicAdd(counters + tile, 1) == ksplit - 1;
+  __syncthreads();
+  if (!last || warp != 0) return;
+  __threadfence();
+  float4 r[4] = {};
+  for (int sp0 = 0; sp0 < ksplit; sp0 += 4) {
+    float4 v[4][4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int i = lane + c * 32, row = i / 8, col = tile * 32 + (i % 8) * 4;
+        v[u][c] = sp0 + u < ksplit ? __ldcg(reinterpret_cast<const float4*>(ws + ((int64_t)(sp0 + u) * 16 + row) * n + col))
+                                   : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) { r[c].x += v[u][c].x; r[c].y += v[u][c].y; r[c].z += v[u][c].z; r[c].w += v[u][c].w; }
+  }
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int i = lane + c * 32, row = i / 8, col = tile * 32 + (i % 8) * 4;
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(out + (int64_t)row * n + col);
+    o[0] = __floats2bfloat162_rn(r[c].x, r[c].y);
+    o[1] = __floats2bfloat162_rn(r[c].z, r[c].w);
+  }
+  if (lane == 0) counters[tile] = 0;
+}
+
 // ---- candidate: the package's per-warp tiles (csrc/quant_frag.cu), its gate/up pairing and epilogues (mq16g) -----
 // Fourteenth session's open question: the package's gated gate/up call takes 30.0 us at 16 rows against 26.5 for
 // the same kernel without the gate (benchmarks/gemv.py --quant --frag [--gated]). The weights packed with wn = 1
@@ -1125,9 +1263,30 @@ static float rndf() { return (rnd32() >> 8) / 16777216.f; }
 
 static cudaStream_t g_stream;  // every timed launch goes here
 
+// PF=1 (mq16 forms): before call i, a small kernel asks L2 for the weights call i + 1 will read
+// (cp.async.bulk.prefetch.L2: no completion, no shared memory), and call i runs while they stream in: in steady
+// state every call reads weights L2 fetched during the call before it. What prefetching the next layer's weights
+// could save a latency-bound layer (ROTATE_MB=1, a single copy kept in L2, bounds it from the other side).
+__global__ void l2_prefetch(const char* a, size_t a_bytes, const char* b, size_t b_bytes) {
+  constexpr size_t kChunk = 16384;
+  const size_t threads = (size_t)gridDim.x * blockDim.x, me = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  for (size_t off = me * kChunk; off < a_bytes + b_bytes; off += threads * kChunk) {
+    const bool in_a = off < a_bytes;
+    const char* p = in_a ? a + off : b + (off - a_bytes);
+    const size_t left = in_a ? a_bytes - off : a_bytes + b_bytes - off;
+    const uint32_t size = (uint32_t)(left < kChunk ? left : kChunk) & ~15u;
+    if (size) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(size) : "memory");
+  }
+}
+static std::function<void(int)> g_prefetch;  // set around the PF=1 forms' timing
+
 // Microseconds per call: `iters` launches back to back on the stream, or (GRAPH=1) one CUDA graph of 32 calls
 // replayed 5 times, the median (as benchmarks/gemv.py times the package's kernels: no launch gaps).
-template <typename F> float time_it(F f, int iters) {
+template <typename F0> float time_it(F0 f0, int iters) {
+  auto f = [&](int i) {
+    if (g_prefetch) g_prefetch(i);
+    f0(i);
+  };
   cudaEvent_t a, b; cudaEventCreate(&a); cudaEventCreate(&b);
   for (int i = 0; i < 3; ++i) f(i);
   float ms;
@@ -1345,9 +1504,34 @@ int main(int argc, char** argv) {
         kernel<<<blocks, wn * 32, smem, g_stream>>>(out, x, reinterpret_cast<const uint4*>(pw[i % copies]),
                                           reinterpret_cast<const uint4*>(ps[i % copies]), ws, counters, n, k, ksplit);
       };
+      if (getenv("PF") && atoi(getenv("PF")))
+        g_prefetch = [&](int i) {
+          const int c = (i + 1) % copies;
+          l2_prefetch<<<132, 32, 0, g_stream>>>(reinterpret_cast<const char*>(pw[c]), wbytes,
+                                                reinterpret_cast<const char*>(ps[c]), hs.size() * 4);
+        };
       const auto [t, max_err, max_ref] = check_and_time(launch);
+      g_prefetch = nullptr;
       printf("  %-22s wn %d st %d ks %d (%4d blocks, %d/SM, %3zu KB): %7.1f us  %5.1f%% of floor  %.2fx bf16  err %.2e\n",
              name, wn, stages, ksplit, blocks, per_sm, smem >> 10, t, 100.0 * floor_us / t, t_bf16 / t, max_err);
+    };
+    // mq16k: weights packed with wn = 1, KW warps a tile
+    auto run_mqk = [&](const char* name, auto kernel, int kw, int stages, int ksplit) {
+      if (variant && strncmp(variant, name, strlen(variant))) return;
+      if (n % 32 || ksplit > k / 128) return;
+      ensure_packed(1);
+      const size_t smem = (size_t)stages * (kw * (2048 + 128) + 16 * kw * 256);
+      CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+      int per_sm = 0;
+      CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kw * 32, smem));
+      const int blocks = n / 32 * ksplit;
+      auto launch = [&](int i) {
+        kernel<<<blocks, kw * 32, smem, g_stream>>>(out, x, reinterpret_cast<const uint4*>(pw[i % copies]),
+                                          reinterpret_cast<const uint4*>(ps[i % copies]), ws, counters, n, k, ksplit);
+      };
+      const auto [t, max_err, max_ref] = check_and_time(launch);
+      printf("  %-22s kw %d st %d ks %d (%4d blocks, %d/SM, %3zu KB): %7.1f us  %5.1f%% of floor  %.2fx bf16  err %.2e\n",
+             name, kw, stages, ksplit, blocks, per_sm, smem >> 10, t, 100.0 * floor_us / t, t_bf16 / t, max_err);
     };
     // mq16s: the codes as they are, (scale, min) words transposed to [G][N] once per copy (not timed)
     std::vector<uint32_t*> smt(copies, nullptr);
@@ -1418,12 +1602,26 @@ int main(int argc, char** argv) {
         run_g("GQWE11 programmatic, one stage first, early", mq16g<1, 1, 4, kPdlW1 | kPdlEarly>, 1, 1, 0, 1);
         run_g("G01 plain pairs, gated epilogue", mq16g<0, 1>, 1, 1);
       }
+      if (!(variant && strncmp(variant, "Z", 1)) && ks == 1)
+        for (int zb : {128, 256, 512}) {
+          const auto [t, max_err, max_ref] = check_and_time([&](int) { empty_kernel<<<zb, 64, 0, g_stream>>>(out, 1); });
+          printf("  Z empty kernel         %4d blocks of 64 threads: %7.1f us\n", zb, t);
+        }
+      run_mqk("K2 kw2 st4", mq16k<2, 4>, 2, 4, ks);
+      run_mqk("K4 kw4 st4", mq16k<4, 4>, 4, 4, ks);
+      run_mqk("K4 kw4 st3", mq16k<4, 3>, 4, 3, ks);
+      run_mqk("K8 kw8 st3", mq16k<8, 3>, 8, 3, ks);
+      run_mqk("K8 kw8 st2", mq16k<8, 2>, 8, 2, ks);
       run_mq("M4 wn4 st4", mq16<4, 4>, 4, 4, ks);
       run_mqs("S2 std wn2 st4", mq16s<2, 4>, 2, 4, ks);
       run_mqs("S4 std wn4 st4", mq16s<4, 4>, 4, 4, ks);
       run_mqs("S4 std wn4 st3", mq16s<4, 3>, 4, 3, ks);
       run_mqs("S8 std wn8 st3", mq16s<8, 3>, 8, 3, ks);
       run_mq("M2 wn2 st4", mq16<2, 4>, 2, 4, ks);
+      // eighteenth session: a deeper ring for short K slices (every stage of a split in flight at once)
+      run_mq("M2 wn2 st6", mq16<2, 6>, 2, 6, ks);
+      run_mq("M2 wn2 st9", mq16<2, 9>, 2, 9, ks);
+      run_mq("M2 wn2 st15", mq16<2, 15>, 2, 15, ks);
       run_mq("M8 wn8 st3", mq16<8, 3>, 8, 3, ks);
       run_mq("MT4 tma st4", mq16<4, 4, 0, 1>, 4, 4, ks, 1);
       run_mq("MT2 tma st4", mq16<2, 4, 0, 1>, 2, 4, ks, 1);
