@@ -537,7 +537,8 @@ static CUtensorMap make_map(void* base, CUtensorMapDataType dtype, int elem, uin
 // from an all-ones MMA. ksplit blocks share a tile's K: fp32 partials, the last block to arrive adds them in split
 // order (deterministic) and stores bf16.
 // PROBE (wrong results on purpose): 1 the pipeline alone (codes and scales folded into an accumulator), 2 no sum(x)
-// and no per-group fix-up, 3 codes into the MMA undequantized, 4 = 1 without the x copies, 5 = 4 without the scales.
+// and no per-group fix-up, 3 codes into the MMA undequantized, 4 = 1 without the x copies, 5 = 4 without the scales,
+// 6 no sum(x) (the fix-up kept).
 // TMA 1 (rejected: 1.4-3x slower): bulk copies by one warp (codes, scales, x's 16 rows) completing on an mbarrier.
 // Packed layout, per (feature tile of NB, group): [pair p < 4][warp w][lane (g, t)][word j < 4]; word j holds the
 // codes of feature 32 w + 8 j + g at inputs 32 p + {2t, 2t+1, 2t+8, 2t+9} (nibbles 0, 4, 1, 5) and the same + 16
@@ -619,12 +620,13 @@ __device__ __forceinline__ void finish_group(float (&acc)[4], const float (&accg
 
 // One stage's math for one warp (mq16, mq16g): the p-th 16-byte code chunk of this lane at wv[p * pstride], its
 // scale and min pairs sv and mv, x chunk ch's ldmatrix address for this lane x_at(ch); 32 MMAs on biased codes and
-// 8 on an all-ones B (sums of x), then the per-group fix-up into acc. PROBE 2 and 3 as mq16's.
+// 8 on an all-ones B (sums of x), then the per-group fix-up into acc. PROBE 2, 3 and 6 as mq16's.
 template <int PROBE = 0, typename XAt>
 __device__ __forceinline__ void mq_group(float (&acc)[4][4], const uint4* wv, int pstride, uint4 sv, uint4 mv,
                                          XAt x_at) {
   const uint32_t ones = 0x3F803F80u, mask = 0x000F000Fu, ex = 0x43004300u;
   float accg[4][4], sx[4];
+  if (PROBE == 6) sx[0] = sx[1] = sx[2] = sx[3] = 0.f;
 #pragma unroll
   for (int p = 0; p < 4; ++p) {
     const uint4 q = wv[p * pstride];
@@ -634,7 +636,7 @@ __device__ __forceinline__ void mq_group(float (&acc)[4][4], const uint4* wv, in
       const int slice = 2 * p + h;
       uint32_t a[4];
       ldmatrix4(a, x_at(2 * slice + (threadIdx.x & 31) / 16));
-      if (PROBE != 2) { if (slice == 0) mma0(sx, a, ones, ones); else mma(sx, a, ones, ones); }
+      if (PROBE != 2 && PROBE != 6) { if (slice == 0) mma0(sx, a, ones, ones); else mma(sx, a, ones, ones); }
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         uint32_t b0 = and_or(qw[j] >> (8 * h), mask, ex), b1 = and_or(qw[j] >> (8 * h + 4), mask, ex);
@@ -793,13 +795,13 @@ __global__ void __launch_bounds__(WN * 32) mq16(bf16* __restrict__ out, const bf
     const uint4 sv = reinterpret_cast<const uint4*>(st + kW)[(warp * 4 + t) * 2];
     const uint4 mv = reinterpret_cast<const uint4*>(st + kW)[(warp * 4 + t) * 2 + 1];
     const unsigned char* xs = st + kW + kS;
-    if (PROBE == 1 || PROBE >= 4) {  // the pipeline alone (4: without x, 5: nor the scales): each lane folds its codes into an accumulator (wrong on purpose)
+    if (PROBE == 1 || PROBE == 4 || PROBE == 5) {  // the pipeline alone (4: without x, 5: nor the scales): each lane folds its codes into an accumulator (wrong on purpose)
 #pragma unroll
       for (int p = 0; p < 4; ++p) { const uint4 q = wv[p * WN * 32]; acc[p][0] += __uint_as_float((q.x ^ q.y ^ q.z ^ q.w) & 0x3fffffffu); }
       acc[0][1] += __uint_as_float(sv.x ^ mv.y);
       continue;
     }
-    mq_group<PROBE == 2 || PROBE == 3 ? PROBE : 0>(acc, wv, WN * 32, sv, mv, [&](int ch) {
+    mq_group<PROBE == 2 || PROBE == 3 || PROBE == 6 ? PROBE : 0>(acc, wv, WN * 32, sv, mv, [&](int ch) {
       return xs + (TMA ? lrow * kXRow + (ch << 4) : lrow * 256 + ((ch ^ (lrow & 7)) << 4));
     });
   }
@@ -1618,6 +1620,10 @@ int main(int argc, char** argv) {
       run_mqs("S4 std wn4 st3", mq16s<4, 3>, 4, 3, ks);
       run_mqs("S8 std wn8 st3", mq16s<8, 3>, 8, 3, ks);
       run_mq("M2 wn2 st4", mq16<2, 4>, 2, 4, ks);
+      // eighteenth session: what the math's parts cost at M2's shape on the H200 (wrong results on purpose)
+      run_mq("Q2 no sums of x, no fix-up", mq16<2, 4, 2>, 2, 4, ks);
+      run_mq("Q3 codes undequantized", mq16<2, 4, 3>, 2, 4, ks);
+      run_mq("Q6 no sums of x (fix-up kept)", mq16<2, 4, 6>, 2, 4, ks);
       // eighteenth session: a deeper ring for short K slices (every stage of a split in flight at once)
       run_mq("M2 wn2 st6", mq16<2, 6>, 2, 6, ks);
       run_mq("M2 wn2 st9", mq16<2, 9>, 2, 9, ks);
