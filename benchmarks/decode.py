@@ -89,6 +89,9 @@ FLUX_MODES.update({f"flux_int4_frag_qkvo_norm16{launch}": FLUX_MODES["flux_int4_
 # the fragment layers' norm epilogues only up to 8 rows, as on the checkpoint layout (an A/B of
 # flux_infer.generation.norm_fusion.FRAGMENT_MAX_ROWS: at 16 rows the norm kernels run)
 FLUX_MODES["flux_int4_frag_norm8"] = FLUX_MODES["flux_int4_frag"]
+# every kernel over up to 16 rows lets its dependents launch from its start (flux_infer.kernels.cuda.set_early_trigger's
+# max_rows; the default is one row), with the fragment calls' default or programmatic launches
+FLUX_MODES.update({f"flux_int4_frag_early16{launch}": FLUX_MODES["flux_int4_frag"] for launch in ("", "_fragpdl")})
 # the same with --frag-plans' (warps, K splits) for the fragment calls (an A/B of flux_infer.kernels.cuda.FRAG_PLANS)
 FLUX_MODES.update({f"{mode}_fplans": FLUX_MODES["flux_int4_frag"] for mode in ("flux_int4_frag",
                                                                                "flux_int4_frag_qkvo_norm16")})
@@ -235,6 +238,10 @@ def main() -> int:
                              "'4096x4096/add_norm=2,4;6144x4096/norm_scaled=2,2' (cuda.FRAG_PLANS)")
     args = parser.parse_args()
     modes = args.modes.split(",")
+    unknown = [mode for mode in modes if mode not in FLUX_MODES and mode not in ("hf_eager", "hf_static_compile")]
+    if unknown:  # an unknown name would run the model as transformers leaves it, under that name
+        parser.error(f"unknown mode(s) {', '.join(unknown)}: hf_eager, hf_static_compile or one of "
+                     f"{', '.join(sorted(FLUX_MODES))}")
     default_gemv_rows = linear_module.GEMV_MAX_ROWS
     default_dequant_rows = dict(cuda_kernels.DEQUANT_MATMUL_MIN_ROWS)
     batches = [int(b) for b in args.batch.split(",")]
@@ -262,7 +269,7 @@ def main() -> int:
             linear_module.GEMV_MAX_ROWS = 0 if mode == "flux_cublas" else default_gemv_rows
             set_programmatic_launch(not mode.endswith("_nopdl"))
             FluxGatedMLP.gated_epilogue = not mode.endswith("_unfused")
-            cuda_kernels.set_early_trigger(not mode.endswith("_late"))
+            cuda_kernels.set_early_trigger(not mode.endswith("_late"), 16 if "_early16" in mode else 1)
             generate_module.GREEDY_ON_DEVICE = not mode.endswith("_hostgreedy")
             cache_module.FUSED_ROTARY_ATTENTION = not mode.endswith("_attnapart")
             DecoderRunner.fuse_norms = False if mode.endswith(("_normapart", "_nonorm")) else None

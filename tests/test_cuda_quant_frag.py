@@ -197,6 +197,26 @@ def test_a_decode_step_in_a_cuda_graph_leaves_the_counters_at_zero():
     assert not quant_frag.counters(x.device).any()
 
 
+INT4_SETTINGS = dict(optimization_level="O1", quantization="int4", quantization_group_size=128, quantize_lm_head=True)
+
+
+def small_llama():
+    """A small random Llama in bf16 on the GPU (the same weights at every call)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                                  num_attention_heads=8, num_key_value_heads=4, head_dim=64, vocab_size=4096,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=256)
+    return AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16).eval()
+
+
+def greedy(model, ids, new_tokens=12):
+    return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=0,
+                          return_dict_in_generate=True, output_logits=True)
+
+
 @pytest.mark.parametrize("roles", [int4_fragments.ROLES, ("gate_up", "down", "lm_head")])
 def test_int4_decode_with_the_wide_layers_in_the_fragment_layout(roles, monkeypatch):
     """A small random Llama at INT4 group 128 with lm_head quantized: the plugin's layers (by default q/k/v, o,
@@ -205,19 +225,13 @@ def test_int4_decode_with_the_wide_layers_in_the_fragment_layout(roles, monkeypa
     pieces too when every layer around a norm switched, else the norm kernels) matches the same model without the
     switch within twice what bf16 changes in the unquantized model's logits (against float32), up to the first
     near tie; revert restores it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    config = AutoConfig.for_model("llama", hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
-                                  num_attention_heads=8, num_key_value_heads=4, head_dim=64, vocab_size=4096,
-                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=256)
-    model = AutoModelForCausalLM.from_config(config).to("cuda", torch.bfloat16).eval()
+    model = small_llama()
     prompts = torch.randint(3, 4096, (4, 20), device="cuda")
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     with torch.no_grad():
         bf16_error = rel(model(input_ids=prompts).logits.float(),
                          copy.deepcopy(model).float()(input_ids=prompts).logits)
-    settings = dict(optimization_level="O1", quantization="int4", quantization_group_size=128, quantize_lm_head=True)
+    settings = INT4_SETTINGS
     plain = copy.deepcopy(model)
     monkeypatch.setattr(int4_fragments, "ROLES", roles)
     flux_infer.optimize(model, config=InferenceConfig(**settings, plugins=["int4_fragments"]))
@@ -234,9 +248,7 @@ def test_int4_decode_with_the_wide_layers_in_the_fragment_layout(roles, monkeypa
                         (lambda x, *a: add_norm_rows.append(x.numel() // x.shape[-1]) or kernel[0](x, *a), kernel[1]))
     for copies in (1, 4):
         ids = prompts.repeat(copies, 1)
-        runs = [m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                           temperature=None, top_p=None, top_k=None, pad_token_id=0, return_dict_in_generate=True,
-                           output_logits=True) for m in (model, plain)]
+        runs = [greedy(m, ids) for m in (model, plain)]
         same = []
         for row in range(len(ids)):
             for step, (a, b) in enumerate(zip(runs[0].logits, runs[1].logits, strict=True)):
@@ -252,3 +264,28 @@ def test_int4_decode_with_the_wide_layers_in_the_fragment_layout(roles, monkeypa
     assert (16 in add_norm_rows) == all(role in roles for role in ("qkv", "o", "gate_up", "down", "lm_head"))
     flux_infer.revert(model)
     assert not any(isinstance(m, QuantizedLinear) and m.fragments for m in model.modules())
+
+
+def test_an_early_trigger_up_to_16_rows_changes_no_result():
+    """set_early_trigger(True, 16) only moves where each kernel over up to 16 rows lets the next one launch (from its
+    start instead of after its main loop): a 16-row greedy decode through the fragment layers, its graphs captured
+    with the setting, gives the default's logits bit for bit."""
+    model = small_llama()
+    ids = torch.randint(3, 4096, (16, 20), device="cuda")
+    early_model = copy.deepcopy(model)
+    config = InferenceConfig(**INT4_SETTINGS, plugins=["int4_fragments"])
+    flux_infer.optimize(model, config=config)
+    default = greedy(model, ids, new_tokens=8)
+    try:
+        cuda_kernels.set_early_trigger(True, 16)
+        assert cuda_kernels.early_trigger_rows() == 16 and cuda_kernels.trigger_early(16)
+        assert not cuda_kernels.trigger_early(17)
+        flux_infer.optimize(early_model, config=config)  # a fresh model: its decode graphs captured with the setting
+        early = greedy(early_model, ids, new_tokens=8)
+    finally:
+        cuda_kernels.set_early_trigger(True)
+    assert cuda_kernels.early_trigger_rows() == 1 and not cuda_kernels.trigger_early(2)
+    assert torch.equal(early.sequences, default.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(early.logits, default.logits, strict=True))
+    with pytest.raises(ValueError, match="max_rows must be at least 1"):
+        cuda_kernels.set_early_trigger(True, 0)

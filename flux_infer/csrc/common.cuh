@@ -124,19 +124,23 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-// Where the linear-layer kernels signal their dependents (pdl_trigger) for a single row of activations: at their
-// start ("early", the default: the next kernel's blocks launch once every block of this one has started, so a
-// linear layer among them streams its first weights during this kernel's tail instead of after it) or after their
-// main loop, as they always do for more rows. Measured on H100 (docs/benchmarks.md): early is faster at batch 1
-// and slower at batch 16. A run-time switch (set_early_trigger) for A/B runs, read when a kernel is launched (or
-// captured into a graph).
+// Where the linear-layer kernels signal their dependents (pdl_trigger) for up to early_trigger_rows() rows of
+// activations (one by default): at their start ("early", the default: the next kernel's blocks launch once every
+// block of this one has started, so a linear layer among them streams its first weights during this kernel's tail
+// instead of after it) or after their main loop, as they always do for more rows. Measured on H100
+// (docs/benchmarks.md): early is faster at batch 1 and slower at batch 16. Run-time switches (set_early_trigger)
+// for A/B runs, read when a kernel is launched (or captured into a graph).
 inline bool& early_trigger() {
   static bool enabled = true;
   return enabled;
 }
+inline int64_t& early_trigger_rows() {
+  static int64_t rows = 1;
+  return rows;
+}
 
 // the trigger placement for a launch over `rows` rows of activations (the `early` argument of those kernels)
-inline bool trigger_early(int64_t rows) { return early_trigger() && rows == 1; }
+inline bool trigger_early(int64_t rows) { return early_trigger() && rows <= early_trigger_rows(); }
 
 inline bool& pdl_enabled() {  // FLUX_INFER_DISABLE_PDL=1 turns it off; set_programmatic_launch() at run time
   static bool enabled = std::getenv("FLUX_INFER_DISABLE_PDL") == nullptr;

@@ -671,6 +671,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "launch flux kernels with programmatic dependent launch (Hopper and later; on by default)");
   m.def("early_trigger", [] { return flux::early_trigger(); },
         "whether the linear-layer kernels let their dependents launch from their start (else after their main loop)");
-  m.def("set_early_trigger", [](bool enabled) { flux::early_trigger() = enabled; },
-        "linear-layer kernels let their dependents launch from their start (on by default) or after their main loop");
+  m.def("early_trigger_rows", [] { return flux::early_trigger_rows(); },
+        "up to how many rows (sequences) the early trigger applies");
+  m.def(
+      "set_early_trigger",
+      [](bool enabled, int64_t max_rows) {
+        TORCH_CHECK(max_rows >= 1, "set_early_trigger: max_rows must be at least 1");
+        flux::early_trigger() = enabled;
+        flux::early_trigger_rows() = max_rows;
+      },
+      "linear-layer and decode-attention kernels over up to max_rows rows let their dependents launch from their "
+      "start (on by default, for one row) or after their main loop",
+      py::arg("enabled"), py::arg("max_rows") = 1);
 }

@@ -138,16 +138,29 @@ def programmatic_launch() -> bool:
 
 
 def early_trigger() -> bool:
-    """Whether flux's linear-layer and decode-attention kernels, for a single row (sequence), let the next kernel
-    launch from their start (its blocks then wait for this kernel's results, but a linear layer among them streams
-    its first weights meanwhile) rather than after their main loop. On by default (faster at batch 1, slower at
-    16: docs/benchmarks.md); ``set_early_trigger`` switches it for A/B runs."""
+    """Whether flux's linear-layer and decode-attention kernels, for up to ``early_trigger_rows()`` rows
+    (sequences; one by default), let the next kernel launch from their start (its blocks then wait for this kernel's
+    results, but a linear layer among them streams its first weights meanwhile) rather than after their main loop.
+    On by default (faster at batch 1, slower at 16: docs/benchmarks.md); ``set_early_trigger`` switches it for A/B
+    runs."""
     return bool(_state["loaded"]) and _state["module"].early_trigger()
 
 
-def set_early_trigger(enabled: bool) -> None:
+def early_trigger_rows() -> int:
+    """Up to how many rows (sequences) the early trigger applies (1 unless ``set_early_trigger`` said more)."""
+    return _state["module"].early_trigger_rows() if _state["loaded"] else 1
+
+
+def trigger_early(rows: int) -> bool:
+    """Whether a decode kernel over ``rows`` rows (sequences) lets its dependents launch from its start."""
+    return early_trigger() and rows <= early_trigger_rows()
+
+
+def set_early_trigger(enabled: bool, max_rows: int = 1) -> None:
+    if max_rows < 1:
+        raise ValueError(f"set_early_trigger: max_rows must be at least 1, got {max_rows}")
     if load():
-        _state["module"].set_early_trigger(enabled)
+        _state["module"].set_early_trigger(enabled, max_rows)
 
 
 FRAG_PROGRAMMATIC_BYTES = 16 << 20  # the fragment kernel's default (csrc/quant_frag.cu, FragLaunch)

@@ -161,10 +161,11 @@ def programmatic_launch() -> bool:
 def gdc_options(pdl: bool, sequences: int) -> dict:
     """Keyword arguments of a decode kernel launch: its USE_GDC switch and, with it, Triton's PDL launch flag
     (the two always agree: a kernel launched with PDL must wait before its first load), and where it lets its
-    dependents launch: from its start for a single sequence (``cuda.early_trigger()``), else after its work."""
+    dependents launch: from its start for up to ``cuda.early_trigger_rows()`` sequences (one by default), else after
+    its work."""
     if not pdl:
         return {"USE_GDC": False, "EARLY_TRIGGER": False}
-    return {"USE_GDC": True, "EARLY_TRIGGER": sequences == 1 and cuda.early_trigger(), "launch_pdl": True}
+    return {"USE_GDC": True, "EARLY_TRIGGER": cuda.trigger_early(sequences), "launch_pdl": True}
 
 
 def merge_splits(partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor], out: torch.Tensor,
