@@ -657,14 +657,17 @@ __device__ __forceinline__ void mq_group(float (&acc)[4][4], const uint4* wv, in
 }
 
 // The block's 16 x NB tile: stored (ksplit 1) or written as an fp32 partial; the last of a tile's ksplit blocks to
-// arrive adds the partials in split order (4 splits' loads in flight per thread) and stores bf16.
-template <int WN>
+// arrive adds the partials in split order (4 splits' loads in flight per thread) and stores bf16. BLOCK_WARPS > WN
+// (mq16k): the block's first WN warps hold the tile's sums and store; the others only pass the barriers.
+template <int WN, int BLOCK_WARPS = WN>
 __device__ __forceinline__ void mq_store(const float (&acc)[4][4], bf16* __restrict__ out, float* __restrict__ ws,
                                          int* __restrict__ counters, int n, int tile, int split, int ksplit) {
   constexpr int NB = 32 * WN, THREADS = 32 * WN;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int f0 = tile * NB + warp * 32 + 2 * t;
+  const bool mine = BLOCK_WARPS == WN || warp < WN;
   if (ksplit == 1) {
+    if (!mine) return;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)g * n + f0 + 8 * j) = __floats2bfloat162_rn(acc[j][0], acc[j][1]);
@@ -673,17 +676,18 @@ __device__ __forceinline__ void mq_store(const float (&acc)[4][4], bf16* __restr
     return;
   }
   float* part = ws + (int64_t)split * 16 * n;
+  if (mine)
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    __stcg(reinterpret_cast<float2*>(part + (int64_t)g * n + f0 + 8 * j), make_float2(acc[j][0], acc[j][1]));
-    __stcg(reinterpret_cast<float2*>(part + (int64_t)(g + 8) * n + f0 + 8 * j), make_float2(acc[j][2], acc[j][3]));
-  }
+    for (int j = 0; j < 4; ++j) {
+      __stcg(reinterpret_cast<float2*>(part + (int64_t)g * n + f0 + 8 * j), make_float2(acc[j][0], acc[j][1]));
+      __stcg(reinterpret_cast<float2*>(part + (int64_t)(g + 8) * n + f0 + 8 * j), make_float2(acc[j][2], acc[j][3]));
+    }
   __threadfence();
   __syncthreads();
   __shared__ int last;
   if (threadIdx.x == 0) last = atomicAdd(counters + tile, 1) == ksplit - 1;
   __syncthreads();
-  if (!last) return;
+  if (!last || !mine) return;
   __threadfence();
   // the tile's 16 x NB sums, 4 float4 per thread, splits added in order with 4 splits' loads in flight
   constexpr int kQ = NB / 4;
@@ -890,58 +894,8 @@ __global__ void __launch_bounds__(KW * 32) mq16k(bf16* __restrict__ out, const b
         const float4 v = reinterpret_cast<const float4*>(sums)[((w - 1) * 4 + j) * 32 + lane];
         acc[j][0] += v.x; acc[j][1] += v.y; acc[j][2] += v.z; acc[j][3] += v.w;
       }
-  // warp 0 stores (ksplit 1) or writes the block's partial; the K split's last block adds them (every warp passes
-  // the barriers, warp 0 alone loads and stores)
-  const int g = lane >> 2;
-  const int f0 = tile * 32 + 2 * t;
-  if (ksplit == 1) {
-    if (warp == 0)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)g * n + f0 + 8 * j) = __floats2bfloat162_rn(acc[j][0], acc[j][1]);
-        *reinterpret_cast<__nv_bfloat162*>(out + (int64_t)(g + 8) * n + f0 + 8 * j) = __floats2bfloat162_rn(acc[j][2], acc[j][3]);
-      }
-    return;
-  }
-  if (warp == 0) {
-    float* part = ws + (int64_t)split * 16 * n;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      __stcg(reinterpret_cast<float2*>(part + (int64_t)g * n + f0 + 8 * j), make_float2(acc[j][0], acc[j][1]));
-      __stcg(reinterpret_cast<float2*>(part + (int64_t)(g + 8) * n + f0 + 8 * j), make_float2(acc[j][2], acc[j][3]));
-    }
-    __threadfence();
-  }
-  __syncthreads();
-  __shared__ int last;
-  if (threadIdx.x == 0) last = atomicAdd(counters + tile, 1) == ksplit - 1;
-  __syncthreads();
-  if (!last || warp != 0) return;
-  __threadfence();
-  float4 r[4] = {};
-  for (int sp0 = 0; sp0 < ksplit; sp0 += 4) {
-    float4 v[4][4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int i = lane + c * 32, row = i / 8, col = tile * 32 + (i % 8) * 4;
-        v[u][c] = sp0 + u < ksplit ? __ldcg(reinterpret_cast<const float4*>(ws + ((int64_t)(sp0 + u) * 16 + row) * n + col))
-                                   : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-#pragma unroll
-    for (int u = 0; u < 4; ++u)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) { r[c].x += v[u][c].x; r[c].y += v[u][c].y; r[c].z += v[u][c].z; r[c].w += v[u][c].w; }
-  }
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    const int i = lane + c * 32, row = i / 8, col = tile * 32 + (i % 8) * 4;
-    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(out + (int64_t)row * n + col);
-    o[0] = __floats2bfloat162_rn(r[c].x, r[c].y);
-    o[1] = __floats2bfloat162_rn(r[c].z, r[c].w);
-  }
-  if (lane == 0) counters[tile] = 0;
+  // warp 0 stores, the others pass its barriers (the timings were taken with a copy of mq_store specialised so)
+  mq_store<1, KW>(acc, out, ws, counters, n, tile, split, ksplit);
 }
 
 // ---- candidate: the package's per-warp tiles (csrc/quant_frag.cu), its gate/up pairing and epilogues (mq16g) -----
