@@ -5,7 +5,8 @@
 //                                            as benchmarks/gemv.py; KS=1,2,4,8: the K splits the mq16 forms try;
 //                                            ROTATE_MB=400: bf16 bytes the weight copies rotate through, 1: one
 //                                            copy, kept in L2; PF=1: the M forms with the next call's weights
-//                                            prefetched into L2 first)
+//                                            prefetched into L2 first; CHAIN=32 on a square shape (o): a chain of
+//                                            32 layers as separate launches and as one persistent kernel, pchain)
 // For each Llama-3-8B shape at 16 rows it times the bf16 cuBLAS GEMM and each candidate in one process, weights
 // rotated through more memory than L2 holds, and checks each candidate against a float32 reference (max abs error;
 // the MINS = 0, PROBE and tma16 FORM 1 and 3 forms are wrong on purpose: they bound what the removed part costs).
@@ -898,6 +899,119 @@ __global__ void __launch_bounds__(KW * 32) mq16k(bf16* __restrict__ out, const b
   mq_store<1, KW>(acc, out, ws, counters, n, tile, split, ksplit);
 }
 
+// ---- probe: a persistent chain of square 16-row layers (pchain; CHAIN=layers) --------------------------------------
+// Eighteenth session, for the next design (not run yet): the small layers cost 7-8 us a call alone whatever the
+// weights' place (launch, first stages, K-split reduction, tail), so here one kernel runs a chain of `layers` n x n
+// layers (x of layer i + 1 = y of layer i, bf16, ping-pong buffers xa / xb), a block per 32-feature tile (n / 32
+// blocks, one an SM, all resident). Each block holds its tile's whole weight slice (codes and scales of every group,
+// packed with wn = 1) in one of two shared-memory buffers: the next layer's slice is bulk-copied (one thread, an
+// mbarrier per buffer) as soon as the layer starts, so it streams while the block waits for the previous layer's
+// outputs (a grid barrier: a counter per layer, all blocks arrive). Its KW warps split the tile's groups (gpw each,
+// x of each group staged per warp in a 2-slot ring), add their sums in shared memory in warp order, and warp 0 stores
+// the tile. What it measures: a small layer's time when its weights are already on chip and only the barrier, x and
+// the math remain.
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+template <int KW>
+__global__ void __launch_bounds__(KW * 32, 1) pchain(bf16* __restrict__ xa, bf16* __restrict__ xb,
+                                                     const uint4* const* __restrict__ wq,
+                                                     const uint4* const* __restrict__ wsm, int* __restrict__ arrived,
+                                                     int layers, int n) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ __align__(8) uint64_t full[2];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int groups = n / 128, gpw = groups / KW, tile = blockIdx.x, tile_bytes = groups * (2048 + 128);
+  auto wbuf = [&](int buffer) { return smem + buffer * tile_bytes; };
+  unsigned char* const xring = smem + 2 * tile_bytes + warp * 8192;  // this warp's two 4 KB x slots
+  auto fetch = [&](int layer, int b) {  // thread 0: the tile's codes and scales of `layer` into buffer b
+    const uint32_t bar = smem_u32(full + b);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // after the generic reads of the buffer
+    asm volatile("mbarrier.arrive.expect_tx.shared.b64 _, [%0], %1;" ::"r"(bar), "r"(tile_bytes) : "memory");
+    bulk_copy(smem_u32(wbuf(b)), reinterpret_cast<const unsigned char*>(wq[layer]) + (int64_t)tile * groups * 2048,
+              groups * 2048, bar);
+    bulk_copy(smem_u32(wbuf(b) + groups * 2048),
+              reinterpret_cast<const unsigned char*>(wsm[layer]) + (int64_t)tile * groups * 128, groups * 128, bar);
+  };
+  if (threadIdx.x == 0) {
+    mbar_init(full, 1);
+    mbar_init(full + 1, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    fetch(0, 0);
+  }
+  __syncthreads();
+  const int lrow = (lane & 7) + ((lane >> 3) & 1) * 8;
+  for (int i = 0; i < layers; ++i) {
+    const int b = i & 1;
+    // buffer b ^ 1 was last read in layer i - 1, which every warp left through the __syncthreads that ends it
+    if (threadIdx.x == 0 && i + 1 < layers) fetch(i + 1, b ^ 1);
+    const bf16* xin = (i & 1) ? xb : xa;
+    bf16* xout = (i & 1) ? xa : xb;
+    if (i > 0) {  // the grid barrier: every tile of layer i - 1 is stored
+      if (threadIdx.x == 0)
+        while (ld_acquire(arrived + i - 1) < (int)gridDim.x) {}
+      __threadfence();
+      __syncthreads();
+    }
+    auto stage_x = [&](int j) {  // x of this warp's group j (16 rows x 128) into slot j & 1, swizzled
+      const uint32_t dst = smem_u32(xring + (j & 1) * 4096);
+      const int grp = warp * gpw + j;
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        const int idx = lane + c * 32, row = idx / 16, ch = idx % 16;
+        cp_async16s(dst + row * 256 + ((ch ^ (row & 7)) << 4), xin + (int64_t)row * n + grp * 128 + ch * 8);
+      }
+      cp_commit();
+    };
+    stage_x(0);
+    if (gpw > 1) stage_x(1);
+    mbar_wait(full + b, (i >> 1) & 1);
+    float acc[4][4] = {};
+    for (int j = 0; j < gpw; ++j) {
+      if (j + 1 < gpw) cp_wait<1>();
+      else cp_wait<0>();
+      __syncwarp();
+      const int grp = warp * gpw + j;
+      const uint4* wv = reinterpret_cast<const uint4*>(wbuf(b) + grp * 2048) + lane;
+      const uint4* sp = reinterpret_cast<const uint4*>(wbuf(b) + groups * 2048 + grp * 128);
+      const unsigned char* xs = xring + (j & 1) * 4096;
+      mq_group(acc, wv, 32, sp[t * 2], sp[t * 2 + 1], [&](int ch) { return xs + lrow * 256 + ((ch ^ (lrow & 7)) << 4); });
+      __syncwarp();
+      if (j + 2 < gpw) stage_x(j + 2);
+    }
+    __syncthreads();  // every warp is past its reads of wbuf(b) and of its x slots, which now hold the warps' sums
+    float4* sums = reinterpret_cast<float4*>(smem + 2 * tile_bytes);
+    if (warp > 0)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) sums[((warp - 1) * 4 + j) * 32 + lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+    __syncthreads();
+    if (warp == 0) {
+      for (int w = 1; w < KW; ++w)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float4 v = sums[((w - 1) * 4 + j) * 32 + lane];
+          acc[j][0] += v.x; acc[j][1] += v.y; acc[j][2] += v.z; acc[j][3] += v.w;
+        }
+      const int f0 = tile * 32 + 2 * t;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        *reinterpret_cast<__nv_bfloat162*>(xout + (int64_t)g * n + f0 + 8 * j) = __floats2bfloat162_rn(acc[j][0], acc[j][1]);
+        *reinterpret_cast<__nv_bfloat162*>(xout + (int64_t)(g + 8) * n + f0 + 8 * j) = __floats2bfloat162_rn(acc[j][2], acc[j][3]);
+      }
+    }
+    __threadfence();
+    __syncthreads();  // the tile is stored (and the sums read) before the block arrives
+    if (threadIdx.x == 0) atomicAdd(arrived + i, 1);
+  }
+}
+
+__global__ void to_bf16(bf16* __restrict__ out, const float* __restrict__ in, int64_t count) {
+  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < count) out[i] = __float2bfloat16(in[i]);
+}
+
 // ---- candidate: the package's per-warp tiles (csrc/quant_frag.cu), its gate/up pairing and epilogues (mq16g) -----
 // Fourteenth session's open question: the package's gated gate/up call takes 30.0 us at 16 rows against 26.5 for
 // the same kernel without the gate (benchmarks/gemv.py --quant --frag [--gated]). The weights packed with wn = 1
@@ -1524,6 +1638,70 @@ int main(int argc, char** argv) {
     const char* ks_env = getenv("KS");
     std::vector<int> kss;
     for (const char* s = ks_env ? ks_env : "1,2,4,8"; *s;) { kss.push_back(atoi(s)); while (*s && *s != ',') ++s; if (*s) ++s; }
+    // CHAIN=layers (square shapes): the persistent chain (pchain) against the same chain of separate launches, in this
+    // process; its output checked at 2 layers against the float32 reference layer by layer (bf16 between layers)
+    const int chain = getenv("CHAIN") ? atoi(getenv("CHAIN")) : 0;
+    if (chain > 0 && n == k && (k / 128) % 8 == 0) {
+      bf16 *xa, *xb, *xmid;
+      int* arrived;
+      const uint4** dwq;
+      const uint4** dws;
+      CK(cudaMalloc(&xa, (size_t)rows * n * 2)); CK(cudaMalloc(&xb, (size_t)rows * n * 2));
+      CK(cudaMalloc(&xmid, (size_t)rows * n * 2)); CK(cudaMalloc(&arrived, (size_t)chain * 4));
+      CK(cudaMalloc(&dwq, (size_t)chain * sizeof(void*))); CK(cudaMalloc(&dws, (size_t)chain * sizeof(void*)));
+      auto chain_of = [&](auto launch_layer) {  // one call: the whole chain, layer l on weight copy l % copies
+        return [&, launch_layer](int) { for (int l = 0; l < chain; ++l) launch_layer(l); };
+      };
+      ensure_packed(2);
+      const float t_m2 = time_it(chain_of([&](int l) {
+        mq16<2, 4><<<n / 64 * 4, 64, 4 * (64 * 64 + 4 * 64 + 4096), g_stream>>>(
+            out, x, reinterpret_cast<const uint4*>(pw[l % copies]), reinterpret_cast<const uint4*>(ps[l % copies]), ws,
+            counters, n, k, 4);
+      }), 5) / chain;
+      ensure_packed(1);
+      const size_t k8_smem = (size_t)3 * (8 * (2048 + 128) + 16 * 8 * 256);
+      CK(cudaFuncSetAttribute(mq16k<8, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)k8_smem));
+      const float t_k8 = time_it(chain_of([&](int l) {
+        mq16k<8, 3><<<n / 32, 256, k8_smem, g_stream>>>(out, x, reinterpret_cast<const uint4*>(pw[l % copies]),
+                                                         reinterpret_cast<const uint4*>(ps[l % copies]), ws, counters,
+                                                         n, k, 1);
+      }), 5) / chain;
+      std::vector<const uint4*> hq(chain), hsm(chain);
+      for (int l = 0; l < chain; ++l) {
+        hq[l] = reinterpret_cast<const uint4*>(pw[l % copies]);
+        hsm[l] = reinterpret_cast<const uint4*>(ps[l % copies]);
+      }
+      CK(cudaMemcpy(dwq, hq.data(), chain * sizeof(void*), cudaMemcpyHostToDevice));
+      CK(cudaMemcpy(dws, hsm.data(), chain * sizeof(void*), cudaMemcpyHostToDevice));
+      const size_t p_smem = (size_t)2 * (k / 128) * (2048 + 128) + 8 * 8192;
+      CK(cudaFuncSetAttribute(pchain<8>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)p_smem));
+      auto run_chain = [&](int layers) {
+        CK(cudaMemcpyAsync(xa, x, (size_t)rows * n * 2, cudaMemcpyDeviceToDevice, g_stream));
+        CK(cudaMemsetAsync(arrived, 0, (size_t)layers * 4, g_stream));
+        pchain<8><<<n / 32, 256, p_smem, g_stream>>>(xa, xb, dwq, dws, arrived, layers, n);
+      };
+      // check: 2 layers against the reference chain (layer 0 -> bf16 -> layer 1), on weight copies 0 and 1
+      run_chain(2);
+      CK(cudaStreamSynchronize(g_stream));
+      ref_kernel<<<(n + 127) / 128, 128>>>(ref, x, L[0].w, L[0].sc, L[0].mn, rows, n, k, group);
+      to_bf16<<<(rows * n + 255) / 256, 256>>>(xmid, ref, (int64_t)rows * n);
+      ref_kernel<<<(n + 127) / 128, 128>>>(ref, xmid, L[1 % copies].w, L[1 % copies].sc, L[1 % copies].mn, rows, n, k,
+                                           group);
+      CK(cudaDeviceSynchronize());
+      std::vector<float> r2((size_t)rows * n);
+      std::vector<bf16> o2((size_t)rows * n);
+      CK(cudaMemcpy(r2.data(), ref, r2.size() * 4, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(o2.data(), xa, o2.size() * 2, cudaMemcpyDeviceToHost));
+      double err = 0, top = 0;
+      for (size_t i = 0; i < r2.size(); ++i) {
+        err = std::max(err, (double)fabsf(__bfloat162float(o2[i]) - r2[i]));
+        top = std::max(top, (double)fabsf(r2[i]));
+      }
+      const float t_p = time_it([&](int) { run_chain(chain); }, 5) / chain;
+      printf("  chain of %d layers, us a layer: separate M2 (ks 4) %.1f, separate K8 (ks 1) %.1f, persistent "
+             "pchain<8> %.1f (2 layers: err %.2e, max |ref| %.2e)\n", chain, t_m2, t_k8, t_p, err, top);
+      cudaFree(xa); cudaFree(xb); cudaFree(xmid); cudaFree(arrived); cudaFree(dwq); cudaFree(dws);
+    }
     for (int ks : kss) {
       run_g("G00 plain pairs, own stores", mq16g<0, 0>, 0, ks);
       run_g("GS00 + separate scale/min arrays", mq16g<0, 0, 4, kSep>, 0, ks, 1);
