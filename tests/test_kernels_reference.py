@@ -6,6 +6,7 @@ from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from flux_infer import kernels
+from flux_infer.kernels import cuda as cuda_kernels
 
 SHAPES = [(1, 576), (3, 7, 64), (5, 769), (2, 1, 5125)]
 
@@ -97,3 +98,13 @@ def test_rotary_cache_attention_reference_is_the_two_step_path():
     torch.library.opcheck(torch.ops.flux.rotary_cache_attention.default,
                           (q, k, v, table, table, positions, caches[0].clone(), caches[1].clone(), where, start, end,
                            0.2, 0))
+
+
+def test_the_early_trigger_row_limit_must_be_at_least_one():
+    """set_early_trigger's row limit is checked before anything is built (on the GPU the test of
+    tests/test_cuda_quant_frag.py checks what it changes); without the extension the trigger is never early."""
+    with pytest.raises(ValueError, match="max_rows must be at least 1, got 0"):
+        cuda_kernels.set_early_trigger(True, 0)
+    assert cuda_kernels.early_trigger_rows() >= 1
+    if not torch.cuda.is_available():
+        assert not cuda_kernels.trigger_early(1)
