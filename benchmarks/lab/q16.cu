@@ -819,6 +819,24 @@ __global__ void empty_kernel(bf16* __restrict__ out, int touch) {
   if (touch && threadIdx.x == 0) out[blockIdx.x] = __float2bfloat16(0.f);
 }
 
+// The KW warps' sums of one tile added into warp 0's acc in warp order (deterministic), through `sums` (shared
+// memory of (KW - 1) x 2 KB that no warp reads any more): mq16k and pchain.
+template <int KW>
+__device__ __forceinline__ void sum_warps_into_warp0(float (&acc)[4][4], float4* sums) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (warp > 0)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) sums[((warp - 1) * 4 + j) * 32 + lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+  __syncthreads();
+  if (warp == 0)
+    for (int w = 1; w < KW; ++w)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float4 v = sums[((w - 1) * 4 + j) * 32 + lane];
+        acc[j][0] += v.x; acc[j][1] += v.y; acc[j][2] += v.z; acc[j][3] += v.w;
+      }
+}
+
 // ---- candidate: the warps of a block share one tile's K (mq16k) ----------------------------------------------
 // Eighteenth session (H200): the small layers (o, q/k/v, down) take 7-15 us at 16 rows against floors of 2-7 even
 // with their weights already in L2 (ROTATE_MB=1), so what bounds them is each warp's serial chain of stages (about
@@ -882,19 +900,7 @@ __global__ void __launch_bounds__(KW * 32) mq16k(bf16* __restrict__ out, const b
   }
   cp_wait<0>();
   __syncthreads();  // every warp is past its last read of the stage slots: they hold the warps' sums now
-  float* sums = reinterpret_cast<float*>(smem);
-  if (warp > 0)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-      reinterpret_cast<float4*>(sums)[((warp - 1) * 4 + j) * 32 + lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
-  __syncthreads();
-  if (warp == 0)
-    for (int w = 1; w < KW; ++w)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const float4 v = reinterpret_cast<const float4*>(sums)[((w - 1) * 4 + j) * 32 + lane];
-        acc[j][0] += v.x; acc[j][1] += v.y; acc[j][2] += v.z; acc[j][3] += v.w;
-      }
+  sum_warps_into_warp0<KW>(acc, reinterpret_cast<float4*>(smem));
   // warp 0 stores, the others pass its barriers (the timings were taken with a copy of mq_store specialised so)
   mq_store<1, KW>(acc, out, ws, counters, n, tile, split, ksplit);
 }
@@ -922,7 +928,7 @@ __global__ void __launch_bounds__(KW * 32, 1) pchain(bf16* __restrict__ xa, bf16
                                                      int layers, int n) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ __align__(8) uint64_t full[2];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = lane & 3;
   const int groups = n / 128, gpw = groups / KW, tile = blockIdx.x, tile_bytes = groups * (2048 + 128);
   auto wbuf = [&](int buffer) { return smem + buffer * tile_bytes; };
   unsigned char* const xring = smem + 2 * tile_bytes + warp * 8192;  // this warp's two 4 KB x slots
@@ -983,25 +989,8 @@ __global__ void __launch_bounds__(KW * 32, 1) pchain(bf16* __restrict__ xa, bf16
       if (j + 2 < gpw) stage_x(j + 2);
     }
     __syncthreads();  // every warp is past its reads of wbuf(b) and of its x slots, which now hold the warps' sums
-    float4* sums = reinterpret_cast<float4*>(smem + 2 * tile_bytes);
-    if (warp > 0)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) sums[((warp - 1) * 4 + j) * 32 + lane] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
-    __syncthreads();
-    if (warp == 0) {
-      for (int w = 1; w < KW; ++w)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const float4 v = sums[((w - 1) * 4 + j) * 32 + lane];
-          acc[j][0] += v.x; acc[j][1] += v.y; acc[j][2] += v.z; acc[j][3] += v.w;
-        }
-      const int f0 = tile * 32 + 2 * t;
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        *reinterpret_cast<__nv_bfloat162*>(xout + (int64_t)g * n + f0 + 8 * j) = __floats2bfloat162_rn(acc[j][0], acc[j][1]);
-        *reinterpret_cast<__nv_bfloat162*>(xout + (int64_t)(g + 8) * n + f0 + 8 * j) = __floats2bfloat162_rn(acc[j][2], acc[j][3]);
-      }
-    }
+    sum_warps_into_warp0<KW>(acc, reinterpret_cast<float4*>(smem + 2 * tile_bytes));
+    mq_store<1, KW>(acc, xout, nullptr, nullptr, n, tile, 0, 1);  // warp 0 stores the tile (no K split)
     __threadfence();
     __syncthreads();  // the tile is stored (and the sums read) before the block arrives
     if (threadIdx.x == 0) atomicAdd(arrived + i, 1);
