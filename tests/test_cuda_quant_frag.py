@@ -231,15 +231,14 @@ def test_int4_decode_with_the_wide_layers_in_the_fragment_layout(roles, monkeypa
     with torch.no_grad():
         bf16_error = rel(model(input_ids=prompts).logits.float(),
                          copy.deepcopy(model).float()(input_ids=prompts).logits)
-    settings = INT4_SETTINGS
     plain = copy.deepcopy(model)
     monkeypatch.setattr(int4_fragments, "ROLES", roles)
-    flux_infer.optimize(model, config=InferenceConfig(**settings, plugins=["int4_fragments"]))
+    flux_infer.optimize(model, config=InferenceConfig(**INT4_SETTINGS, plugins=["int4_fragments"]))
     switched = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.fragments]
     # per layer gate_proj and up_proj (views of the fused layer), down, q_proj, k_proj, v_proj (views too), o_proj
     per_layer = {"gate_up": 2, "down": 1, "qkv": 3, "o": 1}
     assert len(switched) == 2 * sum(per_layer.get(role, 0) for role in roles) + ("lm_head" in roles)
-    flux_infer.optimize(plain, config=InferenceConfig(**settings))  # opt-in: not without being named
+    flux_infer.optimize(plain, config=InferenceConfig(**INT4_SETTINGS))  # opt-in: not without being named
     assert not any(isinstance(m, QuantizedLinear) and m.fragments for m in plain.modules())
     state, plain_state = model.state_dict(), plain.state_dict()
     assert all(torch.equal(state[k], v) for k, v in plain_state.items())

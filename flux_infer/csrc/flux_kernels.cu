@@ -673,6 +673,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether the linear-layer kernels let their dependents launch from their start (else after their main loop)");
   m.def("early_trigger_rows", [] { return flux::early_trigger_rows(); },
         "up to how many rows (sequences) the early trigger applies");
+  m.def("trigger_early", [](int64_t rows) { return flux::trigger_early(rows); },
+        "whether a kernel over `rows` rows (sequences) lets its dependents launch from its start");
   m.def(
       "set_early_trigger",
       [](bool enabled, int64_t max_rows) {

@@ -152,8 +152,9 @@ def early_trigger_rows() -> int:
 
 
 def trigger_early(rows: int) -> bool:
-    """Whether a decode kernel over ``rows`` rows (sequences) lets its dependents launch from its start."""
-    return early_trigger() and rows <= early_trigger_rows()
+    """Whether a decode kernel over ``rows`` rows (sequences) lets its dependents launch from its start (the
+    extension's own rule, flux::trigger_early, which its CUDA kernels follow)."""
+    return bool(_state["loaded"]) and _state["module"].trigger_early(rows)
 
 
 def set_early_trigger(enabled: bool, max_rows: int = 1) -> None:
