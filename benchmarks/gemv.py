@@ -127,7 +127,8 @@ def quantized(bandwidth: float, sweep: bool, rows_measured: tuple[int, ...],
 def fragment_times(layers: list, k: int, rows_measured: tuple[int, ...], act: int, sweep: bool, pct,
                    epilogue: str = "plain") -> None:
     """The same INT4 layers reordered into the fragment layout (int4_fragments) on ``csrc/quant_frag.cu``: the
-    launcher's own plan, and with ``sweep`` every (warps, K split) it takes. ``epilogue``: "norm-scaled" (the
+    launcher's own plan, and with ``sweep`` every (warps, K split) it takes (r8 / r16: the kernel for up to 8
+    rows with 8 or 16 warps a block). ``epilogue``: "norm-scaled" (the
     layer after an RMSNorm as wide as K, its sums scaled per row) or "add-norm" (the layer before one: residual
     add, normed output and sums of squares), as norm-fused decode steps run them."""
     from flux_infer.kernels import quant_frag
@@ -137,14 +138,14 @@ def fragment_times(layers: list, k: int, rows_measured: tuple[int, ...], act: in
         layer.set_fragments(True)
     counters = quant_frag.counters(layers[0].qweight.device)
     n = layers[0].qweight.shape[0]
-    plans = [(0, 0)] + ([(w, s) for w in (2, 8) for s in (1, 2, 4, 8, 16)] if sweep else [])
+    plans = [(0, 0)] + ([(w, s) for w in (2, 8) for s in (1, 2, 4, 8, 16)] + [(-8, 1), (-16, 1)] if sweep else [])
     for rows in rows_measured:
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
         partials = torch.rand(rows, k // 32, device="cuda") * 20 if epilogue == "norm-scaled" else None
         residual = torch.randn(rows, n, device="cuda", dtype=torch.bfloat16) if epilogue == "add-norm" else None
         norm_weight = torch.rand(n, device="cuda").bfloat16() + 0.5 if epilogue == "add-norm" else None
         for warps, split in plans:
-            if (split and (k // 128) < split) or (warps == 8 and act >= 0):
+            if (split and (k // 128) < split) or (warps == 8 and act >= 0) or (warps < 0 and rows > 8):
                 continue
 
             def call(i: int, warps=warps, split=split) -> torch.Tensor:
@@ -153,7 +154,7 @@ def fragment_times(layers: list, k: int, rows_measured: tuple[int, ...], act: in
                                          residual, norm_weight, counters, warps, split)[0]
 
             t = graph_time(call)
-            label = ("int4f auto" if not warps else f"int4f w{warps} s{split}") + {"plain": "", "norm-scaled": " ns",
+            label = ("int4f auto" if not warps else f"int4f r{-warps}" if warps < 0 else f"int4f w{warps} s{split}") + {"plain": "", "norm-scaled": " ns",
                                                                                    "add-norm": " an"}[epilogue]
             print(f"{label:>14} {rows:>4} {'':>8} {'':>8} {'':>5} {t * 1e6:>8.1f} {pct(t):>5.1f}", flush=True)
 

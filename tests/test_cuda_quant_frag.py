@@ -47,15 +47,16 @@ def kernel(layer, x, activation=-1, partials=None, eps=0.0, residual=None, norm_
                                                     quant_frag.counters(x.device), warps, ksplit)
 
 
-PLANS = [(0, 0), (2, 1), (2, 3), (2, 8), (8, 1), (8, 4)]  # (warps, K split); 0: the launcher's choice
+# (warps, K split); 0: the launcher's choice; -8 / -16: the kernel for up to 8 rows (quant_frag_rows.cuh)
+PLANS = [(0, 0), (2, 1), (2, 3), (2, 8), (8, 1), (8, 4), (-8, 1), (-16, 1)]
 
 
 @pytest.mark.parametrize("rows", [1, 3, 8, 16, 17, 40])
 @pytest.mark.parametrize("n, k", [(1024, 1024), (512, 2048), (4096, 512), (256, 14336)])
 @pytest.mark.parametrize("plan", PLANS)
 def test_fragment_kernel_against_float64(rows, n, k, plan):
-    if (plan[0] == 8 and n % 256) or plan[1] > k // 128:
-        pytest.skip("8-warp blocks take 256 outputs; a K split of at most K / 128")
+    if (plan[0] == 8 and n % 256) or plan[1] > k // 128 or (plan[0] < 0 and rows > 8):
+        pytest.skip("8-warp blocks take 256 outputs; a K split of at most K / 128; the few-rows kernel 8 rows")
     checkpoint, layer = fragment_case(n, k, bias=rows % 2 == 1)
     x = torch.randn(rows, k, device="cuda").bfloat16()
     out = kernel(layer, x, warps=plan[0], ksplit=plan[1])[0]
@@ -178,6 +179,10 @@ def test_the_kernel_refuses_what_it_cannot_run():
     x = torch.randn(2, 1024, device="cuda").bfloat16()
     with pytest.raises(RuntimeError, match="2 warps"):
         kernel(layer, x, activation=0, warps=8)
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        kernel(layer, torch.randn(9, 1024, device="cuda").bfloat16(), warps=-8)
+    with pytest.raises(RuntimeError, match="no K split"):
+        kernel(layer, x, warps=-16, ksplit=2)
     with pytest.raises(RuntimeError, match="x must be contiguous bf16"):
         kernel(layer, x.half())
     torch.library.opcheck(torch.ops.flux.int4f_linear.default,
@@ -185,8 +190,8 @@ def test_the_kernel_refuses_what_it_cannot_run():
 
 
 def test_a_decode_step_in_a_cuda_graph_leaves_the_counters_at_zero():
-    _, layer = fragment_case(256, 14336)  # a K split: the counters are used
-    x = torch.randn(4, 14336, device="cuda").bfloat16()
+    _, layer = fragment_case(256, 14336)  # a K split (above 8 rows): the counters are used
+    x = torch.randn(12, 14336, device="cuda").bfloat16()
     eager = layer(x)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

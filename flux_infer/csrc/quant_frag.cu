@@ -1,8 +1,8 @@
-// quant_frag: INT4 linear layers (group 128, bf16) on the fragment layout (flux_infer/quantization/fragments.py),
-// 1-16 rows of x per launch: the decode-batch kernel of benchmarks/lab/q16.cu's mq16 (docs/benchmarks.md,
-// thirteenth session), with the epilogues the decode paths use (plain, gated act(gate) * up, the RMSNorm scale
-// applied to the sums, and the residual add + norm pieces before an RMSNorm); and the fragment layout's dense weight
-// for long prefills.
+// quant_frag: INT4 linear layers (group 128, bf16) on the fragment layout (flux_infer/kernels/quant_frag.py),
+// 1-16 rows of x per launch (1-8 rows: quant_frag_rows.cuh): the decode-batch kernel of benchmarks/lab/q16.cu's
+// mq16 (docs/benchmarks.md, thirteenth session), with the epilogues the decode paths use (plain, gated
+// act(gate) * up, the RMSNorm scale applied to the sums, and the residual add + norm pieces before an RMSNorm); and
+// the fragment layout's dense weight for long prefills.
 //
 // x is the MMA's A operand (16 rows = M), 8 output features its N. A block of WN warps owns WN fragment tiles of 32
 // features (gated: WN / 2 gate tiles and the matching up tiles); a stage is one 128-input group: each warp's tile
@@ -416,6 +416,14 @@ __global__ void frag_dequantize_kernel(at::BFloat16* __restrict__ out, const uin
   }
 }
 
+}  // namespace
+}  // namespace flux
+
+#include "quant_frag_rows.cuh"  // quant_frag_rows_kernel: 1-8 rows
+
+namespace flux {
+namespace {
+
 struct FragPlan {
   int warps, ksplit;
 };
@@ -425,8 +433,17 @@ struct FragPlan {
 // block of a split stages their inputs, the last one runs them; seventeenth session, 16 rows): norm-scaled until
 // about 192 blocks (Llama-3-8B's q/k/v: 2 splits, 10.2 us against 12.1 with 4), add-norm until about 256 (o: 4
 // splits, 8.3 against 9.1 with 8; down 4 or 8 alike).
-FragPlan choose_frag_plan(int n, int k, bool gated, bool norm_scaled, bool add_norm) {
+// Up to 4 rows every layer but the widest takes quant_frag_rows_kernel (warps < 0: that kernel with -warps warps a
+// block), 5-8 rows those of more than 128 tiles; 16 warps for up to 128 tiles, else 8. Measured on H200
+// (docs/benchmarks.md, nineteenth session; benchmarks/gemv.py --quant --frag --sweep --rows 1,4,8): at one row
+// Llama-3-8B's norm-scaled q/k/v 6.7 us (8 warps; 8.4 with 16; the 16-row kernel's best 8.7), add-norm o 5.8
+// (16 warps; 7.4), add-norm down 13.0 (16; 14.8), the gated, norm-scaled gate/up 20.1 (8; 29.7); at 8 rows o and
+// down are faster on the 16-row kernel (7.4 against 7.9, 16.0 against 17.6), q/k/v and gate/up not (8.9 against
+// 9.8, 25.5 against 33.1). The plan depends on the whole layer's shape and the rows only, so a gated layer's halves
+// sum as the plain layer's.
+FragPlan choose_frag_plan(int n, int k, bool gated, bool norm_scaled, bool add_norm, int rows) {
   if (n >= 65536 && n % 256 == 0 && !gated) return {8, 1};
+  if (rows <= 4 || (rows <= kFewRows && n / 32 > 128)) return {n / 32 <= 128 ? -16 : -8, 1};
   const int blocks = n / 64, groups = k / 128, target = norm_scaled ? 192 : add_norm ? 256 : 384;
   int ksplit = 1;
   while (blocks * ksplit < target && ksplit < 8 && groups / (2 * ksplit) >= 4) ksplit *= 2;
@@ -473,6 +490,8 @@ FragLaunch& frag_launch() {
 
 template <int E, int ACT = 0>
 void dispatch_frag(const FragArgs& args, const FragPlan& plan, cudaStream_t stream) {
+  if (plan.warps == -16) return launch_frag_rows<16, E, ACT>(args, stream);
+  if (plan.warps == -8) return launch_frag_rows<8, E, ACT>(args, stream);
   const int blocks = args.n / (32 * plan.warps) * plan.ksplit;
   if constexpr (E == kGatedE) launch_frag<2, 4, E, ACT>(args, blocks, stream);  // gated: 2 warps (checked)
   else if (plan.warps == 8) launch_frag<8, 3, E, ACT>(args, blocks, stream);
@@ -492,7 +511,8 @@ void set_frag_launch(int64_t programmatic_bytes, bool all_programmatic, bool ear
 // a [gate; up] layer's act(gate) * up (0 = silu, 1 = gelu_tanh). scale_partials: the layer after an RMSNorm, its
 // sums scaled per row by rsqrt(sum(scale_partials[row]) / K + eps). residual + norm_weight: the layer before one,
 // returning (normed, h, partials [rows, N / 32]) as quant_mma_add_norm does. counters: int32, zero, at least
-// N / 64 entries, reset by the kernels (one buffer per device serves every layer: launches in one stream).
+// N / 64 entries, reset by the kernels (one buffer per device serves every layer: launches in one stream). warps and
+// ksplit: 0 = the launcher's plan; warps -8 / -16: quant_frag_rows_kernel (at most 8 rows), else the 16-row kernel.
 std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor mins,
                                       c10::optional<torch::Tensor> bias, int64_t activation,
                                       c10::optional<torch::Tensor> scale_partials, double eps,
@@ -537,12 +557,16 @@ std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, to
   if (scale_partials)
     partials_runs = flux::aligned16(*scale_partials) ? *scale_partials : scale_partials->clone();
   flux::FragPlan plan = flux::choose_frag_plan(static_cast<int>(n), static_cast<int>(k), gated,
-                                               scale_partials.has_value(), add_norm);
-  if (warps > 0) plan.warps = static_cast<int>(warps);
+                                               scale_partials.has_value(), add_norm, static_cast<int>(rows));
+  if (warps != 0) plan.warps = static_cast<int>(warps);
   if (ksplit > 0) plan.ksplit = static_cast<int>(ksplit);
-  TORCH_CHECK((plan.warps == 2 || (plan.warps == 8 && !gated)) && n % (32 * plan.warps) == 0 && plan.ksplit >= 1 &&
-                  plan.ksplit <= k / 128,
-              "quant_frag: 2 warps (8 for plain layers of N a multiple of 256), 1..K/128 splits");
+  else if (warps < 0) plan.ksplit = 1;
+  const bool few = plan.warps < 0;
+  TORCH_CHECK(few ? (plan.warps == -8 || plan.warps == -16) && plan.ksplit == 1 && rows <= flux::kFewRows
+                  : (plan.warps == 2 || (plan.warps == 8 && !gated)) && n % (32 * plan.warps) == 0 &&
+                        plan.ksplit >= 1 && plan.ksplit <= k / 128,
+              "quant_frag: 2 warps (8 for plain layers of N a multiple of 256), 1..K/128 splits; or -8 / -16 (the "
+              "kernel for up to 8 rows, no K split) for at most 8 rows");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t n_out = gated ? n / 2 : n;
   auto out = torch::empty({rows, n_out}, x.options());
@@ -552,7 +576,7 @@ std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, to
     partials = torch::empty({rows, n / 32}, x.options().dtype(at::kFloat));
   }
   torch::Tensor ws;
-  if (plan.ksplit > 1) ws = torch::empty({plan.ksplit * 16 * n}, x.options().dtype(at::kFloat));
+  if (plan.ksplit > 1 && !few) ws = torch::empty({plan.ksplit * 16 * n}, x.options().dtype(at::kFloat));
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
     flux::FragArgs args = {};
