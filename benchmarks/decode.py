@@ -66,7 +66,11 @@ FLUX_MODES["flux_int4_normapart"] = FLUX_MODES["flux_int4"]
 # quantized, with every prefill matmul on the Triton dequantize-in-the-loop kernel (an A/B of
 # flux_infer.kernels.cuda.DEQUANT_MATMUL_MIN_ROWS: cuBLAS on the dequantized weight)
 FLUX_MODES.update({f"{mode}_triton_prefill": FLUX_MODES[mode] for mode in ("flux_int8", "flux_int4")})
-# INT4 with the wide layers in the fragment layout (the opt-in int4_fragments plugin); A/Bs of its layers
+# INT4 in the checkpoint layout: the int4_fragments plugin (on by default with INT4 on CUDA since the nineteenth
+# session, so flux_int4 and its variants run it) excluded
+FLUX_MODES["flux_int4_checkpoint"] = flux_infer.InferenceConfig(optimization_level="O1", quantization="int4",
+                                                                quantize_lm_head=True, exclude=["int4_fragments"])
+# INT4 with the layers in the fragment layout (the int4_fragments plugin, named); A/Bs of its layers
 # (flux_infer.plugins.int4_fragments.ROLES: _nodown keeps down in the checkpoint layout, _qkv and _qkvo add q/k/v and
 # o) and of the fragment calls' launches (flux_infer.kernels.cuda.set_frag_launch: _fragplain launches every call
 # above one row plainly, _fragpdl every call programmatically, _fraglate triggers the small layers' dependents after

@@ -154,8 +154,8 @@ def fragment_times(layers: list, k: int, rows_measured: tuple[int, ...], act: in
                                          residual, norm_weight, counters, warps, split)[0]
 
             t = graph_time(call)
-            label = ("int4f auto" if not warps else f"int4f r{-warps}" if warps < 0 else f"int4f w{warps} s{split}") + {"plain": "", "norm-scaled": " ns",
-                                                                                   "add-norm": " an"}[epilogue]
+            plan = "auto" if not warps else f"r{-warps}" if warps < 0 else f"w{warps} s{split}"
+            label = f"int4f {plan}" + {"plain": "", "norm-scaled": " ns", "add-norm": " an"}[epilogue]
             print(f"{label:>14} {rows:>4} {'':>8} {'':>8} {'':>5} {t * 1e6:>8.1f} {pct(t):>5.1f}", flush=True)
 
 

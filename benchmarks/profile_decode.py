@@ -18,12 +18,15 @@ from benchmarks.decode import build_model  # noqa: E402
 
 
 def profiled_generate(layers: int, batch: int, steps: int, quantization: str | None,
-                      graphs: bool, plugins: tuple[str, ...] = ()) -> torch.profiler.profile:
+                      graphs: bool, plugins: tuple[str, ...] = (), exclude: tuple[str, ...] = ()
+                      ) -> torch.profiler.profile:
     """The CUDA activity of one ``generate`` of ``steps`` tokens (128-token prompts) by a flux O1 model of the
-    Llama-3-8B shape, after a warm-up call (graph capture, autotuning); ``plugins``: opt-in plugins by name."""
+    Llama-3-8B shape, after a warm-up call (graph capture, autotuning); ``plugins`` / ``exclude``: plugins to add /
+    leave out by name."""
     model = build_model(layers)
     config = flux_infer.InferenceConfig(optimization_level="O1", use_cuda_graphs=graphs, quantization=quantization,
-                                        quantize_lm_head=quantization is not None, plugins=list(plugins))
+                                        quantize_lm_head=quantization is not None, plugins=list(plugins),
+                                        exclude=list(exclude))
     flux_infer.optimize(model, config=config)
     ids = torch.randint(100, 120000, (batch, 128), device="cuda")
     kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, temperature=None, top_p=None,

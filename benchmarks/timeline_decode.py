@@ -87,7 +87,10 @@ def main() -> int:
     parser.add_argument("--trace", type=Path, default=None, help="also keep the chrome trace here")
     parser.add_argument("--fuse-norms", action=argparse.BooleanOptionalAction, default=True,
                         help="INT4 decode steps with the norms inside the quantized layers (DecoderRunner.fuse_norms)")
-    parser.add_argument("--plugins", default="", help="opt-in plugins by name, comma-separated (int4_fragments)")
+    parser.add_argument("--plugins", default="", help="plugins to add by name, comma-separated")
+    parser.add_argument("--exclude", default="",
+                        help="plugins to leave out by name, comma-separated (int4_fragments: INT4 in the checkpoint "
+                             "layout)")
     parser.add_argument("--fragment-roles", default=None,
                         help="int4_fragments' layers, comma-separated (flux_infer.plugins.int4_fragments.ROLES)")
     parser.add_argument("--frag-launch", choices=list(FRAG_LAUNCH_FORMS), default="default",
@@ -116,11 +119,12 @@ def main() -> int:
         parser.error("--steps must differ from --layers by more than 1: the prefill runs each of its per-layer "
                      "kernels --layers times, and the step detection would take one of them for the lm_head")
     prof = profiled_generate(args.layers, args.batch, args.steps, args.quantization, graphs=True,
-                             plugins=tuple(p for p in args.plugins.split(",") if p))
+                             plugins=tuple(p for p in args.plugins.split(",") if p),
+                             exclude=tuple(p for p in args.exclude.split(",") if p))
     path = args.trace or Path(tempfile.mkdtemp()) / "trace.json"
     prof.export_chrome_trace(str(path))
     print(f"quantization {args.quantization}, batch {args.batch}, {args.layers} layers, norms fused "
-          f"{args.fuse_norms}, plugins [{args.plugins}], {torch.cuda.get_device_name()}")
+          f"{args.fuse_norms}, plugins [{args.plugins}], excluded [{args.exclude}], {torch.cuda.get_device_name()}")
     print(summarize(kernels_of(json.loads(path.read_text())), args.steps))
     return 0
 

@@ -224,12 +224,12 @@ def greedy(model, ids, new_tokens=12):
 
 @pytest.mark.parametrize("roles", [int4_fragments.ROLES, ("gate_up", "down", "lm_head")])
 def test_int4_decode_with_the_wide_layers_in_the_fragment_layout(roles, monkeypatch):
-    """A small random Llama at INT4 group 128 with lm_head quantized: the plugin's layers (by default q/k/v, o,
-    gate/up, down and lm_head; or only some) switch to the fragment layout, the state_dict stays the checkpoint
-    layout's, and greedy decoding (4 rows: the norm pieces; 16 rows by batching the prompts 4 times: the norm
-    pieces too when every layer around a norm switched, else the norm kernels) matches the same model without the
-    switch within twice what bf16 changes in the unquantized model's logits (against float32), up to the first
-    near tie; revert restores it."""
+    """A small random Llama at INT4 group 128 with lm_head quantized: the plugin (on by default with INT4) switches
+    its layers (by default q/k/v, o, gate/up, down and lm_head; or only some) to the fragment layout, the state_dict
+    stays the checkpoint layout's, and greedy decoding (4 rows: the kernel for up to 8 rows and the norm pieces; 16
+    rows by batching the prompts 4 times: the norm pieces too when every layer around a norm switched, else the norm
+    kernels) matches the same model with the plugin excluded within twice what bf16 changes in the unquantized
+    model's logits (against float32), up to the first near tie; revert restores it."""
     model = small_llama()
     prompts = torch.randint(3, 4096, (4, 20), device="cuda")
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
@@ -238,12 +238,12 @@ def test_int4_decode_with_the_wide_layers_in_the_fragment_layout(roles, monkeypa
                          copy.deepcopy(model).float()(input_ids=prompts).logits)
     plain = copy.deepcopy(model)
     monkeypatch.setattr(int4_fragments, "ROLES", roles)
-    flux_infer.optimize(model, config=InferenceConfig(**INT4_SETTINGS, plugins=["int4_fragments"]))
+    flux_infer.optimize(model, config=InferenceConfig(**INT4_SETTINGS))  # on by default with INT4 on CUDA
     switched = [m for m in model.modules() if isinstance(m, QuantizedLinear) and m.fragments]
     # per layer gate_proj and up_proj (views of the fused layer), down, q_proj, k_proj, v_proj (views too), o_proj
     per_layer = {"gate_up": 2, "down": 1, "qkv": 3, "o": 1}
     assert len(switched) == 2 * sum(per_layer.get(role, 0) for role in roles) + ("lm_head" in roles)
-    flux_infer.optimize(plain, config=InferenceConfig(**INT4_SETTINGS))  # opt-in: not without being named
+    flux_infer.optimize(plain, config=InferenceConfig(**INT4_SETTINGS, exclude=["int4_fragments"]))
     assert not any(isinstance(m, QuantizedLinear) and m.fragments for m in plain.modules())
     state, plain_state = model.state_dict(), plain.state_dict()
     assert all(torch.equal(state[k], v) for k, v in plain_state.items())

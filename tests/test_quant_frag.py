@@ -124,19 +124,26 @@ def test_the_fake_implementations_give_the_shapes():
                           (*args, torch.randn(2, 64).bfloat16(), torch.ones(64).bfloat16()))
 
 
-def test_the_plugin_is_opt_in_and_says_why_it_does_not_apply_on_the_cpu():
+def test_the_plugin_is_on_by_default_with_int4_and_says_why_it_does_not_apply_on_the_cpu():
     import flux_infer
-    from flux_infer import InferenceConfig
+    from flux_infer import InferenceConfig, OptimizationLevel
+    from flux_infer.plugins.int4_fragments import Int4FragmentsPlugin
     from tests.tiny_models import tiny_model
 
+    assert Int4FragmentsPlugin().enabled_levels() == (OptimizationLevel.O3,)  # int4-awq; O2 is INT8
     model = tiny_model("llama")
-    flux_infer.optimize(model, config=InferenceConfig(optimization_level="O2"))
+    flux_infer.optimize(model, config=InferenceConfig(optimization_level="O1"))
+    assert "int4_fragments" not in [s.name for s in model.flux_report.skipped]  # no INT4: not even considered
+    model = tiny_model("llama")
+    flux_infer.optimize(model, config=InferenceConfig(optimization_level="O1", quantization="int4"))
     assert "int4_fragments" not in [s.name for s in model.flux_report.applied]
-    model = tiny_model("llama")
-    flux_infer.optimize(model, config=InferenceConfig(optimization_level="O1", quantization="int4",
-                                                      plugins=["int4_fragments"]))
     skipped = {s.name: s.reason for s in model.flux_report.skipped}
     assert "CUDA" in skipped["int4_fragments"]
+    model = tiny_model("llama")
+    flux_infer.optimize(model, config=InferenceConfig(optimization_level="O1", quantization="int4",
+                                                      exclude=["int4_fragments"]))
+    skipped = {s.name: s.reason for s in model.flux_report.skipped}
+    assert "excluded" in skipped["int4_fragments"]
 
 
 @pytest.mark.parametrize("roles", [("qkv", "o", "gate_up", "down", "lm_head"), ("gate_up", "down", "lm_head")])

@@ -60,7 +60,8 @@ __global__ void __launch_bounds__(KW * 32) quant_frag_rows_kernel(const FragArgs
       const bool valid = grp < groups;
 #pragma unroll
       for (int tt = 0; tt < T; ++tt) {
-        const uint4* w = reinterpret_cast<const uint4*>(a.codes) + (static_cast<int64_t>(tiles[tt]) * groups + grp) * 128;
+        const uint4* w =
+            reinterpret_cast<const uint4*>(a.codes) + (static_cast<int64_t>(tiles[tt]) * groups + grp) * 128;
 #pragma unroll
         for (int p = 0; p < 4; ++p) code[u][tt][p] = valid ? load_stream(w + p * 32 + lane) : make_uint4(0, 0, 0, 0);
         // the group's (scale, min) pair (kernels/quant_frag.py): lane g's features 8 j + g sit in its 16 bytes

@@ -1,19 +1,23 @@
-"""``int4_fragments`` (opt-in by name): the INT4 decoder layers in the fragment layout, for decode at batch sizes.
+"""``int4_fragments`` (on by default with INT4 on CUDA): the INT4 decoder layers in the fragment layout of the
+CUDA decode kernels.
 
-At decode batch sizes (about 8 rows and more) the checkpoint layout's tensor-core kernel runs the fused gate/up
-layer at about half of the memory bandwidth; ``csrc/quant_frag.cu`` streams the fragment layout
-(``kernels/quant_frag.py``) at about 80% (H100, docs/benchmarks.md, sixteenth session: gate/up 26.1 vs 37.9 us at 16
-rows, down 16.4 vs 20.6, lm_head 101.4 vs 141.8). Both layouts at once would cost the memory INT4 saves, so the
-chosen layers switch for every batch size (``ROLES``): the fused q/k/v and gate/up projections, o, down and a
-quantized lm_head. With every layer around a norm switched, decode steps of up to 16 tokens run the norms inside
-those layers' kernels (``generation/norm_fusion.py``, ``FRAGMENT_MAX_ROWS``; the checkpoint layout's norm epilogues
-stop at 8). Llama-3-8B shape on an H100, same process (seventeenth session): batch-16 decode 6,049 tok/s with all
-five roles against 5,878 with gate/up, down and lm_head only and 4,900 without the plugin (bf16: 2,481); batch 1
-about 380 against 441 without it: a choice for serving batches, hence opt-in:
-``InferenceConfig(plugins=["int4_fragments"])``. In place: codes, scales
-and mins are reordered in their own storage (a fused projection's members are views of it and follow), the
+``csrc/quant_frag.cu`` streams the fragment layout (``kernels/quant_frag.py``) at decode batch sizes faster than the
+checkpoint layout's tensor-core kernel runs (H100, docs/benchmarks.md, sixteenth session: gate/up 26.1 vs 37.9 us at
+16 rows, down 16.4 vs 20.6, lm_head 101.4 vs 141.8), and since the nineteenth session its kernel for 1-8 rows
+(``csrc/quant_frag_rows.cuh``) does at one row too (H200: the gated, norm-scaled gate/up 20.1 against 26.6 us). Both
+layouts at once would cost the memory INT4 saves, so the chosen layers switch for every batch size (``ROLES``): the
+fused q/k/v and gate/up projections, o, down and a quantized lm_head. With every layer around a norm switched,
+decode steps of up to 16 tokens run the norms inside those layers' kernels (``generation/norm_fusion.py``,
+``FRAGMENT_MAX_ROWS``; the checkpoint layout's norm epilogues stop at 8). Llama-3-8B shape on an H200, same process
+(nineteenth session): decode 564.0 / 1,743.2 / 3,302.9 / 6,371.0 tok/s at batch 1 / 4 / 8 / 16 against 464.8 /
+1,678.6 / 3,338.5 / 5,108.0 without the plugin (bf16: 232.6 / 838.9 / 1,725.1 / 3,361.6), hence on by default
+with INT4 quantization (a model loaded from an INT4 checkpoint gets it by name:
+``InferenceConfig(plugins=["int4_fragments"])``); ``InferenceConfig(exclude=["int4_fragments"])`` keeps the
+checkpoint layout. In place: codes, scales and
+mins are reordered in their own storage (a fused projection's members are views of it and follow), the
 ``state_dict`` still gives the checkpoint layout, and ``revert`` reorders them back. CUDA only (the layout is for
-that kernel), bf16, INT4 with group 128.
+those kernels), bf16, INT4 with group 128: elsewhere it is skipped as not applicable, with the reason in the
+report.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 
 import torch
 
-from flux_infer.config import Quantization
+from flux_infer.config import InferenceConfig, Quantization
 from flux_infer.kernels import cuda, quant_frag
 from flux_infer.plugins.base import ApplyContext, PlanContext, Plugin
 from flux_infer.plugins.fuse_projections import GATE_UP, QKV
@@ -73,13 +77,19 @@ def _targets(model: torch.nn.Module, ctx: PlanContext) -> list[tuple[str, Quanti
 
 class Int4FragmentsPlugin(Plugin):
     name = "int4_fragments"
-    description = ("opt-in by name: INT4 layers (q/k/v, o, gate/up, down, lm_head) in the fragment layout of their "
-                   "CUDA batch kernel, norms inside them up to 16 rows (faster decode batches, slower single "
-                   "sequences)")
+    description = ("INT4 layers (q/k/v, o, gate/up, down, lm_head) in the fragment layout of the CUDA decode "
+                   "kernels, norms inside them up to 16 rows (CUDA, INT4 group 128; exclude it to keep the "
+                   "checkpoint layout)")
     provides = frozenset({"weights:int4_fragments"})
+    config_field = "quantization"  # with its INT4 values (enabled)
     after = ("weights:quantized", "weights:fused_projections")
     before = ("decoding",)
     lossless = False  # the same weights, summed in another order: the kernel's results differ by roundings
+
+    def enabled(self, config: InferenceConfig) -> bool:
+        """With INT4 quantization (``quantization="int4"`` or ``"int4-awq"``, O3's preset); a model loaded from an
+        INT4 checkpoint gets it by name (``plugins=["int4_fragments"]``)."""
+        return config.quantization in (Quantization.INT4, Quantization.INT4_AWQ)
 
     def supports(self, model: torch.nn.Module, ctx: PlanContext) -> Support:
         if ctx.device.type != "cuda":
