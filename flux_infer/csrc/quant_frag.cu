@@ -72,6 +72,14 @@ __device__ __forceinline__ void mma_zero(float* d, const uint32_t* a, uint32_t b
 __device__ __forceinline__ float bf_lo(uint32_t v) { return bits_to_float<at::BFloat16>(v); }  // the low half
 __device__ __forceinline__ float bf_hi(uint32_t v) { return __uint_as_float(v & 0xffff0000u); }  // the high half
 
+// The (scale, min) pair run of group grp of fragment tile `tile` (kernels/quant_frag.py): its 32 scales, then its 32
+// mins; the pairs of a tile's first half of groups sit in its rows of `scales`, the others in its rows of `mins`
+template <typename T>
+__device__ __forceinline__ const T* frag_pair(const T* scales, const T* mins, int64_t tile, int groups, int grp) {
+  const int half = groups / 2;
+  return (grp < half ? scales : mins) + tile * groups * 32 + (grp < half ? grp : grp - half) * 64;
+}
+
 // o[0..1]: row g, columns f and f + 1; o[2..3]: row g + 8; bf16 pairs, rows past the batch skipped
 __device__ __forceinline__ void store_rows(at::BFloat16* out, int stride, int f, const float (&o)[4], int g, int rows) {
   if (g < rows)
@@ -400,8 +408,7 @@ __global__ void frag_dequantize_kernel(at::BFloat16* __restrict__ out, const uin
     const int j = (feature >> 3) & 3, g = feature & 7;
     const int64_t tg = tile * groups + grp;
     const uint32_t* words = codes + tg * 512 + p * 128 + g * 16 + j;  // word (p, g, t, j) = + 4 t
-    const int half = groups / 2;  // the group's (scale, min) pair: in scales below half, else in mins
-    const at::BFloat16* pair = (grp < half ? scales : mins) + tile * groups * 32 + (grp % half) * 64;
+    const at::BFloat16* pair = frag_pair(scales, mins, tile, groups, grp);
     const int at = (g >> 1) * 8 + j * 2 + (g & 1);  // the feature's place in the pair's scales and mins
     const float s = static_cast<float>(pair[at]), m = static_cast<float>(pair[32 + at]);
     uint4 v;
@@ -576,7 +583,7 @@ std::vector<torch::Tensor> quant_frag(torch::Tensor x, torch::Tensor qweight, to
     partials = torch::empty({rows, n / 32}, x.options().dtype(at::kFloat));
   }
   torch::Tensor ws;
-  if (plan.ksplit > 1 && !few) ws = torch::empty({plan.ksplit * 16 * n}, x.options().dtype(at::kFloat));
+  if (plan.ksplit > 1) ws = torch::empty({plan.ksplit * 16 * n}, x.options().dtype(at::kFloat));
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (int64_t r0 = 0; r0 < rows; r0 += 16) {
     flux::FragArgs args = {};

@@ -15,29 +15,17 @@ namespace {
 
 constexpr int kFewRows = 8;  // the MMA's N: rows of x this kernel takes
 
-// two bf16 of x (an earlier kernel's output): ordered after pdl_wait, as load_activation
-__device__ __forceinline__ uint32_t load_x_pair(const at::BFloat16* p) {
-  uint32_t r;
-  asm volatile("ld.global.b32 %0, [%1];" : "=r"(r) : "l"(p) : "memory");
-  return r;
-}
-__device__ __forceinline__ float load_bf16(const at::BFloat16* p) {
-  unsigned short r;
-  asm volatile("ld.global.b16 %0, [%1];" : "=h"(r) : "l"(p) : "memory");
-  return __uint_as_float(static_cast<uint32_t>(r) << 16);
-}
-
 template <int KW, int E, int ACT = 0>
 __global__ void __launch_bounds__(KW * 32) quant_frag_rows_kernel(const FragArgs a) {
   constexpr int T = E == kGatedE ? 2 : 1;  // fragment tiles a warp streams (gated: gate and up)
   constexpr int U = E == kGatedE ? 1 : 2;  // groups a warp has in flight per iteration
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int groups = a.k / 128, half = groups / 2, lt = blockIdx.x;
+  const int groups = a.k / 128, lt = blockIdx.x;
   const int tiles[2] = {lt, lt + a.n / 64};  // (gated: the up tile of gate tile lt)
   const bool scaled = a.scale_norm.partials != nullptr;
   __shared__ float row_scale[kFewRows];
-  // after the first weights are on their way: the earlier kernels' outputs (x, the norm's partial sums) may be read
-  bool waited = false;
+  // once a warp's first weights are on their way (or, without groups, after its empty loop): the earlier kernels'
+  // outputs (x, the norm's partial sums) may be read
   auto wait_for_inputs = [&]() {
     pdl_wait();
     if (a.early) pdl_trigger();
@@ -45,7 +33,6 @@ __global__ void __launch_bounds__(KW * 32) quant_frag_rows_kernel(const FragArgs
       const float s = row_norm_scale(a.scale_norm, warp, lane);
       if (lane == 0) row_scale[warp] = s;
     }
-    waited = true;
   };
   // lane (g, t)'s x: row g, inputs 2 t, 2 t + 1 and 2 t + 8, 2 t + 9 of each 16-input slice (zeros past the rows)
   const at::BFloat16* xrow = a.x + static_cast<int64_t>(g) * a.k + 2 * t;
@@ -66,13 +53,12 @@ __global__ void __launch_bounds__(KW * 32) quant_frag_rows_kernel(const FragArgs
         for (int p = 0; p < 4; ++p) code[u][tt][p] = valid ? load_stream(w + p * 32 + lane) : make_uint4(0, 0, 0, 0);
         // the group's (scale, min) pair (kernels/quant_frag.py): lane g's features 8 j + g sit in its 16 bytes
         // (g / 2) of the scales and of the mins, word j, half g % 2
-        const uint16_t* pair = (grp < half ? a.scales : a.mins) + static_cast<int64_t>(tiles[tt]) * groups * 32 +
-                               (grp < half ? grp : grp - half) * 64 + (g >> 1) * 8;
+        const uint16_t* pair = frag_pair(a.scales, a.mins, tiles[tt], groups, grp) + (g >> 1) * 8;
         sv[u][tt] = valid ? __ldg(reinterpret_cast<const uint4*>(pair)) : make_uint4(0, 0, 0, 0);
         mv[u][tt] = valid ? __ldg(reinterpret_cast<const uint4*>(pair + 32)) : make_uint4(0, 0, 0, 0);
       }
     }
-    if (!waited) wait_for_inputs();
+    if (grp0 == warp) wait_for_inputs();
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int grp = grp0 + u * KW;
@@ -80,8 +66,9 @@ __global__ void __launch_bounds__(KW * 32) quant_frag_rows_kernel(const FragArgs
       uint32_t bx[8][2];
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
-        bx[s][0] = xvalid ? load_x_pair(xrow + grp * 128 + 16 * s) : 0u;
-        bx[s][1] = xvalid ? load_x_pair(xrow + grp * 128 + 16 * s + 8) : 0u;
+        const int* pairs = reinterpret_cast<const int*>(xrow + grp * 128 + 16 * s);  // (after pdl_wait)
+        bx[s][0] = xvalid ? static_cast<uint32_t>(load_coherent(pairs)) : 0u;
+        bx[s][1] = xvalid ? static_cast<uint32_t>(load_coherent(pairs + 4)) : 0u;
       }
       float accg[T][2][4], sx[4];
 #pragma unroll
@@ -121,7 +108,7 @@ __global__ void __launch_bounds__(KW * 32) quant_frag_rows_kernel(const FragArgs
       }
     }
   }
-  if (!waited) wait_for_inputs();  // a warp without groups
+  if (warp >= groups) wait_for_inputs();  // a warp without groups
   if (!a.early) pdl_trigger();
   // the warps' sums into warp 0's, in warp order
   __shared__ float4 sums[(KW > 1 ? KW - 1 : 1) * T * 2 * 32];
@@ -165,10 +152,10 @@ __global__ void __launch_bounds__(KW * 32) quant_frag_rows_kernel(const FragArgs
         const float gate = rnd<at::BFloat16>(value(acc[0][jp][e], f)), up = value(acc[T - 1][jp][e], n_out + f);
         a.out[at] = from_float<at::BFloat16>(rnd<at::BFloat16>(activation(gate, ACT)) * rnd<at::BFloat16>(up));
       } else if constexpr (E == kAddNormE) {
-        const float r = load_bf16(a.residual + m * a.residual_stride + f);
+        const float r = static_cast<float>(a.residual[m * a.residual_stride + f]);  // (warp 0 waited)
         const float h = rnd<at::BFloat16>(rnd<at::BFloat16>(value(acc[0][jp][e], f)) + r);
         a.out[at] = from_float<at::BFloat16>(h);
-        a.normed[at] = from_float<at::BFloat16>(h * load_bf16(a.norm_weight + f));
+        a.normed[at] = from_float<at::BFloat16>(h * static_cast<float>(a.norm_weight[f]));
         squares[e & 1] += h * h;
       } else {
         a.out[at] = from_float<at::BFloat16>(value(acc[0][jp][e], f));
